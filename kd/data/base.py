@@ -1,0 +1,101 @@
+"""Data held as tensors and served in whole batches by index.
+
+Small models spend most of their time in the data pipeline when batches are collated sample by
+sample; here a batch is one indexing of resident tensors. Every batch is ``(x, y, index)`` so
+per-example analyses can key results by example.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class IndexedTensors(Dataset):
+    """``ds[indices] -> (x[indices], y[indices], indices)``; a batch is one tensor indexing."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index):
+        index = torch.as_tensor(index)
+        return self.x[index], self.y[index], index
+
+
+class IndexBatchSampler:
+    """Batches of indices, reshuffled per epoch from (seed, epoch) and sharded across ranks.
+
+    The order depends only on the seed and the epoch, so a run resumed at an epoch boundary sees
+    the same batches as an uninterrupted one.
+    """
+
+    def __init__(self, size, batch_size, shuffle, seed=0, drop_last=False, rank=0, world_size=1):
+        self.size, self.batch_size, self.shuffle = size, batch_size, shuffle
+        self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        if not self.shuffle:
+            order = torch.arange(self.size)
+        else:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
+        per_rank = math.ceil(self.size / self.world_size)
+        order = torch.cat([order, order[: per_rank * self.world_size - self.size]])  # pad to shard evenly
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self):
+        yield from (b for b in self._indices().split(self.batch_size) if not (self.drop_last and len(b) < self.batch_size))
+
+    def __len__(self) -> int:
+        n = math.ceil(self.size / self.world_size)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+class TensorDataModule(L.LightningDataModule):
+    """Base for data that fits in memory: subclasses fill ``self.splits`` in ``setup``.
+
+    Attributes the rest of the toolkit reads: ``num_classes``, ``input_shape`` and
+    ``superclass_of`` (a (K,) tensor of superclass ids, or None when the data has no hierarchy).
+    """
+
+    def __init__(self, batch_size: int = 64, eval_batch_size: int = 1024, seed: int = 0):
+        super().__init__()
+        self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
+        self.splits: dict[str, IndexedTensors] = {}
+        self.superclass_of: torch.Tensor | None = None
+
+    @property
+    def num_classes(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.splits["train"].x.shape[1:])
+
+    def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
+        self.setup()
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = IndexBatchSampler(
+            len(self.splits[split]), batch_size or (self.batch_size if shuffle else self.eval_batch_size),
+            shuffle=shuffle, seed=self.seed, rank=rank, world_size=world,
+        )
+        return DataLoader(self.splits[split], sampler=sampler, batch_size=None)
+
+    def train_dataloader(self):
+        return self.loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self.loader("val")
+
+    def test_dataloader(self):
+        return self.loader("test")

@@ -1,0 +1,84 @@
+"""Soft-target builders: what each level of teacher knowledge looks like as a distribution.
+
+Every builder returns a (B, K) tensor of probabilities that the one KD loss (``loss.py``)
+consumes in place of the teacher distribution q. ``q`` is the teacher's softmax at the
+objective's temperature, ``labels`` the true classes c.
+
+- universe: ``uniform`` -- a uniform teacher; KD with it is label smoothing.
+- instance: ``pt`` -- keeps the teacher's true-class probability q_c, spreads the rest evenly.
+- domain:   ``sim`` -- one class-similarity distribution per class, the same for every example.
+- both:     ``pt_sim`` -- q_c per example, the rest shared by class similarity.
+- ``topk`` (KD-topk), ``permuted`` (control: keeps q_c, destroys class relationships),
+  ``teacher`` (plain KD).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def teacher(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Plain KD: the teacher's own distribution."""
+    return q
+
+
+def uniform(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Universe level: a teacher that knows nothing but "do not be over-confident"."""
+    return torch.full_like(q, 1.0 / q.shape[1])
+
+
+def true_class_prob(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """q_c for each example, shape (B,)."""
+    return q.gather(1, labels[:, None]).squeeze(1)
+
+
+def _with_true_class(rest: torch.Tensor, q_c: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Place q_c on the true class and spread 1 - q_c over the others in proportion to ``rest``.
+
+    ``rest`` is any non-negative (B, K) weighting; its true-class entry is ignored.
+    """
+    rest = rest.scatter(1, labels[:, None], 0.0)
+    rest = rest / rest.sum(1, keepdim=True)
+    return (rest * (1.0 - q_c)[:, None]).scatter(1, labels[:, None], q_c[:, None])
+
+
+def pt(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Instance level (KD-pt): rho_c = q_c, rho_k = (1 - q_c) / (K - 1)."""
+    return _with_true_class(torch.ones_like(q), true_class_prob(q, labels), labels)
+
+
+def sim(class_similarity: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Domain level (KD-sim): row c of the (K, K) class-similarity distribution."""
+    return class_similarity[labels]
+
+
+def pt_sim(q: torch.Tensor, labels: torch.Tensor, class_similarity: torch.Tensor) -> torch.Tensor:
+    """Instance + domain (KD-pt+sim): rho_c = q_c, rho_k = (1 - q_c) sim_k / sum_{j != c} sim_j."""
+    return _with_true_class(class_similarity[labels], true_class_prob(q, labels), labels)
+
+
+def topk(q: torch.Tensor, labels: torch.Tensor, k: float, tail: str = "uniform") -> torch.Tensor:
+    """KD-topk: keep the teacher's round(k K) largest probabilities (at least one).
+
+    tail="uniform" spreads the dropped mass evenly over the other classes;
+    tail="renorm" drops it and renormalises the kept ones.
+    """
+    num_classes = q.shape[1]
+    kept = max(1, round(k * num_classes))
+    top = q.topk(kept, dim=1)
+    keep = torch.zeros_like(q).scatter(1, top.indices, top.values)
+    if tail == "renorm" or kept == num_classes:
+        return keep / keep.sum(1, keepdim=True)
+    leftover = (1.0 - top.values.sum(1, keepdim=True)).clamp_min(0.0) / (num_classes - kept)
+    return torch.where(keep > 0, keep, leftover.expand_as(q))
+
+
+def permuted(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Control: q_c kept, the wrong-class probabilities shuffled independently per example."""
+    batch, num_classes = q.shape
+    is_true = torch.zeros_like(q, dtype=torch.bool).scatter(1, labels[:, None], True)
+    # Wrong classes first (in class order / in random order), the true class last.
+    order = (torch.arange(num_classes, device=q.device) + is_true * num_classes).argsort(1)
+    keys = torch.rand(batch, num_classes, device=q.device).masked_fill(is_true, 2.0)
+    shuffled = keys.argsort(1)
+    return torch.zeros_like(q).scatter(1, order, q.gather(1, shuffled))
