@@ -22,3 +22,7 @@ def check_range(key: str, value, low=None, high=None, low_open=False, high_open=
         hi = "inf" if high is None else high
         interval = f"{'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
         raise UserError(f"{key}={value!r} is out of range; allowed: {interval}")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message names the step."""

@@ -1,0 +1,55 @@
+"""Loggers from ``cfg.logger`` (wandb | csv | none), with W&B behaving well without credentials.
+
+W&B mode ``auto``: ``WANDB_MODE`` if set; else online when the user is logged in (an API key in
+the environment or in ~/.netrc), else offline (runs sync later with ``wandb sync``). The run id is
+derived from the output folder, so a resumed run continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import netrc
+import os
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+
+def wandb_mode() -> str:
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("//")[-1]
+        return "online" if netrc.netrc().authenticators(host) else "offline"
+    except (OSError, netrc.NetrcParseError):
+        return "offline"
+
+
+def run_id(output_dir: Path) -> str:
+    return hashlib.sha1(str(output_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
+    loggers = []
+    for name, spec in (cfg.get("logger") or {}).items():
+        if spec is None:
+            continue
+        if "Wandb" in spec._target_:
+            spec = OmegaConf.create(OmegaConf.to_container(spec, resolve=True))
+            with open_dict(spec):
+                if spec.get("mode", "auto") == "auto":
+                    spec.mode = wandb_mode()
+                spec.id = spec.get("id") or run_id(output_dir)
+                spec.resume = "allow"
+        loggers.append(instantiate(spec))
+    return loggers
+
+
+def finish_loggers(loggers: list, failed: bool = False) -> None:
+    """Close every W&B run this job opened, so the next run in the process starts a new one."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
+            logger.experiment.finish(exit_code=1 if failed else 0)

@@ -1,0 +1,136 @@
+"""Where a student's teacher comes from, with no manual bookkeeping.
+
+``teacher.kind``:
+- ``none``: no teacher (training a teacher, or a ce / ls student);
+- ``oracle``: the exact Bayes posterior of the synthetic data;
+- ``checkpoint``: a run's Lightning checkpoint, ``teacher.path``;
+- ``trained``: a teacher described by config (model, objective, data and trainer overrides).
+  It is trained on first use, through the same ``kd.train.run``, into
+  ``paths.teacher_dir/<hash of its config>/`` and reused by every later student that asks for
+  the same teacher. A file lock keeps parallel jobs from training it twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+
+from kd.errors import UserError, check_choice
+
+KINDS = ("none", "oracle", "checkpoint", "trained")
+CHECKPOINTS = ("last", "best")
+# Trainer keys that do not change what a teacher learns; left out of its hash.
+_NOT_HASHED = ("accelerator", "devices", "num_nodes", "strategy", "enable_progress_bar",
+               "enable_model_summary", "log_every_n_steps", "default_root_dir")
+
+
+def teacher_config(cfg: DictConfig) -> DictConfig:
+    """The full run config that trains the teacher described by ``cfg.teacher``."""
+    spec = cfg.teacher
+    tcfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    with open_dict(tcfg):
+        tcfg.model = spec.model
+        tcfg.objective = spec.objective
+        tcfg.data = OmegaConf.merge(cfg.data, spec.get("data") or {})
+        tcfg.trainer = OmegaConf.merge(cfg.trainer, spec.get("trainer") or {})
+        for key in ("optimizer", "scheduler"):
+            if spec.get(key) is not None:
+                tcfg[key] = spec[key]
+        tcfg.seed = spec.seed
+        tcfg.teacher = {"kind": "none"}
+        tcfg.task_name = "teacher"
+    with open_dict(tcfg):
+        tcfg.paths.output_dir = str(Path(cfg.paths.teacher_dir) / teacher_id(tcfg))
+    return tcfg
+
+
+def teacher_id(tcfg: DictConfig) -> str:
+    """``<model>-<objective>-<hash>``: the hash covers everything that changes the teacher."""
+    keyed = {key: OmegaConf.to_container(tcfg[key], resolve=True)
+             for key in ("data", "model", "objective", "optimizer", "scheduler") if key in tcfg}
+    keyed["trainer"] = {k: v for k, v in OmegaConf.to_container(tcfg.trainer, resolve=True).items()
+                        if k not in _NOT_HASHED}
+    keyed["seed"] = tcfg.seed
+    keyed["deterministic"] = tcfg.get("deterministic")
+    digest = hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{tcfg.model.name}-{tcfg.objective.name}-{digest}"
+
+
+def ensure_trained(cfg: DictConfig) -> Path:
+    """Train the configured teacher unless its run already completed; return its run folder."""
+    from kd.train import run  # the teacher is trained by the same entry point as everything else
+
+    tcfg = teacher_config(cfg)
+    out = Path(tcfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _completed(out):
+            print(f"[kd] training teacher {out.name} (cached for later students) ...", flush=True)
+            run(tcfg)
+    return out
+
+
+def _completed(run_dir: Path) -> bool:
+    try:
+        return json.loads((run_dir / "results.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
+def checkpoint_in(run_dir: Path, which: str) -> Path:
+    """A finished run's last or best checkpoint, as recorded in its results.json."""
+    check_choice("teacher.checkpoint", which, CHECKPOINTS)
+    record = json.loads((run_dir / "results.json").read_text())
+    return Path(record["checkpoints"][which])
+
+
+def load_checkpoint(path, num_classes: int | None = None, input_shape=None) -> nn.Module:
+    """Rebuild a trained network from a run checkpoint and check it fits the data."""
+    from kd import models
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"teacher checkpoint {path} does not exist; give teacher.path of a finished run's "
+                        "checkpoints/*.ckpt, or use a teacher config (e.g. teacher=mlp) to train one")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        hparams, state = ckpt["hyper_parameters"], ckpt["state_dict"]
+    except Exception as err:  # torch raises many types for a truncated or foreign file
+        raise UserError(f"teacher checkpoint {path} is unreadable or not a kd run checkpoint "
+                        f"({type(err).__name__}); delete it and train the teacher again") from None
+    if num_classes is not None and hparams["num_classes"] != num_classes:
+        raise UserError(f"teacher checkpoint {path} predicts {hparams['num_classes']} classes but the data "
+                        f"has {num_classes}; use a teacher trained on this data set")
+    if input_shape is not None and list(hparams["input_shape"]) != list(input_shape):
+        raise UserError(f"teacher checkpoint {path} takes inputs of shape {hparams['input_shape']} but the "
+                        f"data gives {list(input_shape)}; use a teacher trained on this data set")
+    model_cfg = dict(hparams["model"])
+    model_cfg.pop("_target_", None)
+    net = models.get(**model_cfg, num_classes=hparams["num_classes"], input_shape=hparams["input_shape"])
+    net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
+    return net
+
+
+def resolve(cfg: DictConfig, datamodule) -> nn.Module | None:
+    """The frozen teacher network this run distils from, or None."""
+    kind = cfg.teacher.kind
+    check_choice("teacher.kind", kind, KINDS)
+    if kind == "none":
+        return None
+    if kind == "oracle":
+        if not hasattr(datamodule, "oracle_teacher"):
+            raise UserError(f"teacher=oracle exists only for data=synthetic, not {type(datamodule).__name__}")
+        return datamodule.oracle_teacher()
+    if kind == "checkpoint":
+        path = cfg.teacher.path
+    else:
+        path = checkpoint_in(ensure_trained(cfg), cfg.teacher.checkpoint)
+    return load_checkpoint(path, datamodule.num_classes, datamodule.input_shape)
