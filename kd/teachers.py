@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kd.errors import UserError, check_choice
+from kd.results import completed_record
 
 KINDS = ("none", "oracle", "checkpoint", "trained")
 CHECKPOINTS = ("last", "best")
@@ -72,24 +73,16 @@ def ensure_trained(cfg: DictConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _completed(out):
+        if completed_record(out) is None:
             print(f"[kd] training teacher {out.name} (cached for later students) ...", flush=True)
             run(tcfg)
     return out
 
 
-def _completed(run_dir: Path) -> bool:
-    try:
-        return json.loads((run_dir / "results.json").read_text()).get("status") == "completed"
-    except (OSError, ValueError):
-        return False
-
-
 def checkpoint_in(run_dir: Path, which: str) -> Path:
     """A finished run's last or best checkpoint, as recorded in its results.json."""
     check_choice("teacher.checkpoint", which, CHECKPOINTS)
-    record = json.loads((run_dir / "results.json").read_text())
-    return Path(record["checkpoints"][which])
+    return Path(completed_record(run_dir)["checkpoints"][which])
 
 
 def load_checkpoint(path, num_classes: int | None = None, input_shape=None) -> nn.Module:

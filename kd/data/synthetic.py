@@ -6,6 +6,11 @@ through a fixed random nonlinear map. ``delta`` sets how related the classes of 
 are (small: near-duplicates), ``sigma`` how hard the examples are. Without the map the Bayes
 posterior is exact and linear in x: ``oracle_teacher`` returns it as a model.
 
+``noise_relative=true`` makes the noise sigma * delta: sibling classes then stay equally hard to
+tell apart whatever delta, and delta changes only how the classes are related (our choice for
+the fig3 sweep). Inputs are divided by their analytic marginal std sqrt(1 + delta^2 + sigma^2),
+an affine change that keeps the Bayes posterior and spares the student badly scaled inputs.
+
 Samples are drawn example-major, so a split with n examples per class is a prefix of the same
 split with more: a teacher given more data sees a superset of the student's.
 """
@@ -33,6 +38,7 @@ class SyntheticDataModule(TensorDataModule):
         val_per_class: int = 50,
         test_per_class: int = 500,
         nonlinear: bool = False,
+        noise_relative: bool = False,
         seed: int = 0,
         batch_size: int = 64,
         eval_batch_size: int = 4096,
@@ -47,7 +53,12 @@ class SyntheticDataModule(TensorDataModule):
         self.save_hyperparameters()
         self.per_class = {"train": train_per_class, "val": val_per_class, "test": test_per_class}
         self.superclass_of = torch.arange(superclasses).repeat_interleave(subclasses)
-        self.centres = self._centres()
+        noise = sigma * delta if noise_relative else sigma
+        if noise <= 0:
+            raise UserError(f"data.delta={delta} with data.noise_relative=true gives zero noise; use delta > 0")
+        scale = (1 + delta**2 + noise**2) ** 0.5
+        self.noise = noise / scale
+        self.centres = self._centres() / scale
         self.map = self._nonlinear_map() if nonlinear else None
 
     @property
@@ -76,7 +87,7 @@ class SyntheticDataModule(TensorDataModule):
         """Draw a split: ``per_class[split]`` examples of every class, example-major."""
         n, k, d = self.per_class[split], self.num_classes, self.hparams.dim
         noise = torch.randn(n, k, d, generator=self._generator(SPLIT_STREAM[split]))
-        x = (self.centres + self.hparams.sigma * noise).reshape(n * k, d)
+        x = (self.centres + self.noise * noise).reshape(n * k, d)
         y = torch.arange(k).repeat(n)
         return IndexedTensors(self.map(x) if self.map else x, y)
 
@@ -88,7 +99,7 @@ class SyntheticDataModule(TensorDataModule):
         """The exact Bayes posterior as a linear model: logit_k = mu_k.x / s^2 - |mu_k|^2 / 2s^2."""
         if self.map is not None:
             raise UserError("teacher=oracle needs data.nonlinear=false: the posterior is exact only without the map")
-        s2 = self.hparams.sigma**2
+        s2 = self.noise**2
         oracle = MLP(self.hparams.dim, self.num_classes, hidden=())
         with torch.no_grad():
             oracle.classifier.weight.copy_(self.centres / s2)

@@ -1,0 +1,53 @@
+"""Publishing a driver's results: ``results/<name>/`` (CSV, PNG + PDF, markdown) and one W&B run.
+
+Every file is written atomically; the W&B run is grouped by the driver's name so a figure, its
+table and its summary sit together, and it is finished before the driver returns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from kd.logging import wandb_mode  # noqa: E402
+from kd.results import write_atomic, write_text_atomic  # noqa: E402
+
+
+def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
+    """``name.png`` and ``name.pdf`` in ``out_dir``."""
+    paths = [Path(out_dir) / f"{name}.{ext}" for ext in ("png", "pdf")]
+    for path in paths:
+        write_atomic(path, lambda tmp, ext=path.suffix[1:]: fig.savefig(tmp, format=ext, dpi=150, bbox_inches="tight"))
+    plt.close(fig)
+    return paths
+
+
+def publish(name: str, out_dir, tables: dict[str, pd.DataFrame], figures: dict, summary: str,
+            wandb: bool = True, config: dict | None = None) -> Path:
+    """Write tables as CSV, figures as PNG/PDF and ``<name>.md``; log them all to one W&B run."""
+    out_dir = Path(out_dir)
+    for table_name, table in tables.items():
+        write_atomic(out_dir / f"{table_name}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
+    images = {fig_name: save_figure(fig, out_dir, fig_name)[0] for fig_name, fig in figures.items()}
+    write_text_atomic(out_dir / f"{name}.md", summary)
+    if wandb:
+        _log_wandb(name, tables, images, summary, config)
+    return out_dir
+
+
+def _log_wandb(name, tables, images, summary, config) -> None:
+    import wandb as wb
+
+    run = wb.init(project="kd", group=name, job_type="figure", name=name, mode=wandb_mode(),
+                  config=config or {}, reinit="finish_previous")
+    try:
+        run.log({**{f"{name}/{k}": wb.Image(str(v)) for k, v in images.items()},
+                 **{f"{name}/{k}": wb.Table(dataframe=t) for k, t in tables.items()}})
+        run.summary["summary_md"] = summary
+    finally:
+        run.finish()
