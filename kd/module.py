@@ -6,6 +6,8 @@ the student's checkpoints (it is rebuilt from its own checkpoint when a run resu
 
 from __future__ import annotations
 
+import warnings
+
 import lightning as L
 import torch
 from torch import nn
@@ -16,6 +18,8 @@ from kd import objectives
 from kd.errors import TrainingDiverged
 
 STAGES = ("train", "val", "test")
+# The frozen teacher is in eval mode on purpose.
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 
 class DistillationModule(L.LightningModule):

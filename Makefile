@@ -1,0 +1,42 @@
+# The two set-up commands: `make install` then `make test`. Everything else reproduces a result.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DATA ?= synthetic
+# Extra Hydra overrides for the drivers, e.g. make reproduce-fig3 ARGS="trainer=gpu"
+ARGS ?=
+
+.PHONY: install test reproduce-fig1 reproduce-fig2 reproduce-fig3 reproduce-fig4 reproduce-failures \
+        reproduce-table1 reproduce-table2 teachers data bench clean
+
+install:  ## .venv with the exact pins of requirements/lock.txt, kd installed editable
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --constraint requirements/lock.txt --editable ".[dev]"
+	@$(PY) -c "import kd, torch, lightning; print('kd', kd.__version__, '| torch', torch.__version__, '| lightning', lightning.__version__)"
+
+test:  ## the whole suite, CPU only, W&B offline in a temporary folder
+	WANDB_MODE=offline WANDB_DIR=$$(mktemp -d) $(PY) -m pytest -q
+
+reproduce-fig1 reproduce-fig2 reproduce-fig3 reproduce-fig4:
+	$(PY) -m experiments.$(subst reproduce-,,$@) --data $(DATA) $(ARGS)
+
+reproduce-failures:
+	$(PY) -m experiments.failures --data $(DATA) $(ARGS)
+
+reproduce-table1:
+	$(PY) -m experiments.table1 $(ARGS)
+
+reproduce-table2:
+	$(PY) -m experiments.table2 $(ARGS)
+
+teachers:  ## train (or find) the teachers a table needs
+	$(PY) -m experiments.teachers --data $(DATA) $(ARGS)
+
+data:  ## download / prepare a real data set: make data DATA=cifar100
+	$(PY) scripts/prepare_data.py $(DATA) --root data/$(DATA)
+
+bench:
+	$(PY) scripts/benchmark.py $(ARGS)
+
+clean:
+	rm -rf logs teachers outputs multirun wandb
