@@ -7,9 +7,10 @@ linear logit layer whose rows are the class templates w_k the domain-level analy
 from __future__ import annotations
 
 from kd.errors import UserError
+from kd.models import cifar, imagenet
 from kd.models.mlp import mlp
 
-REGISTRY = {"mlp": mlp}
+REGISTRY = {"mlp": mlp, **cifar.MODELS, **imagenet.MODELS}
 
 
 def get(name: str, num_classes: int, input_shape=None, in_channels: int | None = None, **kwargs):
