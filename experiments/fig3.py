@@ -2,21 +2,23 @@
 
 CE (none), LS (universe), KD-sim (universe + domain), KD-pt (universe + instance), KD-pt+sim
 (all three, synthetic), KD (the real teacher) and KD-topk, over class-relationship strengths
-(delta) and seeds. Writes results/fig3/{fig3.csv, fig3.png, fig3.pdf, fig3.md}.
+(delta) and seeds; on a real data set (no delta axis), the methods side by side. Writes
+results/fig3/{fig3.csv, fig3.png, fig3.pdf, fig3.md}.
 
     python -m experiments.fig3                      # synthetic, the default (make reproduce-fig3)
+    python -m experiments.fig3 --data cifar100      # resnet56 -> resnet20, CRD recipe (make reproduce-fig3 DATA=cifar100)
     python -m experiments.fig3 --seeds 0 1 2 3 4 -- trainer.max_epochs=100   # any override after --
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from kd.drivers import DATA, build_jobs, check_data, collect, parser, require_data, run_overrides
 from kd.report import publish
 from kd.runner import run_jobs
 from kd.stats import paired_gaps
@@ -26,42 +28,38 @@ LABELS = {"ce": "CE (none)", "ls": "LS (universe)", "kd_sim": "KD-sim (domain)",
           "kd_pt_sim": "KD-pt+sim", "kd": "KD", "kd_topk": "KD-topk"}
 # The paper's reported order of benefit, each level against the one below it.
 ORDERING = [("kd_pt", "kd_sim"), ("kd_sim", "ls"), ("ls", "ce")]
-DATA = {"synthetic": "fig3_synthetic"}
-QUICK = ["trainer.max_epochs=3", "teacher.trainer.max_epochs=2", "data.test_per_class=50", "data.val_per_class=10"]
 
 
-def build_jobs(data: str, deltas, seeds, methods, overrides) -> dict[str, list[str]]:
-    return {
-        f"{m}-delta{d}-s{s}": [f"experiment={DATA[data]}", f"objective={m}", f"data.delta={d}", f"seed={s}", *overrides]
-        for d in deltas for s in seeds for m in methods
-    }
+def axis(df: pd.DataFrame) -> str:
+    """What the runs are compared along: delta on synthetic data; on real data, which has no
+    delta (NaN), the data set: one position."""
+    return "delta" if df.delta.notna().any() else "data"
 
 
-def collect(records: dict[str, dict]) -> pd.DataFrame:
-    rows = []
-    for name, rec in records.items():
-        cfg = rec.get("config", {})
-        metrics = rec.get("metrics", {})
-        method, delta, seed = name.split("-delta")[0], *name.split("-delta")[1].split("-s")
-        rows.append({"method": method, "delta": float(delta), "seed": int(seed), "status": rec["status"],
-                     "test_acc_last": metrics.get("test/acc_last"), "test_acc_best": metrics.get("test/acc_best"),
-                     "val_acc_best": metrics.get("val/acc_best"), "seconds": rec.get("seconds"),
-                     "error": rec.get("error", ""), "objective": str(cfg.get("objective", ""))})
-    return pd.DataFrame(rows)
+def position(by: str, key) -> str:
+    return f"delta={key:g}" if by == "delta" else str(key)
 
 
 def plot(df: pd.DataFrame, metric: str = "test_acc_last"):
     ok = df[df.status == "completed"]
+    by = axis(df)
+    methods = [m for m in METHODS if m in set(ok.method)]
+    stats = ok.groupby(["method", by])[metric].agg(["mean", "std"]).fillna(0.0)
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for method in [m for m in METHODS if m in set(ok.method)]:
-        stats = ok[ok.method == method].groupby("delta")[metric].agg(["mean", "std"]).fillna(0.0)
-        line = ax.plot(stats.index, stats["mean"], marker="o", label=LABELS[method])[0]
-        ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"],
-                        color=line.get_color(), alpha=0.15)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("delta (subclass spread; small = strongly related classes)")
+    if by == "delta":
+        for method in methods:
+            s = stats.loc[method]
+            line = ax.plot(s.index, s["mean"], marker="o", label=LABELS[method])[0]
+            ax.fill_between(s.index, s["mean"] - s["std"], s["mean"] + s["std"], color=line.get_color(), alpha=0.15)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("delta (subclass spread; small = strongly related classes)")
+    else:  # no axis to sweep: the methods side by side, one series per data set
+        for key, rows in stats.groupby(level=by):
+            rows = rows.droplevel(by).reindex(methods)
+            ax.errorbar(range(len(methods)), rows["mean"], yerr=rows["std"], fmt="o", capsize=4, label=key)
+        ax.set_xticks(range(len(methods)), [LABELS[m] for m in methods], rotation=30, ha="right")
     ax.set_ylabel(f"student {metric.replace('_', ' ')} (mean ± std over seeds)")
-    ax.set_title("Fig. 3: knowledge levels ablation (synthetic)")
+    ax.set_title(f"Fig. 3: knowledge levels ablation ({', '.join(df.data.unique())})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     return fig
@@ -70,50 +68,45 @@ def plot(df: pd.DataFrame, metric: str = "test_acc_last"):
 def summarise(df: pd.DataFrame, seconds: float, metric: str = "test_acc_last") -> str:
     ok = df[df.status == "completed"]
     failed = df[df.status != "completed"]
-    by = ok.groupby(["method", "delta"])[metric].agg(["mean", "std", "count"]).reset_index()
+    by = axis(df)
+    stats = ok.groupby(["method", by])[metric].agg(["mean", "std", "count"]).reset_index()
     lines = [f"# Fig. 3: ablation of the knowledge levels ({metric}, mean ± std over seeds)", "",
              f"{len(ok)} runs completed, {len(failed)} failed; {ok.seed.nunique()} seeds; "
              f"wall time {seconds / 60:.1f} min.", ""]
-    pivot = by.assign(cell=by["mean"].map("{:.3f}".format) + " ± " + by["std"].fillna(0).map("{:.3f}".format))
-    pivot = pivot.pivot(index="method", columns="delta", values="cell").reindex([m for m in METHODS if m in set(by.method)])
-    lines += ["| method | " + " | ".join(f"delta={d:g}" for d in pivot.columns) + " |",
+    cells = stats["mean"].map("{:.3f}".format) + " ± " + stats["std"].fillna(0).map("{:.3f}".format)
+    pivot = stats.assign(cell=cells).pivot(index="method", columns=by, values="cell")
+    pivot = pivot.reindex([m for m in METHODS if m in set(stats.method)])
+    lines += ["| method | " + " | ".join(position(by, d) for d in pivot.columns) + " |",
               "|---|" + "---|" * len(pivot.columns)]
     lines += [f"| {LABELS[m]} | " + " | ".join(pivot.loc[m]) + " |" for m in pivot.index]
     lines += ["", "## The paper's ordering: instance > domain > universe > none", "",
               "Gap = mean over seeds of the paired difference (same seed = same data and teacher); "
               "it *exceeds the seed spread* when |gap| > the std of the paired differences.", ""]
-    gaps = paired_gaps(ok, ORDERING, metric, by="delta")
+    gaps = paired_gaps(ok, ORDERING, metric, by=by)
     for (a, b), rows in gaps.groupby(["a", "b"], sort=False):
         held = rows[rows.gap > 0]
         clear = rows[(rows.gap > 0) & rows.exceeds_spread]
-        detail = ", ".join(f"delta={r.delta:g}: {r.gap:+.3f} ± {r.spread:.3f}" for r in rows.itertuples())
-        lines.append(f"- {LABELS[a]} > {LABELS[b]}: holds at {len(held)}/{len(rows)} deltas, beyond the seed "
+        detail = ", ".join(f"{position(by, r[by])}: {r.gap:+.3f} ± {r.spread:.3f}" for _, r in rows.iterrows())
+        lines.append(f"- {LABELS[a]} > {LABELS[b]}: holds at {len(held)}/{len(rows)} {by} values, beyond the seed "
                      f"spread at {len(clear)}/{len(rows)} ({detail}).")
     if len(failed):
-        lines += ["", "## Failed runs", ""] + [f"- {r.method} delta={r.delta:g} seed={r.seed}: {r.error}"
-                                                 for r in failed.itertuples()]
+        lines += ["", "## Failed runs", ""] + [f"- {r['method']} {position(by, r[by])} seed={r['seed']}: {r['error']}"
+                                                 for _, r in failed.iterrows()]
     lines += ["", "Re-run: `make reproduce-fig3` (see README for settings and time)."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="synthetic")
-    parser.add_argument("--deltas", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
-    parser.add_argument("--out", default="results/fig3")
-    parser.add_argument("--runs", default="logs/fig3", help="run folders (checkpoints, results.json)")
-    parser.add_argument("--quick", action="store_true", help="a few epochs: checks the pipeline, not the science")
-    parser.add_argument("--no-wandb", action="store_true")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
-    args = parser.parse_args(argv)
-    if args.data not in DATA:
-        raise SystemExit(f"error: --data={args.data} is not supported by fig3 yet; choose one of: {', '.join(DATA)}")
+    cli = parser("fig3", __doc__)
+    cli.add_argument("--deltas", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="synthetic data only")
+    cli.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    args = cli.parse_args(argv)
+    check_data(args.data, "fig3", supported=tuple(DATA))
     start = time.time()
-    jobs = build_jobs(args.data, args.deltas, args.seeds, args.methods, (QUICK if args.quick else []) + args.overrides)
+    jobs = build_jobs(args.data, args.deltas, args.seeds, args.methods, run_overrides(args))
+    require_data(next(iter(jobs.values())))
     records = run_jobs(jobs, args.runs, desc="fig3")
-    df = collect(records)
+    df = collect(records).assign(data=args.data)
     seconds = time.time() - start
     out = publish("fig3", args.out, {"fig3": df.drop(columns=["objective"])}, {"fig3": plot(df)},
                   summarise(df, seconds), wandb=not args.no_wandb, config=vars(args))

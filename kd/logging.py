@@ -12,6 +12,8 @@ import netrc
 import os
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -32,6 +34,13 @@ def run_id(output_dir: Path) -> str:
     return hashlib.sha1(str(output_dir.resolve()).encode()).hexdigest()[:16]
 
 
+def default_group(cfg: DictConfig) -> str:
+    """``<task>-<sweep folder>`` in a Hydra multirun, so one sweep's jobs form one W&B group; else ``<task>``."""
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return f"{cfg.task_name}-{Path(HydraConfig.get().sweep.dir).name}"
+    return cfg.task_name
+
+
 def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
     loggers = []
     for name, spec in (cfg.get("logger") or {}).items():
@@ -44,6 +53,8 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
                     spec.mode = wandb_mode()
                 spec.id = spec.get("id") or run_id(output_dir)
                 spec.resume = "allow"
+                spec.group = spec.get("group") or default_group(cfg)
+                spec.tags = [*(spec.get("tags") or []), f"objective={cfg.objective.name}", f"seed={cfg.seed}"]
         loggers.append(instantiate(spec))
     return loggers
 

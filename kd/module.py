@@ -95,7 +95,7 @@ class DistillationModule(L.LightningModule):
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
-                "lower the learning rate or check the data; the last good checkpoint is kept"
+                "lower the learning rate or check the data"
             )
         self.metrics["train_"]["loss"].update(loss.detach())
         return loss

@@ -29,3 +29,10 @@ def predict(model: nn.Module, datamodule, split: str = "train", features: bool =
         out["index"].append(index.cpu())
     model.train(was_training)
     return {key: torch.cat(value) for key, value in out.items()}
+
+
+def probabilities(model: nn.Module, datamodule, split: str = "train", temperature: float = 1.0) -> dict:
+    """``predict`` plus ``probs`` = softmax(logits / temperature): a teacher's q_tau on ``split``."""
+    out = predict(model, datamodule, split)
+    out["probs"] = torch.softmax(out["logits"] / temperature, dim=1)
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -9,6 +10,7 @@ import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
+from typing import IO
 
 import torch
 
@@ -21,6 +23,7 @@ def write_atomic(path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes 0600: results must stay readable by the rest of a shared cluster
     try:
         write(tmp)
         with open(tmp, "rb+") as f:
@@ -29,6 +32,14 @@ def write_atomic(path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def lock(path) -> IO:
+    """An exclusive lock on ``path`` (created if absent), held until the returned file is closed or
+    the process ends, even by SIGKILL; waits while another process holds it."""
+    held = open(path, "a")
+    fcntl.flock(held, fcntl.LOCK_EX)
+    return held
 
 
 def write_text_atomic(path, text: str) -> None:

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 from tqdm.auto import tqdm
 
+from kd.errors import one_line
 from kd.results import completed_record
 from kd.train import CONFIG_DIR, run
 
@@ -58,6 +59,6 @@ def run_jobs(jobs: dict[str, list[str]], root: str | Path, desc: str = "runs") -
         try:
             records[name] = run(compose_config([*QUIET, *overrides], out))
         except Exception as err:  # keep the sweep going; the failure is in the record and the summary
-            records[name] = {"status": "failed", "error": f"{type(err).__name__}: {err}", "output_dir": str(out)}
+            records[name] = {"status": "failed", "error": f"{type(err).__name__}: {one_line(err)}", "output_dir": str(out)}
             tqdm.write(f"[kd] job {name} failed: {records[name]['error']}")
     return records

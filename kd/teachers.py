@@ -25,11 +25,17 @@ from torch import nn
 from kd.errors import UserError, check_choice
 from kd.results import completed_record
 
-KINDS = ("none", "oracle", "checkpoint", "trained")
+# The keys each kind of teacher reads besides ``kind``; any other key is a user error.
+KEYS = {"none": (), "oracle": (), "checkpoint": ("path",),
+        "trained": ("model", "objective", "data", "trainer", "optimizer", "scheduler", "seed", "checkpoint")}
+KINDS = tuple(KEYS)
 CHECKPOINTS = ("last", "best")
 # Trainer keys that do not change what a teacher learns; left out of its hash.
 _NOT_HASHED = ("accelerator", "devices", "num_nodes", "strategy", "enable_progress_bar",
                "enable_model_summary", "log_every_n_steps", "default_root_dir")
+# A teacher trains in one process on one device, before a data-parallel student's ranks meet (they
+# wait on its lock); a DDP teacher would wait for ranks that are themselves waiting on the lock.
+_ONE_DEVICE = {"devices": 1, "num_nodes": 1, "strategy": "auto"}
 
 
 def teacher_config(cfg: DictConfig) -> DictConfig:
@@ -40,7 +46,7 @@ def teacher_config(cfg: DictConfig) -> DictConfig:
         tcfg.model = spec.model
         tcfg.objective = spec.objective
         tcfg.data = OmegaConf.merge(cfg.data, spec.get("data") or {})
-        tcfg.trainer = OmegaConf.merge(cfg.trainer, spec.get("trainer") or {})
+        tcfg.trainer = OmegaConf.merge(cfg.trainer, spec.get("trainer") or {}, _ONE_DEVICE)
         for key in ("optimizer", "scheduler"):
             if spec.get(key) is not None:
                 tcfg[key] = spec[key]
@@ -112,6 +118,27 @@ def load_checkpoint(path, num_classes: int | None = None, input_shape=None) -> n
     return net
 
 
+def check_spec(spec: DictConfig) -> None:
+    """``teacher.kind`` is known and every other key is one that kind reads."""
+    check_choice("teacher.kind", spec.kind, KINDS)
+    unknown = sorted(set(spec) - {"kind", *KEYS[spec.kind]})
+    if unknown:
+        raise UserError(f"teacher.{unknown[0]} is not a key of teacher kind {spec.kind!r}; "
+                        f"valid: {', '.join(('kind', *KEYS[spec.kind]))}")
+
+
+def check_same_classes(cfg: DictConfig, datamodule) -> None:
+    """A teacher trained on other classes cannot teach this student: fail before training it (a
+    teacher already trained is checked when its checkpoint loads)."""
+    tcfg = teacher_config(cfg)
+    if tcfg.data == cfg.data or completed_record(tcfg.paths.output_dir) is not None:
+        return
+    k = instantiate(tcfg.data).num_classes
+    if k != datamodule.num_classes:
+        raise UserError(f"teacher.data gives the teacher {k} classes but the student's data has "
+                        f"{datamodule.num_classes}; drop the teacher.data override that changes the classes")
+
+
 def resolve(cfg: DictConfig, datamodule) -> nn.Module | None:
     """The frozen teacher network this run distils from, or None."""
     kind = cfg.teacher.kind
@@ -125,5 +152,6 @@ def resolve(cfg: DictConfig, datamodule) -> nn.Module | None:
     if kind == "checkpoint":
         path = cfg.teacher.path
     else:
+        check_same_classes(cfg, datamodule)
         path = checkpoint_in(ensure_trained(cfg), cfg.teacher.checkpoint)
     return load_checkpoint(path, datamodule.num_classes, datamodule.input_shape)

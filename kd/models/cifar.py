@@ -16,12 +16,20 @@ from torchvision.models.resnet import BasicBlock, conv1x1, conv3x3
 from kd.errors import UserError
 
 
+class GlobalAvgPool(nn.Module):
+    """Mean over H and W: any input size, and an exact backward under deterministic=true on CUDA
+    (AdaptiveAvgPool2d's CUDA backward is on PyTorch's nondeterministic list)."""
+
+    def forward(self, x):
+        return x.mean((2, 3))
+
+
 class PooledNet(nn.Module):
     """``features`` = body, global average pool, flatten; ``classifier`` = linear class templates."""
 
     def __init__(self, body: nn.Sequential, width: int, num_classes: int):
         super().__init__()
-        self.features = nn.Sequential(*body, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.features = nn.Sequential(*body, GlobalAvgPool())
         self.classifier = nn.Linear(width, num_classes)
         for m in self.features.modules():
             if isinstance(m, nn.Conv2d):  # He init (fan-out) as in RepDistiller

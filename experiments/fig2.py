@@ -1,0 +1,140 @@
+"""Fig. 2: the domain level -- class relationships in the teacher and in the students' logit layers.
+
+Top row: the K x K correlation across examples of the teacher's class probabilities at tau = 1 and
+at a high tau, classes ordered by superclass. Then the cosine similarity of the logit-layer class
+templates w_k of the teacher and of CE, LS and KD students. Each matrix is scored by its mean
+within-superclass off-diagonal entry minus its mean between-superclass entry. The paper reports
+strong within-superclass correlation at high temperature, not at tau = 1, and that KD imposes the
+teacher's class relationships on the student's logit layer.
+Writes results/fig2/{fig2.csv, fig2_matrices.csv, fig2.png, fig2.pdf, fig2.md}.
+
+    python -m experiments.fig2                       # synthetic, delta 0.5 (fig3's teacher), seeds 0 1 2
+    python -m experiments.fig2 --tau 8 -- trainer.max_epochs=100
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+
+from kd.analysis import domain, universe
+from kd.drivers import build_jobs, check_data, collect, load_job, parser, run_overrides
+from kd.report import publish
+from kd.runner import run_jobs
+from kd.stats import paired_gaps
+
+STUDENTS = ["ce", "ls", "kd"]
+
+
+def matrix_labels(tau: float) -> dict[str, str]:
+    return {"teacher_probs_tau1": "teacher probabilities, tau = 1",
+            f"teacher_probs_tau{tau:g}": f"teacher probabilities, tau = {tau:g}",
+            "weights_teacher": "teacher logit-layer cosine",
+            **{f"weights_{m}": f"{m.upper()} student logit-layer cosine" for m in STUDENTS}}
+
+
+def seed_matrices(loaded: dict, tau: float, split: str):
+    """The six matrices of one seed, and its teacher's effective smoothing at tau = 1 and at tau."""
+    _, _, teacher, dm = next(iter(loaded.values()))
+    matrices = {f"teacher_probs_tau{t:g}": domain.class_correlation(teacher, dm, split, t) for t in (1.0, tau)}
+    matrices["weights_teacher"] = domain.weight_cosine(teacher)
+    matrices.update({f"weights_{m}": domain.weight_cosine(student) for m, (_, student, _, _) in loaded.items()})
+    smoothing = {t: universe.summary(teacher, dm, split, t)["effective_smoothing"] for t in (1.0, tau)}
+    return matrices, dm.superclass_of, smoothing
+
+
+def plot(matrices: dict, superclass_of: torch.Tensor, labels: dict, seed: int):
+    order = domain.superclass_order(superclass_of)
+    bounds = (torch.nonzero(superclass_of[order][1:] != superclass_of[order][:-1]).flatten() + 0.5).tolist()
+    fig, axes = plt.subplots(2, 3, figsize=(12, 7.6), constrained_layout=True)
+    for ax, (name, matrix) in zip(axes.flat, matrices.items()):
+        image = ax.imshow(matrix[order][:, order].numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+        for b in bounds:
+            ax.axhline(b, color="k", lw=0.6)
+            ax.axvline(b, color="k", lw=0.6)
+        score = domain.superclass_score(matrix, superclass_of)["score"]
+        ax.set_title(f"{labels[name]}\nwithin - between = {score:+.2f}", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for ax in list(axes.flat)[len(matrices):]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="correlation / cosine")
+    fig.suptitle(f"Fig. 2: domain knowledge, classes ordered by superclass (synthetic, seed {seed})")
+    return fig
+
+
+def long_form(matrices: dict, seed: int) -> pd.DataFrame:
+    """Every entry of every matrix: seed, matrix, row, col, value (for re-plotting)."""
+    frames = []
+    for name, matrix in matrices.items():
+        k = matrix.shape[0]
+        frames.append(pd.DataFrame({"seed": seed, "matrix": name, "row": torch.arange(k).repeat_interleave(k).numpy(),
+                                    "col": torch.arange(k).repeat(k).numpy(), "value": matrix.flatten().numpy()}))
+    return pd.concat(frames, ignore_index=True)
+
+
+def summarise(scores: pd.DataFrame, smoothing: pd.DataFrame, failed: pd.DataFrame, labels: dict, tau: float,
+              split: str, seconds: float) -> str:
+    stats = scores.groupby("matrix", sort=False)[["within", "between", "score"]].agg(["mean", "std"]).fillna(0.0)
+    lines = ["# Fig. 2: domain knowledge (within- vs between-superclass similarity, mean ± std over seeds)", "",
+             f"{scores.seed.nunique()} seeds; teacher probabilities on the {split} split; wall time "
+             f"{seconds / 60:.1f} min.", "",
+             "| matrix | within superclass | between | within - between |", "|---|---|---|---|"]
+    for name in stats.index:
+        row = stats.loc[name]
+        lines.append(f"| {labels[name]} | " + " | ".join(f"{row[(c, 'mean')]:+.3f} ± {row[(c, 'std')]:.3f}"
+                                                         for c in ("within", "between", "score")) + " |")
+    lines += ["", "## The paper's claims, seed by seed", "",
+              "Gap = mean over seeds of the paired difference of within - between scores ± its std.", ""]
+    pairs = [(f"teacher_probs_tau{tau:g}", "teacher_probs_tau1"), ("weights_kd", "weights_ce"),
+             ("weights_kd", "weights_ls")]
+    for r in paired_gaps(scores.assign(method=scores.matrix, delta=0), pairs, "score", by="delta").itertuples():
+        lines.append(f"- {labels[r.a]} > {labels[r.b]}: gap {r.gap:+.3f} ± {r.spread:.3f} over {r.n} seeds"
+                     f"{', beyond the seed spread' if r.exceeds_spread else ''}.")
+    eps = smoothing.groupby("tau").effective_smoothing.agg(["mean", "std"]).fillna(0.0)
+    lines += ["", "Universe level: the teacher acts on average like label smoothing with eps = "
+              + ", ".join(f"{r['mean']:.3f} ± {r['std']:.3f} at tau = {t:g}" for t, r in eps.iterrows()) + "."]
+    if len(failed):
+        lines += ["", "## Failed runs", ""] + [f"- {r.method} seed={r.seed}: {r.error}" for r in failed.itertuples()]
+    lines += ["", "Re-run: `python -m experiments.fig2` (see README for settings and time)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> Path:
+    cli = parser("fig2", __doc__)
+    cli.add_argument("--delta", type=float, default=0.5)
+    cli.add_argument("--tau", type=float, default=4.0, help="the high temperature")
+    cli.add_argument("--split", default="test", help="examples over which the teacher's probabilities correlate")
+    args = cli.parse_args(argv)
+    check_data(args.data, "fig2")
+    start = time.time()
+    jobs = build_jobs(args.data, [args.delta], args.seeds, STUDENTS, run_overrides(args))
+    runs = collect(run_jobs(jobs, args.runs, desc="fig2")).assign(job=list(jobs))
+    labels = matrix_labels(args.tau)
+    scores, matrices, smoothing, figure = [], [], [], None
+    for seed, rows in runs[runs.status == "completed"].groupby("seed"):
+        loaded = {r.method: load_job(args.runs, r.job, jobs[r.job]) for r in rows.itertuples()}
+        found, superclass_of, eps = seed_matrices(loaded, args.tau, args.split)
+        if superclass_of is None:
+            raise SystemExit("error: fig2 orders and scores classes by superclass; this data set has none")
+        scores += [{"seed": seed, "matrix": name, **domain.superclass_score(m, superclass_of)} for name, m in found.items()]
+        smoothing += [{"seed": seed, "tau": t, "effective_smoothing": e} for t, e in eps.items()]
+        matrices.append(long_form(found, seed))
+        figure = figure or plot(found, superclass_of, labels, seed)
+    if figure is None:
+        raise SystemExit(f"error: no fig2 run completed; see {args.runs}/runs/*/results.json")
+    scores, smoothing = pd.DataFrame(scores), pd.DataFrame(smoothing)
+    seconds = time.time() - start
+    summary = summarise(scores, smoothing, runs[runs.status != "completed"], labels, args.tau, args.split, seconds)
+    out = publish("fig2", args.out, {"fig2": scores, "fig2_matrices": pd.concat(matrices, ignore_index=True)},
+                  {"fig2": figure}, summary, wandb=not args.no_wandb, config=vars(args))
+    print(f"[kd] fig2 written to {out} in {seconds / 60:.1f} min")
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""The paper's three levels of teacher knowledge, made visible on trained models.
+
+- ``universe``: how much a teacher smooths the labels (KD as a non-uniform label smoothing).
+- ``domain``: class relationships in the teacher's probabilities and in the logit-layer weights.
+- ``instance``: the per-example gradient rescaling factor w of KD against the teacher's q_c.
+
+Each module has functions on tensors, plus thin helpers taking any model (with ``features`` and
+``classifier``) and any data module (``loader``, ``num_classes``, ``superclass_of``).
+"""
+
+from kd.analysis import domain, instance, universe
+
+__all__ = ["domain", "instance", "universe"]

@@ -1,0 +1,114 @@
+"""kd.analysis: the rescaling factor against autograd, and the domain / universe summaries on
+matrices whose answer is known."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from kd import objectives
+from kd.analysis import domain, instance, universe
+from kd.data.synthetic import SyntheticDataModule
+from kd.objectives import targets
+
+K, B = 6, 8
+
+
+def true_class_grad(loss_fn, z, labels, teacher_logits=None):
+    z = z.clone().requires_grad_(True)
+    loss_fn(z, labels, teacher_logits).backward()
+    return z.grad.gather(1, labels[:, None]).squeeze(1)
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(B, K, generator=g) * 2, torch.randint(0, K, (B,), generator=g), torch.randn(B, K, generator=g) * 3
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_rescaling_factor_is_the_kd_over_ce_gradient_ratio(batch, temperature):
+    z, labels, t = batch
+    lam = 0.7
+    kd = objectives.get("kd", kd_weight=lam, temperature=temperature)
+    ratio = true_class_grad(kd, z, labels, t) / true_class_grad(objectives.get("ce"), z, labels)
+    q = torch.softmax(t / temperature, dim=1)
+    torch.testing.assert_close(instance.rescaling_factor(z, q, labels, lam, temperature), ratio)
+    if temperature == 1.0:  # the paper's closed form
+        p_c, q_c = targets.true_class_prob(torch.softmax(z, 1), labels), targets.true_class_prob(q, labels)
+        torch.testing.assert_close(instance.rescaling_factor(z, q, labels, lam), 1 - lam * (1 - q_c) / (1 - p_c))
+
+
+def test_kd_pt_rescales_exactly_as_kd(batch):
+    z, labels, t = batch
+    q = torch.softmax(t, dim=1)
+    torch.testing.assert_close(instance.rescaling_factor(z, targets.pt(q, labels), labels, 0.9),
+                               instance.rescaling_factor(z, q, labels, 0.9))
+
+
+def test_label_smoothing_factor_is_flat_in_the_teacher(batch):
+    z, labels, t = batch
+    eps = 0.2
+    ratio = true_class_grad(objectives.get("ls", eps=eps), z, labels) / true_class_grad(objectives.get("ce"), z, labels)
+    w = instance.rescaling_factor(z, targets.uniform(z, labels), labels, eps)
+    torch.testing.assert_close(w, ratio)
+    p_c = targets.true_class_prob(torch.softmax(z, 1), labels)
+    torch.testing.assert_close(w, 1 - eps * (1 - 1 / K) / (1 - p_c))
+
+
+def test_per_example_on_the_oracle_distilling_itself():
+    """Student = teacher gives p = q: KD's w is 1 - kd_weight for every example."""
+    dm = SyntheticDataModule(superclasses=2, subclasses=2, dim=4, train_per_class=5)
+    oracle = dm.oracle_teacher()
+    rows = instance.per_example(oracle, oracle, dm, kd_weight=0.9)
+    assert len(rows) == 20 and sorted(rows["index"]) == list(range(20))
+    np.testing.assert_allclose(rows["w"], 0.1, atol=1e-4)
+    np.testing.assert_allclose(rows["q_c"], rows["p_c"], atol=1e-6)
+    ls = instance.per_example(oracle, oracle, dm, kd_weight=0.1, target=targets.uniform)
+    np.testing.assert_allclose(ls["rho_c"], 0.25)
+    np.testing.assert_allclose(ls["w"], 1 - 0.1 * 0.75 / (1 - ls["p_c"]), rtol=1e-4)
+
+
+def test_binned_means():
+    stats = instance.binned([0.05, 0.15, 0.95, 1.0], [1.0, 3.0, 5.0, 7.0], bins=2)
+    assert stats["count"].tolist() == [2, 2]
+    assert stats["w_mean"].tolist() == [2.0, 6.0] and stats["w_median"].tolist() == [2.0, 6.0]
+    assert stats[["q_lo", "q_hi"]].values.tolist() == [[0.0, 0.5], [0.5, 1.0]]
+
+
+def test_probability_correlation_of_a_known_matrix():
+    a = torch.tensor([0.1, 0.4, 0.2, 0.3])
+    probs = torch.stack([a, 2 * a + 1, -a, torch.tensor([0.3, 0.1, 0.3, 0.1])], dim=1)
+    corr = domain.probability_correlation(probs)
+    torch.testing.assert_close(corr[0, 1], torch.tensor(1.0))
+    torch.testing.assert_close(corr[0, 2], torch.tensor(-1.0))
+    np.testing.assert_allclose(corr.numpy(), np.corrcoef(probs.numpy().T), atol=1e-6)
+
+
+def test_superclass_score_of_a_block_matrix():
+    superclass_of = torch.tensor([1, 0, 1, 0, 0])
+    same = superclass_of[:, None] == superclass_of[None, :]
+    matrix = torch.where(same, 0.8, 0.1).fill_diagonal_(1.0)
+    score = domain.superclass_score(matrix, superclass_of)
+    assert score["within"] == pytest.approx(0.8) and score["between"] == pytest.approx(0.1)
+    assert score["score"] == pytest.approx(0.7)
+    assert domain.superclass_order(superclass_of).tolist() == [1, 3, 4, 0, 2]
+
+
+def test_weight_cosine_of_a_model():
+    oracle = SyntheticDataModule(superclasses=2, subclasses=2, dim=4).oracle_teacher()
+    cos = domain.weight_cosine(oracle)
+    assert cos.shape == (4, 4)
+    torch.testing.assert_close(cos.diagonal(), torch.ones(4))
+
+
+def test_effective_smoothing_of_uniform_and_ls_teachers():
+    labels = torch.tensor([0, 3, 2, 2])
+    uniform = torch.full((4, K), 1 / K)
+    assert universe.effective_smoothing(uniform, labels) == pytest.approx(1.0)
+    eps = 0.3
+    ls = (1 - eps) * torch.nn.functional.one_hot(labels, K) + eps / K
+    assert universe.effective_smoothing(ls, labels) == pytest.approx(eps)
+    torch.testing.assert_close(universe.entropy(uniform), torch.full((4,), math.log(K)))
+    assert universe.entropy(torch.eye(K)).abs().max() == 0

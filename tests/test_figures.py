@@ -1,0 +1,65 @@
+"""The fig1 / fig2 / fig4 drivers end to end in --quick mode: every file they publish appears.
+
+One root and one runs folder for the three: they share the teacher and the jobs they have in
+common (kd, ls, ce at the same delta and seed), so the whole file trains one small teacher and
+five students.
+"""
+
+import pandas as pd
+import pytest
+
+from experiments import fig1, fig2, fig4
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("figures")
+    flags = ["--quick", "--seeds", "0", "--runs", str(root / "logs"), "--no-wandb"]
+    overrides = ["--", f"paths.root_dir={root}", "teacher.data.train_per_class=50", "data.train_per_class=10"]
+    return root, flags, overrides
+
+
+def publish_files(out, name, tables):
+    for suffix in ("png", "pdf", "md"):
+        assert (out / f"{name}.{suffix}").stat().st_size > 0
+    return {table: pd.read_csv(out / f"{table}.csv") for table in tables}
+
+
+def test_fig1(dirs):
+    root, flags, overrides = dirs
+    out = fig1.main([*flags, "--delta", "1.0", "--out", str(root / "fig1"), *overrides])
+    tables = publish_files(out, "fig1", ["fig1", "fig1_binned"])
+    examples = tables["fig1"]
+    assert set(examples.method) == {"kd", "ls"} and set(examples.split) == {"train", "val"}
+    assert len(examples) == 2 * (20 * 10 + 20 * 10)  # 20 classes x 10 train and 10 val (--quick) examples
+    assert (examples.q_c.between(0, 1)).all() and examples.w.notna().all()
+    assert (examples[examples.method == "ls"].rho_c == 1 / 20).all()
+    assert "Spearman" in (out / "fig1.md").read_text()
+
+
+def test_fig2(dirs):
+    root, flags, overrides = dirs
+    out = fig2.main([*flags, "--delta", "1.0", "--tau", "4", "--out", str(root / "fig2"), *overrides])
+    scores = publish_files(out, "fig2", ["fig2", "fig2_matrices"])["fig2"]
+    assert set(scores.matrix) == {"teacher_probs_tau1", "teacher_probs_tau4", "weights_teacher",
+                                  "weights_ce", "weights_ls", "weights_kd"}
+    assert (scores.score == scores.within - scores.between).all()
+    assert "within - between" in (out / "fig2.md").read_text()
+
+
+def test_fig4(dirs):
+    root, flags, overrides = dirs
+    out = fig4.main([*flags, "--delta", "1.0", "--ks", "0.25", "1.0", "--out", str(root / "fig4"), *overrides])
+    runs = publish_files(out, "fig4", ["fig4"])["fig4"]
+    assert (runs.status == "completed").all()
+    assert set(runs.method) == {"ce", "kd", "kd_topk-k0.25-uniform", "kd_topk-k1-uniform"}
+    assert "Best k with tail=uniform" in (out / "fig4.md").read_text()
+
+
+@pytest.mark.parametrize("driver", [fig1, fig2, fig4], ids=["fig1", "fig2", "fig4"])
+def test_real_data_is_refused_in_one_line(driver, tmp_path):
+    name = driver.__name__.rsplit(".", 1)[1]
+    with pytest.raises(SystemExit, match=f"--data=cifar100 is not supported by {name}"):
+        driver.main(["--data", "cifar100", "--out", str(tmp_path), "--runs", str(tmp_path)])
