@@ -2,6 +2,11 @@
 
 The teacher is frozen: eval mode at all times, no gradients, outside the optimizer and outside
 the student's checkpoints (it is rebuilt from its own checkpoint when a run resumes).
+
+Nothing in a training step waits for the accelerator (docs/performance.md): the metrics skip their
+argument checks, and a non-finite loss is recorded on the device and checked every
+``trainer.log_every_n_steps`` steps and before anything is checkpointed (at every step on the CPU,
+where a check costs nothing).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ class DistillationModule(L.LightningModule):
         model_config: dict | None = None,
         num_classes: int | None = None,
         input_shape: tuple | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         # Plain values only, so a checkpoint alone can rebuild the network (kd.models.load_checkpoint).
@@ -43,6 +50,12 @@ class DistillationModule(L.LightningModule):
         self.teacher = teacher
         if teacher is not None:
             teacher.requires_grad_(False).eval()
+        self.channels_last = channels_last
+        for model in filter(None, (net, teacher)):
+            if channels_last:
+                model.to(memory_format=torch.channels_last)
+            if compile:
+                model.compile()  # in place: the state_dict keys, hence checkpoints, stay the same
         params = {k: v for k, v in objective.items() if k not in ("name", "beta", "similarity_source")}
         if objective["name"] in objectives.NEEDS_SIMILARITY:
             params["class_similarity"] = class_similarity
@@ -52,16 +65,19 @@ class DistillationModule(L.LightningModule):
         k = num_classes or net.classifier.out_features
         self.metrics = nn.ModuleDict({  # keys "train_", ...: ModuleDict keys may not shadow nn.Module.train
             f"{stage}_": MetricCollection({
-                "acc": MulticlassAccuracy(k, average="micro"),
-                "ece": MulticlassCalibrationError(k, n_bins=15),
-                "nll": MeanMetric(),
-                **({"agreement": MeanMetric()} if teacher is not None else {}),
-                **({"loss": MeanMetric()} if stage == "train" else {}),
+                "acc": MulticlassAccuracy(k, average="micro", validate_args=False),
+                "ece": MulticlassCalibrationError(k, n_bins=15, validate_args=False),
+                "nll": MeanMetric(nan_strategy="disable"),
+                **({"agreement": MeanMetric(nan_strategy="disable")} if teacher is not None else {}),
+                **({"loss": MeanMetric(nan_strategy="disable")} if stage == "train" else {}),
             })
             for stage in STAGES
         })
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # survives a resume
+        # The first non-finite loss: (step, epoch), -1 while there is none, and its value.
+        self.register_buffer("nonfinite_at", torch.full((2,), -1, dtype=torch.long), persistent=False)
+        self.register_buffer("nonfinite_loss", torch.zeros(()), persistent=False)
 
     def train(self, mode: bool = True):
         """Lightning puts the whole module in train mode each epoch; the teacher stays in eval."""
@@ -75,10 +91,12 @@ class DistillationModule(L.LightningModule):
 
     def _step(self, batch, stage: str):
         x, y, _ = batch
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         logits = self.net(x)
         teacher_logits = None
         if self.teacher is not None:
-            with torch.no_grad():
+            with torch.no_grad():  # not inference_mode: the student's backward keeps the teacher's outputs
                 teacher_logits = self.teacher(x)
         metrics = self.metrics[f"{stage}_"]
         probs = logits.detach().float().softmax(1)
@@ -92,13 +110,28 @@ class DistillationModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         logits, y, teacher_logits = self._step(batch, "train")
         loss = self.loss_fn(logits, y, teacher_logits)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
-                "lower the learning rate or check the data"
-            )
+        self._record_nonfinite(loss.detach())
+        if loss.device.type == "cpu" or (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self._raise_if_diverged()
         self.metrics["train_"]["loss"].update(loss.detach())
         return loss
+
+    def _record_nonfinite(self, loss: torch.Tensor) -> None:
+        """Keep the step, epoch and value of the first non-finite loss, without waiting for the device."""
+        first = ~torch.isfinite(loss) & (self.nonfinite_at[0] < 0)
+        here = torch.tensor([self.global_step, self.current_epoch]).to(loss.device, non_blocking=True)
+        self.nonfinite_at.copy_(torch.where(first, here, self.nonfinite_at))
+        self.nonfinite_loss.copy_(torch.where(first, loss.float(), self.nonfinite_loss))
+
+    def _raise_if_diverged(self) -> None:
+        step, epoch = self.nonfinite_at.tolist()
+        if step >= 0:
+            raise TrainingDiverged(f"loss is {self.nonfinite_loss.item()} at step {step} (epoch {epoch}); "
+                                   "lower the learning rate or check the data")
+
+    def on_validation_epoch_start(self):
+        """Checkpoints are written after validation or at the end of the epoch: never of a diverged run."""
+        self._raise_if_diverged()
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
@@ -113,6 +146,7 @@ class DistillationModule(L.LightningModule):
         return values
 
     def on_train_epoch_end(self):
+        self._raise_if_diverged()
         self._log_stage("train")
 
     def on_validation_epoch_end(self):

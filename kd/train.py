@@ -53,6 +53,8 @@ def validate(cfg: DictConfig) -> None:
     objectives.get(name, **objective)
     teachers.check_spec(cfg.teacher)
     check_choice("lr_scaling", cfg.get("lr_scaling", "none"), LR_SCALING)
+    for switch in ("channels_last", "compile"):
+        check_choice(switch, cfg.get(switch, False), (True, False))
     if objectives.needs_teacher(name) and cfg.teacher.kind == "none":
         raise UserError(f"objective={name} distils from a teacher but teacher=none; use teacher=mlp (trained and "
                         "cached on first use), teacher=oracle (synthetic data) or teacher=checkpoint teacher.path=...")
@@ -128,6 +130,8 @@ def run(cfg: DictConfig) -> dict:
         model_config=model_cfg,
         num_classes=datamodule.num_classes,
         input_shape=datamodule.input_shape,
+        channels_last=cfg.get("channels_last", False),
+        compile=cfg.get("compile", False),
     )
     status = "failed"
     record = {"status": status, "config": OmegaConf.to_container(cfg, resolve=True), "versions": versions(),
