@@ -94,6 +94,15 @@ def collect(records: dict[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def load_teacher(overrides: list[str], output_dir):
+    """``(cfg, teacher, datamodule)`` of a run config: its data set up, its teacher found in the cache
+    (or trained there on first use); ``output_dir`` is the run's folder, which the config's paths need."""
+    cfg = compose_config([*QUIET, *overrides], output_dir)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    return cfg, teachers.resolve(cfg, datamodule), datamodule
+
+
 def load_job(root, name: str, overrides: list[str]):
     """``(cfg, student, teacher, datamodule)`` of a finished ``run_jobs`` job, rebuilt from its overrides.
 
@@ -101,10 +110,7 @@ def load_job(root, name: str, overrides: list[str]):
     the student's folder), so a trained teacher is found in its cache, never retrained.
     """
     out = Path(root) / "runs" / name
-    cfg = compose_config([*QUIET, *overrides], out)
-    datamodule = instantiate(cfg.data)
-    datamodule.setup()
-    teacher = teachers.resolve(cfg, datamodule)
+    cfg, teacher, datamodule = load_teacher(overrides, out)
     student = teachers.load_checkpoint(teachers.checkpoint_in(out, "last"), datamodule.num_classes,
                                        datamodule.input_shape)
     return cfg, student, teacher, datamodule

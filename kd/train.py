@@ -55,6 +55,8 @@ def validate(cfg: DictConfig) -> None:
     check_choice("lr_scaling", cfg.get("lr_scaling", "none"), LR_SCALING)
     for switch in ("channels_last", "compile"):
         check_choice(switch, cfg.get(switch, False), (True, False))
+    if cfg.get("threads") is not None:
+        check_range("threads", cfg.threads, 1, None)
     if objectives.needs_teacher(name) and cfg.teacher.kind == "none":
         raise UserError(f"objective={name} distils from a teacher but teacher=none; use teacher=mlp (trained and "
                         "cached on first use), teacher=oracle (synthetic data) or teacher=checkpoint teacher.path=...")
@@ -133,6 +135,8 @@ def run(cfg: DictConfig) -> dict:
         channels_last=cfg.get("channels_last", False),
         compile=cfg.get("compile", False),
     )
+    threads = torch.get_num_threads()  # the caller's, restored when the run ends
+    torch.set_num_threads(cfg.get("threads") or threads)
     status = "failed"
     record = {"status": status, "config": OmegaConf.to_container(cfg, resolve=True), "versions": versions(),
               "hardware": hardware(), "output_dir": str(out),
@@ -168,6 +172,7 @@ def run(cfg: DictConfig) -> dict:
             raise SIGTERMException(f"error: {message}") from None
         raise
     finally:
+        torch.set_num_threads(threads)
         record["seconds"] = round(time.time() - start, 2)
         if trainer.global_rank == 0:
             write_json_atomic(out / "results.json", record)

@@ -1,8 +1,9 @@
 """Data held as tensors and served in whole batches by index.
 
 Small models spend most of their time in the data pipeline when batches are collated sample by
-sample; here a batch is one indexing of resident tensors. Every batch is ``(x, y, index)`` so
-per-example analyses can key results by example.
+sample; here a batch is one indexing of resident tensors. On an accelerator the tensors are copied
+to it once and indexed there, so no example crosses from the host during training. Every batch is
+``(x, y, index)`` so per-example analyses can key results by example.
 """
 
 from __future__ import annotations
@@ -32,12 +33,14 @@ class IndexBatchSampler:
     """Batches of indices, reshuffled per epoch from (seed, epoch) and sharded across ranks.
 
     The order depends only on the seed and the epoch, so a run resumed at an epoch boundary sees
-    the same batches as an uninterrupted one.
+    the same batches as an uninterrupted one. It is drawn on the host and sent to ``device`` once
+    per epoch: a batch of indices copied on its own would make the host wait for the device.
     """
 
-    def __init__(self, size, batch_size, shuffle, seed=0, drop_last=False, rank=0, world_size=1):
+    def __init__(self, size, batch_size, shuffle, seed=0, drop_last=False, rank=0, world_size=1, device="cpu"):
         self.size, self.batch_size, self.shuffle = size, batch_size, shuffle
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
+        self.device = device
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -53,7 +56,8 @@ class IndexBatchSampler:
         return order[self.rank :: self.world_size]
 
     def __iter__(self):
-        yield from (b for b in self._indices().split(self.batch_size) if not (self.drop_last and len(b) < self.batch_size))
+        batches = self._indices().to(self.device).split(self.batch_size)
+        yield from (b for b in batches if not (self.drop_last and len(b) < self.batch_size))
 
     def __len__(self) -> int:
         n = math.ceil(self.size / self.world_size)
@@ -72,6 +76,7 @@ class TensorDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
         self.splits: dict[str, IndexedTensors] = {}
         self.superclass_of: torch.Tensor | None = None
+        self._resident: dict[tuple[str, torch.device], IndexedTensors] = {}
 
     @property
     def num_classes(self) -> int:
@@ -85,11 +90,21 @@ class TensorDataModule(L.LightningDataModule):
         self.setup()
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        data = self.on_device(split, trainer.strategy.root_device if trainer is not None else torch.device("cpu"))
         sampler = IndexBatchSampler(
-            len(self.splits[split]), batch_size or (self.batch_size if shuffle else self.eval_batch_size),
-            shuffle=shuffle, seed=self.seed, rank=rank, world_size=world,
+            len(data), batch_size or (self.batch_size if shuffle else self.eval_batch_size),
+            shuffle=shuffle, seed=self.seed, rank=rank, world_size=world, device=data.x.device,
         )
-        return DataLoader(self.splits[split], sampler=sampler, batch_size=None)
+        return DataLoader(data, sampler=sampler, batch_size=None)
+
+    def on_device(self, split: str, device: torch.device) -> IndexedTensors:
+        """``split`` on ``device``, copied there on first use; ``self.splits`` stay on the host."""
+        data = self.splits[split]
+        if data.x.device == device:
+            return data
+        if (split, device) not in self._resident:
+            self._resident[split, device] = IndexedTensors(data.x.to(device), data.y.to(device))
+        return self._resident[split, device]
 
     def train_dataloader(self):
         return self.loader("train", shuffle=True)

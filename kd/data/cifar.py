@@ -111,7 +111,9 @@ class CIFARDataModule(TensorDataModule):
 
     def prepare_eval_batch(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images to normalised floats; every batch goes through it (kd.predict calls it too)."""
-        return (x.float() - self.mean.to(x.device)) / self.std.to(x.device)
+        if self.mean.device != x.device:  # moved once, not per batch: each copy would make the host wait
+            self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
+        return (x.float() - self.mean) / self.std
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """Augment (training only) and normalise on the device the batch was moved to."""
