@@ -112,3 +112,14 @@ def test_effective_smoothing_of_uniform_and_ls_teachers():
     assert universe.effective_smoothing(ls, labels) == pytest.approx(eps)
     torch.testing.assert_close(universe.entropy(uniform), torch.full((4,), math.log(K)))
     assert universe.entropy(torch.eye(K)).abs().max() == 0
+
+
+def test_sibling_mass_counts_wrong_mass_on_superclass_siblings():
+    from kd.analysis.domain import sibling_mass
+
+    superclass_of = torch.tensor([0, 0, 1, 1])
+    labels = torch.tensor([0, 2])
+    on_siblings = torch.tensor([[0.7, 0.3, 0.0, 0.0], [0.0, 0.0, 0.6, 0.4]])
+    assert sibling_mass(on_siblings, labels, superclass_of) == pytest.approx(1.0)
+    uniform = torch.full((2, 4), 0.25)
+    assert sibling_mass(uniform, labels, superclass_of) == pytest.approx(1 / 3)

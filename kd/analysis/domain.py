@@ -41,3 +41,13 @@ def superclass_score(matrix: torch.Tensor, superclass_of: torch.Tensor) -> dict[
 def superclass_order(superclass_of: torch.Tensor) -> torch.Tensor:
     """A class permutation that puts the classes of each superclass next to each other."""
     return torch.argsort(superclass_of, stable=True)
+
+
+def sibling_mass(probs: torch.Tensor, labels: torch.Tensor, superclass_of: torch.Tensor) -> float:
+    """Share of the wrong-class mass that falls on the true class's superclass siblings, averaged
+    over examples (chance: (m - 1) / (K - 1) for m classes per superclass)."""
+    sibling = superclass_of[None, :] == superclass_of[labels][:, None]
+    sibling[torch.arange(len(labels)), labels] = False
+    wrong = 1.0 - probs[torch.arange(len(labels)), labels]
+    keep = wrong > 1e-6  # examples the teacher is certain about carry no relationship signal
+    return ((probs * sibling).sum(1)[keep] / wrong[keep]).mean().item()
