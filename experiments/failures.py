@@ -1,0 +1,299 @@
+"""Failures: why KD fails with a label-smoothed teacher and with a larger, over-confident one.
+
+The paper's v2 diagnoses two failures of KD reported elsewhere: a teacher trained with label
+smoothing loses the class relationships of its wrong-class probabilities (domain level), and a
+larger, over-confident teacher is near-certain on every training example, leaving little
+instance-level signal (the spread of q_c, hence of KD's gradient rescaling w).
+
+Two families of teachers on fig3's setting at one class-relationship strength (delta 0.5 on
+synthetic data, where class relationships are strong): fig3's teacher trained with label smoothing
+eps in {0, 0.1, 0.2}, and teachers of growing capacity under one recipe, the same data and epochs
+(synthetic: MLP [32], [256, 256], [1024, 1024, 1024]; CIFAR-100: resnet20, resnet56, resnet110). The
+eps = 0 teacher is the middle one of the capacity family. Per teacher and seed,
+``kd.analysis.diagnose``: test accuracy and ECE; over the student's training set (the examples KD
+distils on) the distribution of q_c and of w at the start of distillation (student p uniform:
+w = 1 - kd_weight (1 - q_c) / (1 - 1/K) at tau = 1, a property of the teacher alone), effective
+smoothing and the within - between superclass score of the teacher's probability correlation at
+KD's tau and at tau = 4, and of its logit-layer cosine (KD-sim's source). Then students distilled
+from each teacher with KD, KD-pt and KD-sim, and a CE student as the teacher-free reference.
+Writes results/failures/{failures.csv (students), failures_teachers.csv, failures_examples.csv
+(q_c and w per example), failures.png, failures.pdf, failures.md}.
+
+    python -m experiments.failures                  # synthetic, delta 0.5, seeds 0 1 2 (make reproduce-failures)
+    python -m experiments.failures --data cifar100  # resnet20 students, CRD recipe (DATA=cifar100)
+    python -m experiments.failures --teachers mlp256x2 mlp256x2-ls0.2 --methods kd kd_pt -- trainer.max_epochs=100
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from kd.analysis import diagnosis
+from kd.drivers import DATA, build_jobs, check_data, collect, load_teacher, parser, require_data, run_overrides
+from kd.report import publish
+from kd.runner import run_jobs
+from kd.stats import paired_gaps
+from kd.teachers import teacher_config
+
+
+def label_smoothed(eps: float) -> list[str]:
+    return ["objective@teacher.objective=ls", f"teacher.objective.eps={eps}"]
+
+
+# Per data set: teacher name -> overrides of its experiment's teacher (fig3's), and the two families.
+TEACHERS = {
+    "synthetic": {"mlp32": ["teacher.model.hidden=[32]"], "mlp256x2": [],
+                  "mlp1024x3": ["teacher.model.hidden=[1024,1024,1024]"],
+                  "mlp256x2-ls0.1": label_smoothed(0.1), "mlp256x2-ls0.2": label_smoothed(0.2)},
+    "cifar100": {"resnet20": ["model@teacher.model=resnet20"], "resnet56": [],
+                 "resnet110": ["model@teacher.model=resnet110"],
+                 "resnet56-ls0.1": label_smoothed(0.1), "resnet56-ls0.2": label_smoothed(0.2)},
+}
+FAMILIES = {
+    "synthetic": {"label smoothing": ["mlp256x2", "mlp256x2-ls0.1", "mlp256x2-ls0.2"],
+                  "capacity": ["mlp32", "mlp256x2", "mlp1024x3"]},
+    "cifar100": {"label smoothing": ["resnet56", "resnet56-ls0.1", "resnet56-ls0.2"],
+                 "capacity": ["resnet20", "resnet56", "resnet110"]},
+}
+# The teacher the others are compared with: fig3's, both the eps = 0 and the middle-capacity one.
+BASE = {"synthetic": "mlp256x2", "cifar100": "resnet56"}
+METHODS = {"kd": "KD", "kd_pt": "KD-pt (instance)", "kd_sim": "KD-sim (domain)"}
+REFERENCE = "ce"  # the teacher-free student
+SCORES = {"superclass_score": "probabilities, KD's tau", "superclass_high_tau_score": "probabilities, tau 4",
+          "weights_score": "logit-layer cosine"}
+# The diagnosis quantities each teacher is compared on with fig3's teacher.
+COMPARED = {"q_c_q50": "median q_c", "q_c_std": "std q_c", **{key: f"score, {what}" for key, what in SCORES.items()}}
+# The sign the paper's diagnosis predicts for (teacher - fig3's teacher), for the teachers past fig3's
+# in a family (more smoothing, more capacity): a quantity of ``COMPARED`` or a student's accuracy.
+PREDICTED = {"label smoothing": {"superclass_score": -1, "superclass_high_tau_score": -1, "kd": -1},
+             "capacity": {"q_c_q50": +1, "q_c_std": -1, "kd_pt": -1, "kd": -1}}
+
+
+def student_label(method: str, teacher: str) -> str:
+    return f"{method}@{teacher}"
+
+
+def variants(teachers, methods) -> dict[str, list[str]]:
+    """The CE reference and every (method, teacher) student, as ``build_jobs`` methods."""
+    students = {student_label(m, t): [f"objective={m}", *extra] for t, extra in teachers.items() for m in methods}
+    return {REFERENCE: [f"objective={REFERENCE}"], **students}
+
+
+def teacher_of(labels: pd.Series) -> pd.Series:
+    """The teacher part of ``student_label``s ("" for the CE reference)."""
+    return labels.str.split("@").str[1].fillna("")
+
+
+def with_teacher(df: pd.DataFrame) -> pd.DataFrame:
+    """``collect``'s rows with the student's objective and teacher apart."""
+    return df.assign(student=df.method.str.split("@").str[0], teacher=teacher_of(df.method))
+
+
+def diagnose_teachers(runs: pd.DataFrame, jobs: dict, root: str):
+    """``kd.analysis.diagnose`` and the per-example q_c and w of each teacher and seed, from the
+    config of one of its students; a teacher several seeds share (a fixed teacher seed) is measured once."""
+    rows, examples, measured = [], [], {}
+    distilled = runs[(runs.teacher != "") & (runs.status == "completed")]
+    for (teacher, seed), group in distilled.groupby(["teacher", "seed"]):
+        job = group.job.iloc[0]
+        cfg, net, dm = load_teacher(jobs[job], Path(root) / "runs" / job)
+        folder = teacher_config(cfg).paths.output_dir  # the same cache folder is the same teacher
+        if folder not in measured:
+            kd_weight, tau = cfg.objective.kd_weight, cfg.objective.temperature
+            measured[folder] = diagnosis.diagnose(net, dm, kd_weight, tau)
+            found = diagnosis.per_example(net, dm, kd_weight, temperature=tau)
+            examples.append(found.assign(teacher=teacher, seed=seed))
+        rows.append({"teacher": teacher, "seed": seed, "teacher_run": folder, **measured[folder]})
+    return pd.DataFrame(rows), pd.concat(examples, ignore_index=True)
+
+
+def mean_std(values) -> tuple[float, float]:
+    return values.mean(), values.std() if len(values) > 1 else 0.0
+
+
+def plot(students: pd.DataFrame, teachers: pd.DataFrame, examples: pd.DataFrame, families: dict, where: str,
+         metric: str = "test_acc_last"):
+    """One row per family: q_c over the training set, superclass scores, student accuracy."""
+    ok = students[students.status == "completed"]
+    methods = {m: label for m, label in METHODS.items() if m in set(ok.student)}
+    fig, axes = plt.subplots(len(families), 3, figsize=(15, 4.4 * len(families)), constrained_layout=True,
+                             squeeze=False)
+    for row, (family, names) in zip(axes, families.items()):
+        names = [t for t in names if t in set(teachers.teacher)]
+        x = np.arange(len(names))
+        ticks = [f"{t}\nacc {mean_std(teachers[teachers.teacher == t].acc)[0]:.3f}, "
+                 f"ECE {mean_std(teachers[teachers.teacher == t].ece)[0]:.3f}" for t in names]
+        row[0].violinplot([examples[examples.teacher == t].q_c for t in names], x, showmedians=True)
+        row[0].set_ylabel("teacher's q_c on the student's training set (all seeds)")
+        for i, (key, what) in enumerate(SCORES.items()):
+            stats = [mean_std(teachers[teachers.teacher == t][key]) for t in names]
+            row[1].errorbar(x + 0.1 * (i - 1), [m for m, _ in stats], yerr=[s for _, s in stats], fmt="o-",
+                            capsize=3, label=what)
+        row[1].axhline(0, color="k", lw=0.5)
+        row[1].set_ylabel("superclass score: within - between")
+        for i, (method, label) in enumerate(methods.items()):
+            stats = [mean_std(ok[ok.method == student_label(method, t)][metric]) for t in names]
+            row[2].errorbar(x + 0.1 * (i - 1), [m for m, _ in stats], yerr=[s for _, s in stats], fmt="o-",
+                            capsize=3, label=label)
+        ce_mean, ce_std = mean_std(ok[ok.method == REFERENCE][metric])
+        row[2].axhline(ce_mean, ls=":", color="grey", label=f"CE student: {ce_mean:.3f}")
+        row[2].axhspan(ce_mean - ce_std, ce_mean + ce_std, color="grey", alpha=0.1)
+        row[2].set_ylabel(f"student {metric.replace('_', ' ')} (mean ± std over seeds)")
+        for ax in row:
+            ax.set_xticks(x, ticks, fontsize=8)
+            ax.set_title(f"{family} teachers", fontsize=10)
+            ax.grid(alpha=0.3)
+        row[1].legend(fontsize=7)
+        row[2].legend(fontsize=7)
+    fig.suptitle(f"Failures of KD: label-smoothed and larger teachers ({where})")
+    return fig
+
+
+def cell(values) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.3f} ± {std:.3f}"
+
+
+def gap_text(r) -> str:
+    """A ``paired_gaps`` row: mean gap ± its std over seeds; * where |gap| exceeds that spread."""
+    return f"{r.gap:+.3f}" + (f" ± {r.spread:.3f}{'*' if r.exceeds_spread else ''}" if r.n > 1 else "")
+
+
+def lookup(gaps: pd.DataFrame, **where) -> str:
+    """``gap_text`` of the row of ``gaps`` matching ``where``, or n/a (a run or a teacher left out)."""
+    rows = gaps[(gaps[list(where)] == pd.Series(where)).all(axis=1)]
+    return gap_text(rows.iloc[0]) if len(rows) else "n/a"
+
+
+def teacher_table(teachers: pd.DataFrame, names: list[str]) -> list[str]:
+    columns = {"acc": "test acc", "ece": "ECE", "q_c_q10": "q_c 10%", "w_start_std": "std w (start)",
+               "effective_smoothing": "effective eps", **COMPARED}
+    lines = ["| teacher | " + " | ".join(columns.values()) + " |", "|---|" + "---|" * len(columns)]
+    for t in names:
+        rows = teachers[teachers.teacher == t]
+        lines.append(f"| {t} | " + " | ".join(cell(rows[key]) for key in columns) + " |")
+    return lines
+
+
+def student_table(ok: pd.DataFrame, names: list[str], metric: str) -> list[str]:
+    """Accuracy per teacher and method, and KD's paired gains over CE and over KD-pt (the domain level)."""
+    gains = {"KD - CE": lambda t: (student_label("kd", t), REFERENCE),
+             "KD - KD-pt": lambda t: (student_label("kd", t), student_label("kd_pt", t))}
+    gaps = paired_gaps(ok, [pair(t) for t in names for pair in gains.values()], metric, by="data")
+    header = [*METHODS.values(), *gains]
+    lines = [f"CE student (no teacher): {cell(ok[ok.method == REFERENCE][metric])}.", "",
+             "| teacher | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    for t in names:
+        cells = [cell(ok[ok.method == student_label(m, t)][metric]) for m in METHODS]
+        cells += [lookup(gaps, a=a, b=b) for a, b in (pair(t) for pair in gains.values())]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def against_base(teachers: pd.DataFrame, ok: pd.DataFrame, others: list[str], base: str, metric: str) -> pd.DataFrame:
+    """Each teacher minus fig3's teacher, paired by seed: ``paired_gaps`` rows with the teacher and the
+    quantity, a column of ``COMPARED`` or a student method (its accuracy)."""
+    by_teacher = teachers.assign(method=teachers.teacher)
+    frames = [paired_gaps(by_teacher, [(t, base) for t in others], key, by="data").assign(quantity=key)
+              for key in COMPARED]
+    frames = [f.assign(teacher=f.a) for f in frames]
+    for m in METHODS:
+        gaps = paired_gaps(ok, [(student_label(m, t), student_label(m, base)) for t in others], metric, by="data")
+        frames.append(gaps.assign(quantity=m, teacher=teacher_of(gaps.a)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def base_table(gaps: pd.DataFrame, others: list[str]) -> list[str]:
+    columns = {**COMPARED, **METHODS}
+    lines = ["| teacher | " + " | ".join(columns.values()) + " |", "|---|" + "---|" * len(columns)]
+    return lines + [f"| {t} | " + " | ".join(lookup(gaps, teacher=t, quantity=q) for q in columns) + " |"
+                    for t in others]
+
+
+def verdicts(gaps: pd.DataFrame, families: dict, base: str) -> list[str]:
+    """Each predicted direction against the measured gap, for the teachers past fig3's in a family."""
+    labels = {**COMPARED, **{m: f"{label} student accuracy" for m, label in METHODS.items()}}
+    lines = []
+    for family, predicted in PREDICTED.items():
+        names = families.get(family, [])
+        for t in names[names.index(base) + 1:] if base in names else []:
+            for quantity, sign in predicted.items():
+                rows = gaps[(gaps.teacher == t) & (gaps.quantity == quantity)]
+                if rows.empty:
+                    continue
+                r = rows.iloc[0]
+                strength = "one seed" if r.n < 2 else ("beyond" if r.exceeds_spread else "within") + " the seed spread"
+                lines.append(f"- {family}: {t} - {base}, {labels[quantity]}: {gap_text(r)}, "
+                             f"{'as predicted' if np.sign(r.gap) == sign else 'against the prediction'} ({strength}).")
+    return lines
+
+
+def summarise(students: pd.DataFrame, teachers: pd.DataFrame, families: dict, base: str, where: str,
+              seconds: float, metric: str = "test_acc_last") -> str:
+    ok = students[students.status == "completed"]
+    teachers = teachers.assign(data=ok.data.iloc[0])
+    failed = students[students.status != "completed"]
+    names = list(dict.fromkeys(t for family in families.values() for t in family if t in set(teachers.teacher)))
+    others = [t for t in names if t != base]
+    gaps = against_base(teachers, ok, others, base, metric)
+    lines = [f"# Failures of KD: label-smoothed and larger teachers ({where})", "",
+             f"{len(ok)} student runs completed, {len(failed)} failed; {ok.seed.nunique()} seeds; "
+             f"wall time {seconds / 60:.1f} min. Mean ± std over seeds; a gap is the mean over seeds of a "
+             "paired difference (same seed = same data) ± its std, * where |gap| exceeds that spread.", "",
+             "## Teachers (kd.analysis.diagnose)", "",
+             "Accuracy and ECE on the test split; the rest over the student's training set, the examples KD "
+             "distils on (the teacher trained on them too). w at the start of distillation (student p uniform), "
+             "a property of the teacher alone. Score = mean within-superclass minus mean between-superclass "
+             "entry of the teacher's class-probability correlation across examples (at KD's tau and at tau 4), "
+             "or of its logit-layer cosine (KD-sim's source).", "", *teacher_table(teachers, names), "",
+             f"## Students ({metric})", "", *student_table(ok, names, metric), "",
+             f"## Each teacher minus fig3's teacher ({base})", "", *base_table(gaps, others), "",
+             "## Against the paper's diagnosis", "",
+             "Predicted: label smoothing erases class relationships (lower superclass scores) and KD from such a "
+             "teacher does worse; a larger, over-confident teacher pushes q_c towards 1 and narrows its spread "
+             "(little instance-level signal), and KD-pt and KD from it do worse.", "", *verdicts(gaps, families, base)]
+    if len(failed):
+        lines += ["", "## Failed runs", ""] + [f"- {r.method} seed={r.seed}: {r.error}" for r in failed.itertuples()]
+    lines += ["", "Re-run: `make reproduce-failures` (see README for settings and time)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> Path:
+    cli = parser("failures", __doc__)
+    cli.add_argument("--delta", type=float, default=0.5, help="synthetic data only")
+    cli.add_argument("--teachers", nargs="+", help="a subset of the teachers (default: all of the data set's)")
+    cli.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    args = cli.parse_args(argv)
+    check_data(args.data, "failures", supported=tuple(DATA))
+    known = TEACHERS[args.data]
+    unknown = sorted(set(args.teachers or ()) - set(known))
+    if unknown:
+        raise SystemExit(f"error: --teachers {unknown[0]} is not a teacher of --data={args.data}; choose from: "
+                         f"{', '.join(known)}")
+    chosen = {t: known[t] for t in args.teachers or known}
+    families = {f: [t for t in names if t in chosen] for f, names in FAMILIES[args.data].items()}
+    start = time.time()
+    jobs = build_jobs(args.data, [args.delta], args.seeds, variants(chosen, args.methods), run_overrides(args))
+    require_data(next(iter(jobs.values())))
+    runs = with_teacher(collect(run_jobs(jobs, args.runs, desc="failures")).assign(job=list(jobs), data=args.data))
+    if not (runs[runs.teacher != ""].status == "completed").any():
+        raise SystemExit(f"error: no failures run with a teacher completed; see {args.runs}/runs/*/results.json")
+    teachers, examples = diagnose_teachers(runs, jobs, args.runs)
+    seconds = time.time() - start
+    where = f"{args.data}, delta {args.delta:g}" if args.data == "synthetic" else args.data
+    summary = summarise(runs, teachers, families, BASE[args.data], where, seconds)
+    out = publish("failures", args.out, {"failures": runs.drop(columns=["objective"]), "failures_teachers": teachers,
+                                         "failures_examples": examples},
+                  {"failures": plot(runs, teachers, examples, families, where)}, summary,
+                  wandb=not args.no_wandb, config=vars(args))
+    print(f"[kd] failures written to {out} in {seconds / 60:.1f} min")
+    return out
+
+
+if __name__ == "__main__":
+    main()
