@@ -64,7 +64,24 @@ class IndexBatchSampler:
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
 
-class TensorDataModule(L.LightningDataModule):
+class SplitDataModule(L.LightningDataModule):
+    """Lightning's three loaders, all from one ``loader(split, shuffle)`` that subclasses define
+    (the analyses call it too, for un-augmented passes over any split)."""
+
+    def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
+        raise NotImplementedError
+
+    def train_dataloader(self):
+        return self.loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self.loader("val")
+
+    def test_dataloader(self):
+        return self.loader("test")
+
+
+class TensorDataModule(SplitDataModule):
     """Base for data that fits in memory: subclasses fill ``self.splits`` in ``setup``.
 
     Attributes the rest of the toolkit reads: ``num_classes``, ``input_shape`` and
@@ -105,12 +122,3 @@ class TensorDataModule(L.LightningDataModule):
         if (split, device) not in self._resident:
             self._resident[split, device] = IndexedTensors(data.x.to(device), data.y.to(device))
         return self._resident[split, device]
-
-    def train_dataloader(self):
-        return self.loader("train", shuffle=True)
-
-    def val_dataloader(self):
-        return self.loader("val")
-
-    def test_dataloader(self):
-        return self.loader("test")

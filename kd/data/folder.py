@@ -11,13 +11,13 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
 import torchvision
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
+from kd.data.base import SplitDataModule
 from kd.errors import UserError, check_range
 
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -57,7 +57,7 @@ def carve(labels: torch.Tensor, seed: int, val_per_class: int = 0, val_fraction:
     return by_class[~is_val].sort().values, by_class[is_val].sort().values
 
 
-class LoaderDataModule(L.LightningDataModule):
+class LoaderDataModule(SplitDataModule):
     """Base for file-backed data: subclasses fill ``self.splits`` (train/val/test ``Split``s) in ``setup``.
 
     Exposes what the toolkit reads from every data module: ``num_classes``, ``input_shape``,
@@ -108,15 +108,6 @@ class LoaderDataModule(L.LightningDataModule):
             sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
-
-    def train_dataloader(self):
-        return self.loader("train", shuffle=True)
-
-    def val_dataloader(self):
-        return self.loader("val")
-
-    def test_dataloader(self):
-        return self.loader("test")
 
 
 class ImageFolderDataModule(LoaderDataModule):
