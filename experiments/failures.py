@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from kd.analysis import diagnosis
-from kd.drivers import DATA, build_jobs, check_data, collect, load_teacher, parser, require_data, run_overrides
+from kd.drivers import DATA, build_jobs, check_data, collect, ending, load_teacher, parser, require_data, run_overrides
 from kd.report import publish
 from kd.runner import run_jobs
 from kd.stats import paired_gaps
@@ -257,10 +257,7 @@ def summarise(students: pd.DataFrame, teachers: pd.DataFrame, families: dict, ba
              "Predicted: label smoothing erases class relationships (lower superclass scores) and KD from such a "
              "teacher does worse; a larger, over-confident teacher pushes q_c towards 1 and narrows its spread "
              "(little instance-level signal), and KD-pt and KD from it do worse.", "", *verdicts(gaps, families, base)]
-    if len(failed):
-        lines += ["", "## Failed runs", ""] + [f"- {r.method} seed={r.seed}: {r.error}" for r in failed.itertuples()]
-    lines += ["", "Re-run: `make reproduce-failures` (see README for settings and time)."]
-    return "\n".join(lines) + "\n"
+    return ending(lines, failed, "`make reproduce-failures` (see README for settings and time).")
 
 
 def main(argv=None) -> Path:

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from kd.analysis import instance
-from kd.drivers import build_jobs, check_data, collect, load_job, parser, run_overrides
+from kd.drivers import build_jobs, check_data, collect, ending, load_job, parser, run_overrides
 from kd.objectives import targets
 from kd.report import publish
 from kd.runner import run_jobs
@@ -100,10 +100,7 @@ def summarise(seeds: pd.DataFrame, curves: pd.DataFrame, runs: pd.DataFrame, del
               "correlation of LS's w with q_c comes from the student being confident where the teacher is. A "
               "trained student near its optimum (p_c = 1 - lam (1 - q_c) for KD, 1 - eps (1 - 1/K) for LS) has "
               "w near 0 on the examples it fits; w < 0 where it is more confident than its target."]
-    if len(failed):
-        lines += ["", "## Failed runs", ""] + [f"- {r.method} seed={r.seed}: {r.error}" for r in failed.itertuples()]
-    lines += ["", "Re-run: `python -m experiments.fig1` (see README for settings and time)."]
-    return "\n".join(lines) + "\n"
+    return ending(lines, failed, "`python -m experiments.fig1` (see README for settings and time).")
 
 
 def main(argv=None) -> Path:

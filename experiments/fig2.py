@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from kd.analysis import domain, universe
-from kd.drivers import build_jobs, check_data, collect, load_job, parser, run_overrides
+from kd.drivers import build_jobs, check_data, collect, ending, load_job, parser, run_overrides
 from kd.report import publish
 from kd.runner import run_jobs
 from kd.stats import paired_gaps
@@ -98,10 +98,7 @@ def summarise(scores: pd.DataFrame, smoothing: pd.DataFrame, failed: pd.DataFram
     eps = smoothing.groupby("tau").effective_smoothing.agg(["mean", "std"]).fillna(0.0)
     lines += ["", "Universe level: the teacher acts on average like label smoothing with eps = "
               + ", ".join(f"{r['mean']:.3f} ± {r['std']:.3f} at tau = {t:g}" for t, r in eps.iterrows()) + "."]
-    if len(failed):
-        lines += ["", "## Failed runs", ""] + [f"- {r.method} seed={r.seed}: {r.error}" for r in failed.itertuples()]
-    lines += ["", "Re-run: `python -m experiments.fig2` (see README for settings and time)."]
-    return "\n".join(lines) + "\n"
+    return ending(lines, failed, "`python -m experiments.fig2` (see README for settings and time).")
 
 
 def main(argv=None) -> Path:

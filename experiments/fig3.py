@@ -21,7 +21,7 @@ import pandas as pd
 from hydra.utils import instantiate
 
 from kd.analysis.domain import sibling_mass
-from kd.drivers import DATA, DELTA_AXIS, build_jobs, check_data, collect, parser, require_data, run_overrides
+from kd.drivers import DATA, DELTA_AXIS, build_jobs, check_data, collect, ending, parser, require_data, run_overrides
 from kd.predict import probabilities
 from kd.report import publish
 from kd.runner import compose_config, run_jobs
@@ -127,11 +127,8 @@ def summarise(df: pd.DataFrame, seconds: float, metric: str = "test_acc_last", g
                      f"spread at {len(clear)}/{len(rows)} ({detail}).")
     if gen is not None:
         lines += generator_lines(gen)
-    if len(failed):
-        lines += ["", "## Failed runs", ""] + [f"- {r['method']} {position(by, r[by])} seed={r['seed']}: {r['error']}"
-                                                 for _, r in failed.iterrows()]
-    lines += ["", "Re-run: `make reproduce-fig3` (see README for settings and time)."]
-    return "\n".join(lines) + "\n"
+    return ending(lines, failed, "`make reproduce-fig3` (see README for settings and time).",
+                  describe=lambda r: f"{r.method} {position(by, getattr(r, by))} seed={r.seed}")
 
 
 def main(argv=None) -> Path:

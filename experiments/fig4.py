@@ -18,7 +18,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from kd.drivers import build_jobs, check_data, collect, parser, run_overrides
+from kd.drivers import build_jobs, check_data, collect, ending, parser, run_overrides
 from kd.objectives import TOPK_TAILS
 from kd.report import publish
 from kd.runner import run_jobs
@@ -94,10 +94,7 @@ def summarise(df: pd.DataFrame, seconds: float, metric: str = "test_acc_last") -
         lines.append(f"\nBest k with tail={tail}: {best.idxmax():g} ({best.max():.3f}); the paper reports 0.25 on "
                      "CIFAR-100 and 0.5 on ImageNet. k = 1 is the KD loss itself: it differs from KD only by "
                      "run-to-run noise.")
-    if len(failed):
-        lines += ["", "## Failed runs", ""] + [f"- {r.method} seed={r.seed}: {r.error}" for r in failed.itertuples()]
-    lines += ["", "Re-run: `python -m experiments.fig4` (see README for settings and time)."]
-    return "\n".join(lines) + "\n"
+    return ending(lines, failed, "`python -m experiments.fig4` (see README for settings and time).")
 
 
 def main(argv=None) -> Path:

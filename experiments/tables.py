@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from experiments.fig3 import LABELS, METHODS, ORDERING
 from kd import objectives, teachers
-from kd.drivers import collect, parser, require_data, run_overrides
+from kd.drivers import collect, ending, parser, require_data, run_overrides
 from kd.report import publish
 from kd.results import completed_record
 from kd.runner import QUIET, compose_config, run_jobs
@@ -155,11 +155,8 @@ def summarise(table: str, stats: pd.DataFrame, runs: pd.DataFrame, seconds: floa
     for r in gaps.itertuples():
         lines.append(f"- {r.pair}: {LABELS[r.a]} - {LABELS[r.b]} = {100 * r.gap:+.2f} ± {100 * r.spread:.2f} points "
                      f"({'beyond' if r.exceeds_spread else 'within'} the seed spread, {r.n} seeds)")
-    if len(failed):
-        lines += ["", "## Failed runs", ""] + [f"- {r.teacher} -> {r.student} {r.method} seed={r.seed}: {r.error}"
-                                                 for r in failed.itertuples()]
-    lines += ["", f"Re-run: `make reproduce-{table}` (teachers first: `make teachers DATA={spec.data}`; see docs/real_data.md)."]
-    return "\n".join(lines) + "\n"
+    return ending(lines, failed, f"`make reproduce-{table}` (teachers first: `make teachers DATA={spec.data}`; "
+                  "see docs/real_data.md).", describe=lambda r: f"{r.teacher} -> {r.student} {r.method} seed={r.seed}")
 
 
 def main(table: str, argv=None) -> Path:

@@ -114,3 +114,11 @@ def load_job(root, name: str, overrides: list[str]):
     student = teachers.load_checkpoint(teachers.checkpoint_in(out, "last"), datamodule.num_classes,
                                        datamodule.input_shape)
     return cfg, student, teacher, datamodule
+
+
+def ending(lines: list[str], failed: pd.DataFrame, rerun: str, describe=lambda r: f"{r.method} seed={r.seed}") -> str:
+    """A summary's markdown: ``lines``, then every failed run with its error (never dropped
+    silently) and how to re-run; ``describe`` names a failed run (a row of ``failed``)."""
+    if len(failed):
+        lines = [*lines, "", "## Failed runs", "", *(f"- {describe(r)}: {r.error}" for r in failed.itertuples())]
+    return "\n".join([*lines, "", f"Re-run: {rerun}"]) + "\n"
