@@ -34,7 +34,8 @@ import numpy as np
 import pandas as pd
 
 from kd.analysis import diagnosis
-from kd.drivers import DATA, build_jobs, check_data, collect, ending, load_teacher, parser, require_data, run_overrides
+from kd.drivers import (DATA, build_jobs, check_data, collect, ending,
+                        load_teacher, parser, require_data, run_overrides, workers)
 from kd.report import publish
 from kd.runner import run_jobs
 from kd.stats import paired_gaps
@@ -277,7 +278,8 @@ def main(argv=None) -> Path:
     start = time.time()
     jobs = build_jobs(args.data, [args.delta], args.seeds, variants(chosen, args.methods), run_overrides(args))
     require_data(next(iter(jobs.values())))
-    runs = with_teacher(collect(run_jobs(jobs, args.runs, desc="failures")).assign(job=list(jobs), data=args.data))
+    records = run_jobs(jobs, args.runs, desc="failures", workers=workers(args))
+    runs = with_teacher(collect(records).assign(job=list(jobs), data=args.data))
     if not (runs[runs.teacher != ""].status == "completed").any():
         raise SystemExit(f"error: no failures run with a teacher completed; see {args.runs}/runs/*/results.json")
     teachers, examples = diagnose_teachers(runs, jobs, args.runs)

@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from kd.analysis import instance
-from kd.drivers import build_jobs, check_data, collect, ending, load_job, parser, run_overrides
+from kd.drivers import build_jobs, check_data, collect, ending, load_job, parser, run_overrides, workers
 from kd.objectives import targets
 from kd.report import publish
 from kd.runner import run_jobs
@@ -111,7 +111,7 @@ def main(argv=None) -> Path:
     check_data(args.data, "fig1")
     start = time.time()
     jobs = build_jobs(args.data, [args.delta], args.seeds, list(METHODS), run_overrides(args))
-    runs = collect(run_jobs(jobs, args.runs, desc="fig1")).assign(job=list(jobs))
+    runs = collect(run_jobs(jobs, args.runs, desc="fig1", workers=workers(args))).assign(job=list(jobs))
     if not (runs.status == "completed").any():
         raise SystemExit(f"error: no fig1 run completed; see {args.runs}/runs/*/results.json")
     examples = per_example(runs, jobs, args.runs)

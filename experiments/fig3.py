@@ -21,7 +21,8 @@ import pandas as pd
 from hydra.utils import instantiate
 
 from kd.analysis.domain import sibling_mass
-from kd.drivers import DATA, DELTA_AXIS, build_jobs, check_data, collect, ending, parser, require_data, run_overrides
+from kd.drivers import (DATA, DELTA_AXIS, build_jobs, check_data, collect,
+                        ending, parser, require_data, run_overrides, workers)
 from kd.predict import probabilities
 from kd.report import publish
 from kd.runner import compose_config, run_jobs
@@ -140,7 +141,7 @@ def main(argv=None) -> Path:
     start = time.time()
     jobs = build_jobs(args.data, args.deltas, args.seeds, args.methods, run_overrides(args))
     require_data(next(iter(jobs.values())))
-    records = run_jobs(jobs, args.runs, desc="fig3")
+    records = run_jobs(jobs, args.runs, desc="fig3", workers=workers(args))
     df = collect(records).assign(data=args.data)
     seconds = time.time() - start
     tables = {"fig3": df.drop(columns=["objective"])}

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from experiments.fig3 import LABELS, METHODS, ORDERING
 from kd import objectives, teachers
-from kd.drivers import collect, ending, parser, require_data, run_overrides
+from kd.drivers import collect, ending, parser, require_data, run_overrides, workers
 from kd.report import publish
 from kd.results import completed_record
 from kd.runner import QUIET, compose_config, run_jobs
@@ -169,7 +169,7 @@ def main(table: str, argv=None) -> Path:
     require_data(cell_overrides(table, next(iter(table_cells)), overrides))
     jobs = {f"{cell}-s{seed}": [*cell_overrides(table, cell, overrides), f"seed={seed}"]
             for cell in table_cells for seed in args.seeds}
-    runs = collect(run_jobs(jobs, args.runs, desc=table)).drop(columns=["objective", "delta"])
+    runs = collect(run_jobs(jobs, args.runs, desc=table, workers=workers(args))).drop(columns=["objective", "delta"])
     runs[["teacher", "student", "method"]] = [table_cells[cell] for cell in runs.method]
     runs = pd.concat([teacher_rows(table, overrides), runs], ignore_index=True)
     stats = summary_table(table, runs)

@@ -141,7 +141,7 @@ def ours_kd(root: Path, tag: str, mode: list[str], batch: int, warmup: int, step
         f"data.batch_size={batch}", f"data.eval_batch_size={batch}",
         "teacher=checkpoint", f"teacher.path={root / 'resnet56.ckpt'}",
         "+callbacks.timer._target_=kd.bench.StepTimer", f"+callbacks.timer.warmup={warmup}",
-        "trainer.max_epochs=1", "+trainer.enable_checkpointing=false", "+trainer.limit_val_batches=0",
+        "trainer.max_epochs=1", "+trainer.limit_val_batches=0",
         "+trainer.limit_test_batches=1", f"paths.root_dir={root}",
     ]
     torch.compiler.reset()  # each run compiles afresh, as in a new process, and within the warm-up

@@ -2,10 +2,36 @@
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from kd.errors import TrainingDiverged
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``<dirpath>/last.ckpt``, what a relaunched run resumes from: rewritten at the end of an epoch
+    once ``every_s`` seconds have passed since the last write, so a killed run loses at most about
+    that much work, and a run of short epochs does not spend its time writing checkpoints
+    (kd.train writes the final one when training ends). ``every_s=0``: after every epoch.
+
+    Lightning's ``train_time_interval`` would save mid-epoch, where our resume is not exact."""
+
+    def __init__(self, dirpath: str, every_s: float = 0.0):
+        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+        self.every_s = every_s
+        self._written = time.monotonic()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._written = time.monotonic()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if time.monotonic() - self._written >= self.every_s:
+            super().on_train_epoch_end(trainer, pl_module)
+            self._written = time.monotonic()
 
 
 class ResumeState(L.Callback):

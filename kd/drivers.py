@@ -5,6 +5,7 @@ grid, the command line and reloading a finished job's student, teacher and data.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from pathlib import Path
 
@@ -20,6 +21,9 @@ DATA = {"synthetic": "fig3_synthetic", "cifar100": "fig3_cifar100"}
 # Data sets with the class-relationship axis data.delta (the generator's); a real data set is one
 # fixed point, so its jobs sweep no delta.
 DELTA_AXIS = ("synthetic",)
+# Data sets whose runs are small one-thread CPU jobs: a driver runs several at once by default
+# (--jobs); on real data one run holds the accelerator, so they run one after another.
+PARALLEL = ("synthetic",)
 # --quick: a few epochs, and small evaluation splits where the data is generated; checks the
 # pipeline, not the science.
 QUICK = ["trainer.max_epochs=3", "teacher.trainer.max_epochs=2"]
@@ -42,6 +46,9 @@ def parser(name: str, doc: str, seeds=(0, 1, 2), data: str | None = None) -> arg
     p.add_argument("--runs", default=f"logs/{name}", help="run folders (checkpoints, results.json)")
     p.add_argument("--quick", action="store_true", help="a few epochs: checks the pipeline, not the science")
     p.add_argument("--no-wandb", action="store_true")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs at once, each in its own process (default: one per core, at most 8, on synthetic "
+                        "data; 1 on real data); results do not depend on it")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     return p
 
@@ -59,6 +66,15 @@ def require_data(overrides: list[str]) -> None:
         instantiate(compose_config(overrides).data).setup()
     except UserError as err:
         raise SystemExit(f"error: {err}") from None
+
+
+def workers(args) -> int:
+    """How many runs a driver runs at once (``--jobs``, else its data set's default)."""
+    if args.jobs is not None:
+        if args.jobs < 1:
+            raise SystemExit(f"error: --jobs={args.jobs} must be at least 1")
+        return args.jobs
+    return min(os.cpu_count() or 1, 8) if args.data in PARALLEL else 1
 
 
 def run_overrides(args) -> list[str]:

@@ -2,13 +2,17 @@
 
 Each job is a list of Hydra overrides of ``configs/train.yaml``; it runs through ``kd.train.run``
 into its own folder. A job whose ``results.json`` says completed is skipped, so a killed sweep
-picks up where it was; a job that fails is recorded and the others go on.
+picks up where it was; a job that fails is recorded and the others go on. ``workers > 1`` runs
+jobs in that many processes at once (each imports Lightning once and runs many jobs); a teacher
+several jobs need is trained once, by the first, while the others wait on its lock.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import warnings
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -40,25 +44,49 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*(eval mode|LeafSpec|litlogger).*")
 
 
-def run_jobs(jobs: dict[str, list[str]], root: str | Path, desc: str = "runs") -> dict[str, dict]:
-    """Run every ``name -> overrides`` job into ``root/runs/<name>``; return their records.
+def failed(err: BaseException, out: Path) -> dict:
+    return {"status": "failed", "error": f"{type(err).__name__}: {one_line(err)}", "output_dir": str(out)}
+
+
+def run_job(overrides: list[str], out: Path) -> dict:
+    """One job into ``out``: its record, or a failed record with the error (never an exception)."""
+    try:
+        return run(compose_config([*QUIET, *overrides], out))
+    except Exception as err:  # keep the sweep going; the failure is in the record and the summary
+        return failed(err, out)
+
+
+def run_jobs(jobs: dict[str, list[str]], root: str | Path, desc: str = "runs", workers: int = 1) -> dict[str, dict]:
+    """Run every ``name -> overrides`` job into ``root/runs/<name>``; return their records, in the
+    order of ``jobs`` whatever the order they finish in.
 
     A failed job's record has ``status="failed"`` and ``error``; it never stops the others.
     """
     quiet_lightning()
-    root = Path(root)
-    records = {}
-    bar = tqdm(jobs.items(), desc=desc, unit="run", dynamic_ncols=True)
-    for name, overrides in bar:
+    outs = {name: Path(root) / "runs" / name for name in jobs}
+    records = {name: completed_record(out) for name, out in outs.items()}
+    todo = [name for name, record in records.items() if record is None]
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run", dynamic_ncols=True)
+
+    def done(name: str, record: dict) -> None:
+        records[name] = record
+        if record["status"] != "completed":
+            tqdm.write(f"[kd] job {name} failed: {record.get('error')}")
         bar.set_postfix_str(name[-40:])
-        out = root / "runs" / name
-        done = completed_record(out)
-        if done is not None:
-            records[name] = done
-            continue
-        try:
-            records[name] = run(compose_config([*QUIET, *overrides], out))
-        except Exception as err:  # keep the sweep going; the failure is in the record and the summary
-            records[name] = {"status": "failed", "error": f"{type(err).__name__}: {one_line(err)}", "output_dir": str(out)}
-            tqdm.write(f"[kd] job {name} failed: {records[name]['error']}")
+        bar.update()
+
+    if workers <= 1:
+        for name in todo:
+            done(name, run_job(jobs[name], outs[name]))
+    else:  # spawn: a fresh interpreter per worker, never a fork of this one's threads and locks
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=quiet_lightning) as pool:
+            futures = {pool.submit(run_job, jobs[name], outs[name]): name for name in todo}
+            for future in as_completed(futures):
+                name = futures[future]
+                try:
+                    done(name, future.result())
+                except Exception as err:  # the worker died (killed, out of memory): this job, not the sweep
+                    done(name, failed(err, outs[name]))
+    bar.close()
     return records

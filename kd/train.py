@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -115,7 +116,9 @@ def run(cfg: DictConfig) -> dict:
     teacher = teachers.resolve(cfg, datamodule)
     loggers = build_loggers(cfg, out)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    # Checkpoints are the configured callbacks' (none for callbacks=none), never Lightning's default one.
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, enable_checkpointing=checkpointing)
     check_ddp_launch(trainer)
     world = trainer.num_nodes * trainer.num_devices  # data.batch_size is per device
     lr = cfg.optimizer.lr * LR_SCALING[cfg.get("lr_scaling", "none")](world)
@@ -144,6 +147,9 @@ def run(cfg: DictConfig) -> dict:
     try:
         last_ckpt = out / "checkpoints" / "last.ckpt"
         trainer.fit(module, datamodule, ckpt_path=str(last_ckpt) if last_ckpt.is_file() else None)
+        # The final weights, whatever the callbacks' schedule (callbacks.last_checkpoint.every_n_epochs):
+        # what a teacher is loaded from, and what the record's checkpoints.last names.
+        trainer.save_checkpoint(last_ckpt)
         metrics = progress(trainer, last_ckpt)["metrics"]
         module.test_tag = "last"
         metrics.update(trainer.test(module, datamodule, verbose=False)[0])

@@ -181,3 +181,22 @@ def test_ddp_that_reruns_the_command_line_is_refused_outside_a_single_run():
     with pytest.raises(UserError, match="ddp_spawn"):
         check_ddp_launch(trainer)  # from Python (or a multirun) the children would re-run the driver
     check_ddp_launch(L.Trainer(strategy="ddp_spawn", accelerator="cpu", devices=2, logger=False))
+
+
+def test_run_jobs_in_parallel_workers_gives_the_same_records_and_isolates_a_failure(tmp_path):
+    """What a figure driver's --jobs does: the same results as one job after another, in the order
+    of the jobs, a failed job recorded with its error, and completed jobs skipped on a re-run."""
+    from kd.runner import run_jobs
+
+    jobs = {f"kd-s{s}": [*TINY, f"paths.root_dir={tmp_path}", "objective=kd", "teacher=oracle", f"seed={s}"]
+            for s in (0, 1)}
+    jobs["bad-s0"] = [*TINY, f"paths.root_dir={tmp_path}", "optimizer.lr=-1"]
+    serial = run_jobs({k: v for k, v in jobs.items() if k != "bad-s0"}, tmp_path / "serial")
+    parallel = run_jobs(jobs, tmp_path / "parallel", workers=2)
+    assert list(parallel) == list(jobs)
+    for name, record in serial.items():
+        assert parallel[name]["metrics"] == record["metrics"]
+    assert parallel["bad-s0"]["status"] == "failed" and "learning rate: -1" in parallel["bad-s0"]["error"]
+    stamp = (tmp_path / "parallel" / "runs" / "kd-s0" / "results.json").stat().st_mtime_ns
+    assert run_jobs(jobs, tmp_path / "parallel", workers=2)["kd-s1"]["status"] == "completed"
+    assert (tmp_path / "parallel" / "runs" / "kd-s0" / "results.json").stat().st_mtime_ns == stamp

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -52,6 +53,25 @@ def test_teacher_from_checkpoint_and_class_count_check(root):
     with pytest.raises(UserError, match="predicts 4 classes but the data has 6"):
         run(compose_config([*TINY, "data.subclasses=3", "objective=kd", "teacher=checkpoint",
                             f"teacher.path={ckpt}"], root / "s2"))
+
+
+@pytest.mark.parametrize("callbacks, last_writes", [
+    (["callbacks.last_checkpoint.every_s=0"], 4),  # after each of the 3 epochs, and at the end
+    (["callbacks.last_checkpoint.every_s=3600"], 1),  # only at the end
+    (["callbacks=none"], 1),  # only at the end, and none of Lightning's default checkpoints
+])
+def test_a_run_always_ends_with_its_final_checkpoint(root, monkeypatch, callbacks, last_writes):
+    """``last.ckpt`` holds the final weights whatever the checkpoint schedule (a teacher trained with
+    any callbacks can be loaded); between epochs it is written every ``every_s`` seconds at most."""
+    writes = []
+    save = L.Trainer.save_checkpoint
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", lambda self, path, *a, **k: (
+        writes.append(Path(path).name), save(self, path, *a, **k))[1])
+    record = run(compose_config([*TINY, "trainer.max_epochs=3", *callbacks], root / "run"))
+    assert writes.count("last.ckpt") == last_writes
+    assert torch.load(record["checkpoints"]["last"], weights_only=True)["global_step"] == record["global_step"]
+    best = {p.name for p in (root / "run" / "checkpoints").iterdir()} - {"last.ckpt"}
+    assert len(best) == (0 if "callbacks=none" in callbacks else 1)
 
 
 def test_oracle_teacher_is_the_bayes_posterior(root):
