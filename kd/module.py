@@ -3,6 +3,10 @@
 The teacher is frozen: eval mode at all times, no gradients, outside the optimizer and outside
 the student's checkpoints (it is rebuilt from its own checkpoint when a run resumes).
 
+On a split whose inputs never change (no augmentation: synthetic data, every validation and test
+split held in memory), the teacher runs over each example once and its logits are then looked up
+by example index (``TeacherOutputs``).
+
 Nothing in a training step waits for the accelerator (docs/performance.md): the metrics skip their
 argument checks, and a non-finite loss is recorded on the device and checked every
 ``trainer.log_every_n_steps`` steps and before anything is checkpointed (at every step on the CPU,
@@ -20,11 +24,39 @@ from torchmetrics import MaxMetric, MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from kd import objectives
+from kd.data.base import SplitDataModule
 from kd.errors import TrainingDiverged
 
 STAGES = ("train", "val", "test")
 # The frozen teacher is in eval mode on purpose.
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+
+
+class TeacherOutputs:
+    """The frozen teacher's logits on one split of fixed inputs: stored while the teacher runs on
+    the first complete pass, then read by example index instead of running the teacher again."""
+
+    def __init__(self, size: int):
+        self.size, self.complete = size, False
+        self.logits: torch.Tensor | None = None
+        self.seen: torch.Tensor | None = None
+
+    @torch.no_grad()  # not inference_mode: the student's backward keeps the teacher's outputs
+    def __call__(self, teacher: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if self.complete:
+            return self.logits[index]
+        logits = teacher(x)
+        if self.logits is None:
+            self.logits = logits.new_empty((self.size, logits.shape[1]))
+            self.seen = torch.zeros(self.size, dtype=torch.bool, device=logits.device)
+        self.logits[index] = logits
+        self.seen[index] = True
+        return logits
+
+    def end_of_pass(self) -> None:
+        """Called once per epoch (it reads one flag back from the device)."""
+        if not self.complete and self.seen is not None:
+            self.complete = bool(self.seen.all())
 
 
 class DistillationModule(L.LightningModule):
@@ -62,6 +94,7 @@ class DistillationModule(L.LightningModule):
         self.loss_fn = objectives.get(objective["name"], **params)
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.test_tag = "last"
+        self.teacher_outputs: dict[str, TeacherOutputs] = {}  # by stage, for the data's fixed-input splits
         k = num_classes or net.classifier.out_features
         self.metrics = nn.ModuleDict({  # keys "train_", ...: ModuleDict keys may not shadow nn.Module.train
             f"{stage}_": MetricCollection({
@@ -89,13 +122,23 @@ class DistillationModule(L.LightningModule):
     def forward(self, x):
         return self.net(x)
 
+    def setup(self, stage: str) -> None:
+        data = self.trainer.datamodule
+        if self.teacher is None or not isinstance(data, SplitDataModule):
+            return
+        for split in STAGES:
+            if split not in self.teacher_outputs and split in data.splits and data.fixed_inputs(split):
+                self.teacher_outputs[split] = TeacherOutputs(len(data.splits[split]))
+
     def _step(self, batch, stage: str):
-        x, y, _ = batch
+        x, y, index = batch
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         logits = self.net(x)
         teacher_logits = None
-        if self.teacher is not None:
+        if stage in self.teacher_outputs:
+            teacher_logits = self.teacher_outputs[stage](self.teacher, x, index)
+        elif self.teacher is not None:
             with torch.no_grad():  # not inference_mode: the student's backward keeps the teacher's outputs
                 teacher_logits = self.teacher(x)
         metrics = self.metrics[f"{stage}_"]
@@ -140,6 +183,8 @@ class DistillationModule(L.LightningModule):
         self._step(batch, "test")
 
     def _log_stage(self, stage: str, suffix: str = "") -> dict:
+        if stage in self.teacher_outputs:
+            self.teacher_outputs[stage].end_of_pass()
         values = {f"{stage}/{name}{suffix}": value for name, value in self.metrics[f"{stage}_"].compute().items()}
         self.metrics[f"{stage}_"].reset()
         self.log_dict(values, sync_dist=True)

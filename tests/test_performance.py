@@ -1,5 +1,6 @@
 """The fast path's switches and the benchmark, on the CPU and in seconds (no timings are asserted)."""
 
+import importlib
 import json
 import math
 import subprocess
@@ -91,6 +92,42 @@ def test_on_an_accelerator_the_data_is_copied_once_and_indexed_there():
     assert (x.device.type, y.device.type, index.device.type) == ("meta",) * 3
     assert x.dtype == torch.uint8 and x.shape == (8, 3, 32, 32)
     assert data.splits["train"].x.device.type == "cpu"  # the host copy stays for analyses
+
+
+class CountTeacher(L.Callback):
+    """Counts the examples the teacher's forward sees (class attribute: the run instantiates it)."""
+
+    examples = 0
+
+    def setup(self, trainer, pl_module, stage):
+        if stage == "fit":
+            pl_module.teacher.register_forward_hook(lambda m, args, out: self._count(len(args[0])))
+
+    @classmethod
+    def _count(cls, n):
+        cls.examples += n
+
+
+@pytest.mark.parametrize("data, teacher_examples", [
+    ("synthetic", 40 + 20 + 80),  # fixed inputs: each split once (the best epoch's test reuses the last's)
+    ("cifar", 2 * 16 + 8 + 8),  # augmented training inputs: every epoch; val and test once
+])
+def test_the_teacher_runs_once_over_fixed_inputs_and_nothing_changes(root, monkeypatch, data, teacher_examples):
+    from tests.conftest import TINY
+
+    count = ["+callbacks.count._target_=tests.test_performance.CountTeacher"]
+    if data == "synthetic":
+        overrides = [*TINY, "objective=kd", "teacher=oracle", *count]
+    else:
+        ckpt = run(compose_config(CIFAR, root / "teacher"))["checkpoints"]["last"]
+        overrides = [*CIFAR, "trainer.max_epochs=2", "objective=kd", "teacher=checkpoint", f"teacher.path={ckpt}", *count]
+    counter = importlib.import_module("tests.test_performance").CountTeacher  # the class the run imports
+    counter.examples = 0
+    cached = run(compose_config(overrides, root / "cached"))
+    assert counter.examples == teacher_examples
+    monkeypatch.setattr("kd.data.base.TensorDataModule.fixed_inputs", lambda self, split: False)
+    monkeypatch.setattr("kd.data.cifar.CIFARDataModule.fixed_inputs", lambda self, split: False)
+    assert run(compose_config(overrides, root / "uncached"))["metrics"] == cached["metrics"]
 
 
 def test_the_first_non_finite_loss_is_kept_until_checked():

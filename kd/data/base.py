@@ -71,6 +71,12 @@ class SplitDataModule(L.LightningDataModule):
     def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
         raise NotImplementedError
 
+    def fixed_inputs(self, split: str) -> bool:
+        """Whether every pass over ``split`` gives each example the same input (no augmentation)
+        and the split is small enough to keep a teacher's logits for each example: then
+        DistillationModule runs the frozen teacher over it once, not once per epoch."""
+        return False
+
     def train_dataloader(self):
         return self.loader("train", shuffle=True)
 
@@ -102,6 +108,9 @@ class TensorDataModule(SplitDataModule):
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.splits["train"].x.shape[1:])
+
+    def fixed_inputs(self, split: str) -> bool:
+        return True  # in memory, and not augmented unless a subclass says so
 
     def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
         self.setup()

@@ -109,6 +109,9 @@ class CIFARDataModule(TensorDataModule):
         if self.hparams.name == "cifar100":
             self.superclass_of = superclasses(train_set)
 
+    def fixed_inputs(self, split: str) -> bool:
+        return not (split == "train" and self.hparams.augment)
+
     def prepare_eval_batch(self, x: torch.Tensor) -> torch.Tensor:
         """uint8 images to normalised floats; every batch goes through it (kd.predict calls it too)."""
         if self.mean.device != x.device:  # moved once, not per batch: each copy would make the host wait
