@@ -9,8 +9,9 @@
     RandomHorizontalFlip + ToTensor + Normalize, fp32.
 (b) ``mlp``: one fig3_synthetic KD run through ``kd.train.run`` against a plain PyTorch loop with
     the same data, model, objective, optimizer, schedule, epochs and evaluation (val accuracy each
-    epoch, test of the last and the best epoch); and the same loop as a bare LightningModule (no
-    metrics, logging or checkpoints): the part of the overhead that is Lightning's own.
+    epoch, test of the last and the best epoch); the same run with ``callbacks=none`` (no
+    checkpoints, so no best-epoch test either): what checkpoints cost; and the plain loop as a
+    bare LightningModule (no metrics, logging or checkpoints): the part that is Lightning's own.
 (c) ``fig3``: wall time of ``make reproduce-fig3`` (``--fig3`` runs it; else read from results/fig3/fig3.md).
 
 The paths alternate round after round and each figure is the median over rounds, so a ratio
@@ -298,7 +299,7 @@ def measure(args) -> dict:
         teacher_checkpoint(root / "resnet56.ckpt")
         step = (args.batch, args.warmup, args.steps)
         kd = {"ours": [], "ours_fp32": [], "reference": []}
-        mlp = {"lightning": [], "plain": [], "bare": [], "compose": []}
+        mlp = {"lightning": [], "no_checkpoints": [], "plain": [], "bare": [], "compose": []}
         cfg = mlp_config(root, "warmup", args.mlp_overrides)
         run(cfg)  # trains and caches the teacher; every later run reads it
         teacher_path = teachers.checkpoint_in(teachers.ensure_trained(cfg), cfg.teacher.checkpoint)
@@ -310,6 +311,8 @@ def measure(args) -> dict:
             cfg = mlp_config(root, f"ours{r}", args.mlp_overrides)
             mlp["compose"].append(time.perf_counter() - start)
             mlp["lightning"].append(timed(run, cfg))
+            no_checkpoints = mlp_config(root, f"nockpt{r}", [*args.mlp_overrides, "callbacks=none"])
+            mlp["no_checkpoints"].append(timed(run, no_checkpoints))
             mlp["plain"].append(timed(plain_mlp, cfg, teacher_path))
             mlp["bare"].append(timed(bare_mlp, cfg, teacher_path))
             print(f"[bench] round {r + 1}/{args.rounds}: " + ", ".join(
@@ -328,6 +331,7 @@ def measure(args) -> dict:
         "kd_step.fast_path": " ".join(fast), "kd_step.reference_workers": args.workers,
         "mlp.lightning_over_plain": median["mlp.lightning_s"] / median["mlp.plain_s"],
         "mlp.bare_lightning_over_plain": median["mlp.bare_s"] / median["mlp.plain_s"],
+        "mlp.no_checkpoints_over_plain": median["mlp.no_checkpoints_s"] / median["mlp.plain_s"],
         "fig3.wall_s": fig3_s, "fig3.source": fig3_source,
         "rounds": args.rounds, "threads": torch.get_num_threads(),
         **{f"samples.kd_step.{k}_img_s": v for k, v in kd.items()}, **{f"samples.mlp.{k}_s": v for k, v in mlp.items()},
@@ -345,10 +349,12 @@ def report(result: dict) -> str:
         ("kd_step: ratio ours / reference", f"{result['kd_step.ratio']:.2f}"),
         ("kd_step: ratio ours 32-true / reference", f"{result['kd_step.fp32_ratio']:.2f}"),
         ("mlp: kd.train.run (s)", f"{result['mlp.lightning_s']:.2f}"),
+        ("mlp: kd.train.run callbacks=none, no checkpoints (s)", f"{result['mlp.no_checkpoints_s']:.2f}"),
         ("mlp: plain loop (s)", f"{result['mlp.plain_s']:.2f}"),
         ("mlp: bare LightningModule (s)", f"{result['mlp.bare_s']:.2f}"),
         ("mlp: Hydra compose, not in the run (s)", f"{result['mlp.compose_s']:.2f}"),
         ("mlp: overhead kd.train.run / plain", f"{result['mlp.lightning_over_plain']:.2f}"),
+        ("mlp: overhead kd.train.run callbacks=none / plain", f"{result['mlp.no_checkpoints_over_plain']:.2f}"),
         ("mlp: overhead bare Lightning / plain", f"{result['mlp.bare_lightning_over_plain']:.2f}"),
         ("fig3: make reproduce-fig3 wall time", f"{fig3} ({result['fig3.source']})"),
     ]

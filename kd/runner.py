@@ -1,4 +1,4 @@
-"""Many small runs in one process: what every figure driver uses.
+"""Many small runs, in one process or in a few worker processes: what every figure driver uses.
 
 Each job is a list of Hydra overrides of ``configs/train.yaml``; it runs through ``kd.train.run``
 into its own folder. A job whose ``results.json`` says completed is skipped, so a killed sweep
