@@ -82,11 +82,15 @@ def run_jobs(jobs: dict[str, list[str]], root: str | Path, desc: str = "runs", w
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=quiet_lightning) as pool:
             futures = {pool.submit(run_job, jobs[name], outs[name]): name for name in todo}
-            for future in as_completed(futures):
-                name = futures[future]
-                try:
-                    done(name, future.result())
-                except Exception as err:  # the worker died (killed, out of memory): this job, not the sweep
-                    done(name, failed(err, outs[name]))
+            try:
+                for future in as_completed(futures):
+                    name = futures[future]
+                    try:
+                        done(name, future.result())
+                    except Exception as err:  # the worker died (killed, out of memory): this job, not the sweep
+                        done(name, failed(err, outs[name]))
+            except BaseException:  # Ctrl-C: the jobs not started never start (a re-run picks them up)
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     bar.close()
     return records

@@ -200,3 +200,22 @@ def test_run_jobs_in_parallel_workers_gives_the_same_records_and_isolates_a_fail
     stamp = (tmp_path / "parallel" / "runs" / "kd-s0" / "results.json").stat().st_mtime_ns
     assert run_jobs(jobs, tmp_path / "parallel", workers=2)["kd-s1"]["status"] == "completed"
     assert (tmp_path / "parallel" / "runs" / "kd-s0" / "results.json").stat().st_mtime_ns == stamp
+
+
+def test_run_jobs_interrupted_starts_no_more_jobs(tmp_path, monkeypatch):
+    """Ctrl-C in a driver with workers: the jobs not yet started never start (a re-run does them)."""
+    from tqdm import tqdm
+
+    from kd import runner
+
+    class Interrupted(tqdm):
+        def update(self, n=1):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "tqdm", Interrupted)
+    jobs = {f"ce-s{s}": [*TINY, f"paths.root_dir={tmp_path}", f"seed={s}"] for s in range(10)}
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_jobs(jobs, tmp_path, workers=2)
+    # The first finished job, the one running beside it and the few already queued for the workers
+    # (a ProcessPoolExecutor hands out up to workers + 1 at a time).
+    assert 1 <= len(list((tmp_path / "runs").glob("*/results.json"))) <= 6
