@@ -56,6 +56,18 @@ def run_job(overrides: list[str], out: Path) -> dict:
         return failed(err, out)
 
 
+def teachers_first(jobs: dict[str, list[str]], names: list[str]) -> list[str]:
+    """``names`` reordered so that parallel workers train different teachers at once instead of
+    waiting on one another's lock: jobs that differ only in their objective usually share a
+    teacher, and the first job of each such group goes first."""
+    first, rest, groups = [], [], set()
+    for name in names:
+        group = tuple(o for o in jobs[name] if not o.lstrip("+~").startswith(("objective=", "objective.")))
+        (rest if group in groups else first).append(name)
+        groups.add(group)
+    return first + rest
+
+
 def run_jobs(jobs: dict[str, list[str]], root: str | Path, desc: str = "runs", workers: int = 1) -> dict[str, dict]:
     """Run every ``name -> overrides`` job into ``root/runs/<name>``; return their records, in the
     order of ``jobs`` whatever the order they finish in.
@@ -81,7 +93,7 @@ def run_jobs(jobs: dict[str, list[str]], root: str | Path, desc: str = "runs", w
     else:  # spawn: a fresh interpreter per worker, never a fork of this one's threads and locks
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=quiet_lightning) as pool:
-            futures = {pool.submit(run_job, jobs[name], outs[name]): name for name in todo}
+            futures = {pool.submit(run_job, jobs[name], outs[name]): name for name in teachers_first(jobs, todo)}
             try:
                 for future in as_completed(futures):
                     name = futures[future]

@@ -219,3 +219,13 @@ def test_run_jobs_interrupted_starts_no_more_jobs(tmp_path, monkeypatch):
     # The first finished job, the one running beside it and the few already queued for the workers
     # (a ProcessPoolExecutor hands out up to workers + 1 at a time).
     assert 1 <= len(list((tmp_path / "runs").glob("*/results.json"))) <= 6
+
+
+def test_parallel_workers_start_with_one_job_per_teacher():
+    from kd.drivers import build_jobs
+    from kd.runner import teachers_first
+
+    jobs = build_jobs("synthetic", [0.5, 1.0], [0, 1], ["ce", "kd", "kd_pt"], [])
+    order = teachers_first(jobs, list(jobs))
+    assert order[:4] == ["ce-delta0.5-s0", "ce-delta0.5-s1", "ce-delta1.0-s0", "ce-delta1.0-s1"]
+    assert sorted(order) == sorted(jobs)
