@@ -123,6 +123,7 @@ class DistillationModule(L.LightningModule):
         return self.net(x)
 
     def setup(self, stage: str) -> None:
+        """A ``TeacherOutputs`` per split the data module says has fixed inputs (kept across fit and test)."""
         data = self.trainer.datamodule
         if self.teacher is None or not isinstance(data, SplitDataModule):
             return
@@ -183,6 +184,7 @@ class DistillationModule(L.LightningModule):
         self._step(batch, "test")
 
     def _log_stage(self, stage: str, suffix: str = "") -> dict:
+        """At the end of each epoch of ``stage``: its metrics, logged and reset."""
         if stage in self.teacher_outputs:
             self.teacher_outputs[stage].end_of_pass()
         values = {f"{stage}/{name}{suffix}": value for name, value in self.metrics[f"{stage}_"].compute().items()}

@@ -45,6 +45,7 @@ def quiet_lightning() -> None:
 
 
 def failed(err: BaseException, out: Path) -> dict:
+    """The record of a job that raised ``err`` (its own results.json, if any, says more)."""
     return {"status": "failed", "error": f"{type(err).__name__}: {one_line(err)}", "output_dir": str(out)}
 
 
