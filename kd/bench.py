@@ -12,6 +12,8 @@
     epoch, test of the last and the best epoch); the same run with ``callbacks=none`` (no
     checkpoints, so no best-epoch test either): what checkpoints cost; and the plain loop as a
     bare LightningModule (no metrics, logging or checkpoints): the part that is Lightning's own.
+    Ours runs the teacher in the first epoch only (kd.module.TeacherOutputs: the data are not
+    augmented); the plain and bare loops, written the common way, run it at every step.
 (c) ``fig3``: wall time of ``make reproduce-fig3`` (``--fig3`` runs it; else read from results/fig3/fig3.md).
 
 The paths alternate round after round and each figure is the median over rounds, so a ratio
