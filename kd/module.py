@@ -128,7 +128,7 @@ class DistillationModule(L.LightningModule):
         if self.teacher is None or not isinstance(data, SplitDataModule):
             return
         for split in STAGES:
-            if split not in self.teacher_outputs and split in data.splits and data.fixed_inputs(split):
+            if split not in self.teacher_outputs and data.fixed_inputs(split) and split in data.splits:
                 self.teacher_outputs[split] = TeacherOutputs(len(data.splits[split]))
 
     def _step(self, batch, stage: str):
@@ -183,8 +183,9 @@ class DistillationModule(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
 
-    def _log_stage(self, stage: str, suffix: str = "") -> dict:
-        """At the end of each epoch of ``stage``: its metrics, logged and reset."""
+    def _end_epoch(self, stage: str, suffix: str = "") -> dict:
+        """The end of an epoch of ``stage``: the teacher's pass over fixed inputs checked for
+        completeness, the epoch metrics logged and reset (and returned)."""
         if stage in self.teacher_outputs:
             self.teacher_outputs[stage].end_of_pass()
         values = {f"{stage}/{name}{suffix}": value for name, value in self.metrics[f"{stage}_"].compute().items()}
@@ -194,18 +195,18 @@ class DistillationModule(L.LightningModule):
 
     def on_train_epoch_end(self):
         self._raise_if_diverged()
-        self._log_stage("train")
+        self._end_epoch("train")
 
     def on_validation_epoch_end(self):
         if self.trainer.sanity_checking:
             self.metrics["val_"].reset()
             return
-        acc = self._log_stage("val")["val/acc"]
+        acc = self._end_epoch("val")["val/acc"]
         self.val_acc_best.update(acc)
         self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
 
     def on_test_epoch_end(self):
-        self._log_stage("test", suffix=f"_{self.test_tag}")
+        self._end_epoch("test", suffix=f"_{self.test_tag}")
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(params=self.net.parameters())
