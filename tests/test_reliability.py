@@ -4,6 +4,7 @@ that share a folder, concurrent writers. Every run is tiny and on CPU."""
 import json
 import multiprocessing
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,8 +82,10 @@ def test_sigterm_stops_at_a_checkpoint_and_the_same_run_resumes_identically(refe
     resumed = run(cfg)
     assert resumed["status"] == "completed"
     assert resumed["metrics"] == reference["metrics"]
-    # One W&B run, continued: the id comes from the run folder.
-    ids = {p.name.rsplit("-", 1)[-1] for p in (root / "run" / "wandb").glob("offline-run-*")}
+    # One W&B run, continued: the id comes from the run folder. (W&B names a folder
+    # offline-run-<date>_<time>-<id>, adding "-1" when both runs start within the same second.)
+    ids = {re.fullmatch(r"offline-run-\d{8}_\d{6}-([^-]+)(-\d+)?", p.name)[1]
+           for p in (root / "run" / "wandb").glob("offline-run-*")}
     assert len(list((root / "run" / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1
 
 
