@@ -6,7 +6,7 @@ DATA ?= synthetic
 # Extra Hydra overrides for the drivers, e.g. make reproduce-fig3 ARGS="trainer=gpu"
 ARGS ?=
 
-.PHONY: install test reproduce-fig1 reproduce-fig2 reproduce-fig3 reproduce-fig4 reproduce-failures \
+.PHONY: install test reproduce-fig1 reproduce-fig2 reproduce-fig3 reproduce-fig4 reproduce-sensitivity reproduce-failures \
         reproduce-table1 reproduce-table2 teachers data bench clean
 
 install:  ## .venv with the exact pins of requirements/lock.txt, kd installed editable
@@ -17,7 +17,7 @@ install:  ## .venv with the exact pins of requirements/lock.txt, kd installed ed
 test:  ## the whole suite, CPU only, W&B offline in a temporary folder
 	WANDB_MODE=offline WANDB_DIR=$$(mktemp -d) $(PY) -m pytest -q
 
-reproduce-fig1 reproduce-fig2 reproduce-fig3 reproduce-fig4:
+reproduce-fig1 reproduce-fig2 reproduce-fig3 reproduce-fig4 reproduce-sensitivity:
 	$(PY) -m experiments.$(subst reproduce-,,$@) --data $(DATA) $(ARGS)
 
 reproduce-failures:

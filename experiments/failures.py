@@ -35,9 +35,8 @@ import pandas as pd
 
 from kd.analysis import diagnosis
 from kd.drivers import (DATA, build_jobs, check_data, collect, ending,
-                        load_teacher, parser, require_data, run_overrides, workers)
+                        load_teacher, parser, require_data, run_overrides, sweep)
 from kd.report import publish
-from kd.runner import run_jobs
 from kd.stats import paired_gaps
 from kd.teachers import teacher_config
 
@@ -278,7 +277,7 @@ def main(argv=None) -> Path:
     start = time.time()
     jobs = build_jobs(args.data, [args.delta], args.seeds, variants(chosen, args.methods), run_overrides(args))
     require_data(next(iter(jobs.values())))
-    records = run_jobs(jobs, args.runs, desc="failures", workers=workers(args))
+    records = sweep(jobs, args, "failures")
     runs = with_teacher(collect(records).assign(job=list(jobs), data=args.data))
     if not (runs[runs.teacher != ""].status == "completed").any():
         raise SystemExit(f"error: no failures run with a teacher completed; see {args.runs}/runs/*/results.json")

@@ -22,10 +22,9 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from kd.analysis import instance
-from kd.drivers import build_jobs, check_data, collect, ending, load_job, parser, run_overrides, workers
+from kd.drivers import build_jobs, check_data, collect, ending, load_job, parser, run_overrides, sweep
 from kd.objectives import targets
 from kd.report import publish
-from kd.runner import run_jobs
 
 # objective -> (its config key that plays kd_weight, the soft target whose rho_c enters w)
 METHODS = {"kd": ("kd_weight", targets.teacher), "ls": ("eps", targets.uniform)}
@@ -111,7 +110,7 @@ def main(argv=None) -> Path:
     check_data(args.data, "fig1")
     start = time.time()
     jobs = build_jobs(args.data, [args.delta], args.seeds, list(METHODS), run_overrides(args))
-    runs = collect(run_jobs(jobs, args.runs, desc="fig1", workers=workers(args))).assign(job=list(jobs))
+    runs = collect(sweep(jobs, args, "fig1")).assign(job=list(jobs))
     if not (runs.status == "completed").any():
         raise SystemExit(f"error: no fig1 run completed; see {args.runs}/runs/*/results.json")
     examples = per_example(runs, jobs, args.runs)

@@ -22,9 +22,8 @@ import pandas as pd
 import torch
 
 from kd.analysis import domain, universe
-from kd.drivers import build_jobs, check_data, collect, ending, load_job, parser, run_overrides, workers
+from kd.drivers import build_jobs, check_data, collect, ending, load_job, parser, run_overrides, sweep
 from kd.report import publish
-from kd.runner import run_jobs
 from kd.stats import paired_gaps
 
 STUDENTS = ["ce", "ls", "kd"]
@@ -110,7 +109,7 @@ def main(argv=None) -> Path:
     check_data(args.data, "fig2")
     start = time.time()
     jobs = build_jobs(args.data, [args.delta], args.seeds, STUDENTS, run_overrides(args))
-    runs = collect(run_jobs(jobs, args.runs, desc="fig2", workers=workers(args))).assign(job=list(jobs))
+    runs = collect(sweep(jobs, args, "fig2")).assign(job=list(jobs))
     labels = matrix_labels(args.tau)
     scores, matrices, smoothing, figure = [], [], [], None
     for seed, rows in runs[runs.status == "completed"].groupby("seed"):

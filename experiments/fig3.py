@@ -7,7 +7,8 @@ results/fig3/{fig3.csv, fig3.png, fig3.pdf, fig3.md}.
 
     python -m experiments.fig3                      # synthetic, the default (make reproduce-fig3)
     python -m experiments.fig3 --data cifar100      # resnet56 -> resnet20, CRD recipe (make reproduce-fig3 DATA=cifar100)
-    python -m experiments.fig3 --seeds 0 1 2 3 4 -- trainer.max_epochs=100   # any override after --
+    python -m experiments.fig3 --seeds 0 1 2 -- trainer.max_epochs=100   # any override after --
+    python -m experiments.fig3 --population off     # every run alone (same results, slower)
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from hydra.utils import instantiate
 
 from kd.analysis.domain import sibling_mass
 from kd.drivers import (DATA, DELTA_AXIS, build_jobs, check_data, collect,
-                        ending, parser, require_data, run_overrides, workers)
+                        ending, parser, require_data, run_overrides, sweep)
 from kd.predict import probabilities
 from kd.report import publish
-from kd.runner import compose_config, run_jobs
+from kd.runner import compose_config
 from kd.stats import paired_gaps
 
 METHODS = ["ce", "ls", "kd_sim", "kd_pt", "kd_pt_sim", "kd", "kd_topk"]
@@ -46,11 +47,13 @@ def position(by: str, key) -> str:
 
 
 def plot(df: pd.DataFrame, metric: str = "test_acc_last"):
+    """Left: each method's accuracy (mean ± std over seeds). Right: the paper's ordering, each
+    claim's paired gap with its 95% interval over seeds."""
     ok = df[df.status == "completed"]
     by = axis(df)
     methods = [m for m in METHODS if m in set(ok.method)]
     stats = ok.groupby(["method", by])[metric].agg(["mean", "std"]).fillna(0.0)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(12.4, 4.4), constrained_layout=True)
     if by == "delta":
         for method in methods:
             s = stats.loc[method]
@@ -67,6 +70,18 @@ def plot(df: pd.DataFrame, metric: str = "test_acc_last"):
     ax.set_title(f"Fig. 3: knowledge levels ablation ({', '.join(df.data.unique())})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
+    gaps = paired_gaps(ok, ORDERING, metric, by=by)
+    positions = sorted(gaps[by].unique())
+    for i, ((a, b), rows) in enumerate(gaps.groupby(["a", "b"], sort=False)):
+        x = [positions.index(v) + 0.12 * (i - 1) for v in rows[by]]
+        right.errorbar(x, rows.gap, yerr=[rows.gap - rows.ci_low, rows.ci_high - rows.gap], fmt="o", capsize=4,
+                       label=f"{LABELS[a]} − {LABELS[b]}")
+    right.axhline(0, color="k", lw=0.8)
+    right.set_xticks(range(len(positions)), [position(by, v) for v in positions])
+    right.set_ylabel(f"paired gap in {metric.replace('_', ' ')} (95% paired-t interval)")
+    right.set_title("The paper's ordering: each level minus the one below it")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
     return fig
 
 
@@ -101,6 +116,19 @@ def generator_lines(gen: pd.DataFrame) -> list[str]:
     return lines
 
 
+def claim_lines(gaps: pd.DataFrame, by: str) -> list[str]:
+    """One line per ordering claim: its verdict counts and, per position, gap [interval] verdict."""
+    lines = []
+    for (a, b), rows in gaps.groupby(["a", "b"], sort=False):
+        counts = rows.verdict.value_counts()
+        tally = ", ".join(f"{verdict} at {counts[verdict]}/{len(rows)}" for verdict in ("holds", "unresolved", "reversed")
+                          if verdict in counts)
+        detail = "; ".join(f"{position(by, r[by])}: {r.gap:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] {r.verdict}"
+                           for _, r in rows.iterrows())
+        lines.append(f"- {LABELS[a]} > {LABELS[b]}: {tally} {by} values ({detail}).")
+    return lines
+
+
 def summarise(df: pd.DataFrame, seconds: float, metric: str = "test_acc_last", gen: pd.DataFrame | None = None) -> str:
     ok = df[df.status == "completed"]
     failed = df[df.status != "completed"]
@@ -117,15 +145,10 @@ def summarise(df: pd.DataFrame, seconds: float, metric: str = "test_acc_last", g
               "|---|" + "---|" * len(pivot.columns)]
     lines += [f"| {LABELS[m]} | " + " | ".join(pivot.loc[m]) + " |" for m in pivot.index]
     lines += ["", "## The paper's ordering: instance > domain > universe > none", "",
-              "Gap = mean over seeds of the paired difference (same seed = same data and teacher); "
-              "it *exceeds the seed spread* when |gap| > the std of the paired differences.", ""]
-    gaps = paired_gaps(ok, ORDERING, metric, by=by)
-    for (a, b), rows in gaps.groupby(["a", "b"], sort=False):
-        held = rows[rows.gap > 0]
-        clear = rows[(rows.gap > 0) & rows.exceeds_spread]
-        detail = ", ".join(f"{position(by, r[by])}: {r.gap:+.3f} ± {r.spread:.3f}" for _, r in rows.iterrows())
-        lines.append(f"- {LABELS[a]} > {LABELS[b]}: holds at {len(held)}/{len(rows)} {by} values, beyond the seed "
-                     f"spread at {len(clear)}/{len(rows)} ({detail}).")
+              "Gap = mean over seeds of the paired difference (same seed = same data and teacher), with its 95% "
+              "paired-t interval over seeds (gap ± t(0.975, n - 1) · std / √n). Verdict: *holds* when the interval "
+              "is above 0, *reversed* when below, *unresolved* when it contains 0.", ""]
+    lines += claim_lines(paired_gaps(ok, ORDERING, metric, by=by), by)
     if gen is not None:
         lines += generator_lines(gen)
     return ending(lines, failed, "`make reproduce-fig3` (see README for settings and time).",
@@ -133,7 +156,7 @@ def summarise(df: pd.DataFrame, seconds: float, metric: str = "test_acc_last", g
 
 
 def main(argv=None) -> Path:
-    cli = parser("fig3", __doc__)
+    cli = parser("fig3", __doc__, seeds=range(10))
     cli.add_argument("--deltas", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="synthetic data only")
     cli.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     args = cli.parse_args(argv)
@@ -141,7 +164,7 @@ def main(argv=None) -> Path:
     start = time.time()
     jobs = build_jobs(args.data, args.deltas, args.seeds, args.methods, run_overrides(args))
     require_data(next(iter(jobs.values())))
-    records = run_jobs(jobs, args.runs, desc="fig3", workers=workers(args))
+    records = sweep(jobs, args, "fig3")
     df = collect(records).assign(data=args.data)
     seconds = time.time() - start
     tables = {"fig3": df.drop(columns=["objective"])}

@@ -18,10 +18,9 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from kd.drivers import build_jobs, check_data, collect, ending, parser, run_overrides, workers
+from kd.drivers import build_jobs, check_data, collect, ending, parser, run_overrides, sweep
 from kd.objectives import TOPK_TAILS
 from kd.report import publish
-from kd.runner import run_jobs
 from kd.stats import paired_gaps
 
 KS = [0.05, 0.1, 0.25, 0.5, 0.75, 1.0]
@@ -106,7 +105,7 @@ def main(argv=None) -> Path:
     check_data(args.data, "fig4")
     start = time.time()
     jobs = build_jobs(args.data, [args.delta], args.seeds, variants(args.ks, args.tail), run_overrides(args))
-    df = with_k(collect(run_jobs(jobs, args.runs, desc="fig4", workers=workers(args))), args.ks, args.tail)
+    df = with_k(collect(sweep(jobs, args, "fig4")), args.ks, args.tail)
     seconds = time.time() - start
     out = publish("fig4", args.out, {"fig4": df.drop(columns=["objective"])}, {"fig4": plot(df)},
                   summarise(df, seconds), wandb=not args.no_wandb, config=vars(args))

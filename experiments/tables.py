@@ -22,10 +22,10 @@ from omegaconf import DictConfig
 
 from experiments.fig3 import LABELS, METHODS, ORDERING
 from kd import objectives, teachers
-from kd.drivers import collect, ending, parser, require_data, run_overrides, workers
+from kd.drivers import collect, ending, parser, require_data, run_overrides, sweep
 from kd.report import publish
 from kd.results import completed_record
-from kd.runner import QUIET, compose_config, run_jobs
+from kd.runner import QUIET, compose_config
 from kd.stats import paired_gaps
 
 METRICS = ("test_acc_last", "test_acc_best")  # test accuracy of the last and of the best-on-validation epoch
@@ -169,7 +169,7 @@ def main(table: str, argv=None) -> Path:
     require_data(cell_overrides(table, next(iter(table_cells)), overrides))
     jobs = {f"{cell}-s{seed}": [*cell_overrides(table, cell, overrides), f"seed={seed}"]
             for cell in table_cells for seed in args.seeds}
-    runs = collect(run_jobs(jobs, args.runs, desc=table, workers=workers(args))).drop(columns=["objective", "delta"])
+    runs = collect(sweep(jobs, args, table)).drop(columns=["objective", "delta"])
     runs[["teacher", "student", "method"]] = [table_cells[cell] for cell in runs.method]
     runs = pd.concat([teacher_rows(table, overrides), runs], ignore_index=True)
     stats = summary_table(table, runs)

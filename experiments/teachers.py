@@ -16,7 +16,7 @@ from kd.drivers import require_data
 from kd.errors import one_line
 from kd.results import completed_record
 from kd.teachers import ensure_trained
-from kd.train import REPORTED
+from kd.train import REPORTED, run
 
 
 def main(argv=None) -> dict[str, str]:
@@ -40,7 +40,7 @@ def train_missing(data: str, overrides) -> dict[str, str]:
         for folder, cfg in teacher_configs(table, overrides).items():
             done = completed_record(folder) is not None
             if not done:
-                ensure_trained(cfg)
+                ensure_trained(cfg, run)
             status[str(folder)] = "done" if done else "trained"
             print(f"[kd] {table} teacher {folder.name}: {status[str(folder)]} ({folder})", flush=True)
     return status

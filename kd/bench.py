@@ -14,7 +14,13 @@
     bare LightningModule (no metrics, logging or checkpoints): the part that is Lightning's own.
     Ours runs the teacher in the first epoch only (kd.module.TeacherOutputs: the data are not
     augmented); the plain and bare loops, written the common way, run it at every step.
-(c) ``fig3``: wall time of ``make reproduce-fig3`` (``--fig3`` runs it; else read from results/fig3/fig3.md).
+(c) ``fig3``: wall time of ``make reproduce-fig3`` (``--fig3`` runs it; else read from results/fig3/fig3.md),
+    against its compute floor: its matrix FLOPs (teachers and students, training and evaluation,
+    counted by torch's FlopCounterMode per example) over the fp32 GEMM rate measured in the same run
+    on every core.
+(d) ``mlp.population``: seconds per student of a population of ``--members`` fig3 students (kd.population:
+    the seven objectives, init seeds 0, 1, ..., one data draw and one teacher) through ``kd.train.run``,
+    against (b)'s plain loop training one student.
 
 The paths alternate round after round and each figure is the median over rounds, so a ratio
 compares paths under the same load. This module, not the script, holds the pieces so that
@@ -56,7 +62,8 @@ from kd.train import run
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = (3, 32, 32)
 CLASSES = 100
-TARGETS = {"cpu": {"kd_step.ratio": 1.5, "mlp.lightning_over_plain": 1.2},
+TARGETS = {"cpu": {"kd_step.ratio": 1.5, "mlp.lightning_over_plain": 1.2, "mlp.population_per_student_over_plain": 0.3,
+                   "fig3.wall_over_floor": 2.0},
            "cuda": {"kd_step.ratio": 5.0, "kd_step.ours_img_s": 20000}}
 # The CRD recipe's KD loss and optimizer, as the reference loop writes them out.
 TAU, CE_WEIGHT, KD_WEIGHT, LR, MOMENTUM, WEIGHT_DECAY = 4.0, 0.1, 0.9, 0.05, 0.9, 5e-4
@@ -267,6 +274,60 @@ def bare_mlp(cfg, teacher_path: Path) -> tuple[float, float]:
     return last, accuracy(module.net, module.data.splits["test"])
 
 
+# ---- (d) populations and fig3's compute floor ------------------------------------------------------
+
+def population_configs(root: Path, tag: str, members: int, extra: list[str]) -> list:
+    """``members`` fig3 students at delta 1.0 (the seven objectives in turn, init seeds 0, 1, ...) that
+    share the bench's data (data.seed=0) and its cached teacher: a population of mlp_config's run."""
+    objectives_ = ["ce", "ls", "kd_sim", "kd_pt", "kd_pt_sim", "kd", "kd_topk"]
+    return [compose_config([*QUIET, "experiment=fig3_synthetic", f"objective={objectives_[g % 7]}", "data.delta=1.0",
+                            f"seed={g // 7}", "data.seed=0", "teacher.seed=0", f"threads={torch.get_num_threads()}",
+                            f"paths.root_dir={root}", *extra], root / f"pop-{tag}" / str(g)) for g in range(members)]
+
+
+def gemm_rate(n: int = 512, repeats: int = 10) -> float:
+    """FLOP/s of an n x n x n fp32 matrix product on this process's threads: the compute floor's rate."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def flops_per_example(net: torch.nn.Module, shape, num_classes: int) -> tuple[float, float]:
+    """Matrix FLOPs of one example: (forward, forward + backward), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, y = torch.randn(64, *shape), torch.randint(0, num_classes, (64,))
+    with FlopCounterMode(display=False) as counter:
+        with torch.no_grad():
+            net(x)
+    forward = counter.get_total_flops() / 64
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(net(x), y).backward()
+    return forward, counter.get_total_flops() / 64
+
+
+def fig3_flops(seeds: int = 10, deltas: int = 4) -> float:
+    """The matrix FLOPs of ``make reproduce-fig3``: every teacher and student, trained and evaluated
+    as kd.train.run does (validation every epoch, test of the last and the best weights, each
+    teacher once over each of its students' splits, then looked up)."""
+    cfg = compose_config(["experiment=fig3_synthetic"], "/unused")
+    data = instantiate(cfg.data)
+    k, shape = data.num_classes, data.input_shape
+    nets = {who: get_model("mlp", num_classes=k, input_shape=shape, hidden=list(c.hidden))
+            for who, c in (("student", cfg.model), ("teacher", cfg.teacher.model))}
+    (s_fwd, s_train), (t_fwd, t_train) = (flops_per_example(nets[w], shape, k) for w in ("student", "teacher"))
+    n = {split: cfg.data[f"{split}_per_class"] * k for split in ("train", "val", "test")}
+    n_teacher = cfg.teacher.data.train_per_class * k
+    teacher = (n_teacher * t_train + n["val"] * t_fwd) * cfg.teacher.trainer.max_epochs + 2 * n["test"] * t_fwd
+    student = ((n["train"] * s_train + n["val"] * s_fwd) * cfg.trainer.max_epochs + 2 * n["test"] * s_fwd
+               + (n["train"] + n["val"] + n["test"]) * t_fwd)
+    return seeds * deltas * (teacher + 7 * student)
+
+
 # ---- the measurements -----------------------------------------------------------------------------
 
 def timed(fn, *args) -> float:
@@ -301,10 +362,10 @@ def measure(args) -> dict:
         teacher_checkpoint(root / "resnet56.ckpt")
         step = (args.batch, args.warmup, args.steps)
         kd = {"ours": [], "ours_fp32": [], "reference": []}
-        mlp = {"lightning": [], "no_checkpoints": [], "plain": [], "bare": [], "compose": []}
+        mlp = {"lightning": [], "no_checkpoints": [], "plain": [], "bare": [], "compose": [], "population": []}
         cfg = mlp_config(root, "warmup", args.mlp_overrides)
         run(cfg)  # trains and caches the teacher; every later run reads it
-        teacher_path = teachers.checkpoint_in(teachers.ensure_trained(cfg), cfg.teacher.checkpoint)
+        teacher_path = teachers.checkpoint_in(teachers.ensure_trained(cfg, run), cfg.teacher.checkpoint)
         for r in range(args.rounds):
             kd["ours"].append(ours_kd(root, "fast", fast, *step))
             kd["reference"].append(reference_kd(device, *step, args.workers))
@@ -317,10 +378,14 @@ def measure(args) -> dict:
             mlp["no_checkpoints"].append(timed(run, no_checkpoints))
             mlp["plain"].append(timed(plain_mlp, cfg, teacher_path))
             mlp["bare"].append(timed(bare_mlp, cfg, teacher_path))
+            members = population_configs(root, str(r), args.members, args.mlp_overrides)
+            mlp["population"].append(timed(run, members) / len(members))
             print(f"[bench] round {r + 1}/{args.rounds}: " + ", ".join(
                 f"{k} {v[-1]:.1f} img/s" for k, v in kd.items()) + "; mlp " + ", ".join(
                 f"{k} {v[-1]:.2f} s" for k, v in mlp.items()), flush=True)
         fig3_s, fig3_source = fig3_wall(args.fig3, root / "fig3")
+        rate, flops = gemm_rate(), fig3_flops()
+        floor = flops / (rate * (os.cpu_count() or 1))
     median = {f"kd_step.{k}_img_s": statistics.median(v) for k, v in kd.items()}
     median.update({f"mlp.{k}_s": statistics.median(v) for k, v in mlp.items()})
     return {
@@ -334,7 +399,11 @@ def measure(args) -> dict:
         "mlp.lightning_over_plain": median["mlp.lightning_s"] / median["mlp.plain_s"],
         "mlp.bare_lightning_over_plain": median["mlp.bare_s"] / median["mlp.plain_s"],
         "mlp.no_checkpoints_over_plain": median["mlp.no_checkpoints_s"] / median["mlp.plain_s"],
+        "mlp.population_members": args.members,
+        "mlp.population_per_student_over_plain": median["mlp.population_s"] / median["mlp.plain_s"],
         "fig3.wall_s": fig3_s, "fig3.source": fig3_source,
+        "fig3.flops": flops, "fig3.gemm_flop_s_per_core": rate, "fig3.cores": os.cpu_count(), "fig3.floor_s": floor,
+        "fig3.wall_over_floor": None if fig3_s is None else fig3_s / floor,
         "rounds": args.rounds, "threads": torch.get_num_threads(),
         **{f"samples.kd_step.{k}_img_s": v for k, v in kd.items()}, **{f"samples.mlp.{k}_s": v for k, v in mlp.items()},
     }
@@ -342,7 +411,7 @@ def measure(args) -> dict:
 
 def report(result: dict) -> str:
     targets = {k: (v, result[k] >= v if k.startswith("kd_step") else result[k] <= v)
-               for k, v in TARGETS.get(result["device_type"], {}).items()}
+               for k, v in TARGETS.get(result["device_type"], {}).items() if result.get(k) is not None}
     fig3 = "n/a" if result["fig3.wall_s"] is None else f"{result['fig3.wall_s'] / 60:.1f} min"
     rows = [
         ("kd_step: ours, fast path (img/s)", f"{result['kd_step.ours_img_s']:.1f}"),
@@ -358,7 +427,14 @@ def report(result: dict) -> str:
         ("mlp: overhead kd.train.run / plain", f"{result['mlp.lightning_over_plain']:.2f}"),
         ("mlp: overhead kd.train.run callbacks=none / plain", f"{result['mlp.no_checkpoints_over_plain']:.2f}"),
         ("mlp: overhead bare Lightning / plain", f"{result['mlp.bare_lightning_over_plain']:.2f}"),
+        (f"mlp: population of {result['mlp.population_members']}, seconds per student", f"{result['mlp.population_s']:.3f}"),
+        ("mlp: population per student / plain loop", f"{result['mlp.population_per_student_over_plain']:.2f}"),
         ("fig3: make reproduce-fig3 wall time", f"{fig3} ({result['fig3.source']})"),
+        ("fig3: matrix FLOPs (teachers and students, training and evaluation)", f"{result['fig3.flops']:.3g}"),
+        ("fig3: GEMM rate per core, fp32 512^3 (GFLOP/s)", f"{result['fig3.gemm_flop_s_per_core'] / 1e9:.1f}"),
+        (f"fig3: compute floor on {result['fig3.cores']} cores", f"{result['fig3.floor_s']:.0f} s"),
+        ("fig3: wall time / compute floor",
+         "n/a" if result["fig3.wall_over_floor"] is None else f"{result['fig3.wall_over_floor']:.2f}"),
     ]
     lines = [f"# Benchmark ({result['device']}, {result['threads']} intra-op thread(s), "
              f"median of {result['rounds']} alternating rounds)", "",
@@ -387,12 +463,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda,
                    help="torch.compile in our fast path (default: on GPU only; CPU compiles take minutes)")
     p.add_argument("--fig3", action="store_true", help="run make reproduce-fig3 and time it (minutes)")
+    p.add_argument("--members", type=int, default=70, help="students in the timed population (fig3: 7 objectives "
+                                                           "x 10 seeds at one delta)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script, not the speed")
     p.add_argument("--out", default=str(REPO / "results" / "bench"))
     return p
 
 
-SMOKE = {"batch": 4, "steps": 2, "warmup": 1, "rounds": 1, "workers": 0}
+SMOKE = {"batch": 4, "steps": 2, "warmup": 1, "rounds": 1, "workers": 0, "members": 3}
 SMOKE_MLP = ["trainer.max_epochs=2", "teacher.trainer.max_epochs=1", "data.test_per_class=10", "data.val_per_class=5"]
 
 

@@ -14,7 +14,8 @@ from hydra.utils import instantiate
 
 from kd import teachers
 from kd.errors import UserError
-from kd.runner import QUIET, compose_config
+from kd.runner import QUIET, compose_config, run_jobs
+from kd.train import run
 
 # The experiment config each data set runs under.
 DATA = {"synthetic": "fig3_synthetic", "cifar100": "fig3_cifar100"}
@@ -47,8 +48,11 @@ def parser(name: str, doc: str, seeds=(0, 1, 2), data: str | None = None) -> arg
     p.add_argument("--quick", action="store_true", help="a few epochs: checks the pipeline, not the science")
     p.add_argument("--no-wandb", action="store_true")
     p.add_argument("--jobs", type=int, default=None,
-                   help="runs at once, each in its own process (default: one per core, at most 8, on synthetic "
-                        "data; 1 on real data); results do not depend on it")
+                   help="worker processes (default: one per core, at most 8, on synthetic data; 1 on real data); "
+                        "results do not depend on it")
+    p.add_argument("--population", choices=("on", "off"), default="on",
+                   help="on: runs that share an architecture and data shapes train at once as one stacked model "
+                        "(kd.population); off: every run alone")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     return p
 
@@ -75,6 +79,11 @@ def workers(args) -> int:
             raise SystemExit(f"error: --jobs={args.jobs} must be at least 1")
         return args.jobs
     return min(os.cpu_count() or 1, 8) if args.data in PARALLEL else 1
+
+
+def sweep(jobs: dict[str, list[str]], args, desc: str) -> dict[str, dict]:
+    """``kd.runner.run_jobs`` with the driver's --runs, --jobs and --population."""
+    return run_jobs(jobs, args.runs, desc=desc, workers=workers(args), population=args.population == "on")
 
 
 def run_overrides(args) -> list[str]:
@@ -116,7 +125,7 @@ def load_teacher(overrides: list[str], output_dir):
     cfg = compose_config([*QUIET, *overrides], output_dir)
     datamodule = instantiate(cfg.data)
     datamodule.setup()
-    return cfg, teachers.resolve(cfg, datamodule), datamodule
+    return cfg, teachers.resolve(cfg, datamodule, train=run), datamodule
 
 
 def load_job(root, name: str, overrides: list[str]):

@@ -1,31 +1,39 @@
-"""One LightningModule for both jobs: train a teacher (ce, ls) or distil a student from a teacher.
+"""One LightningModule for every job: train a teacher (ce, ls) or distil a student, as one run or
+as a population of G runs of one architecture trained at once (kd.population).
+
+Everything here works on a leading member axis: a batch is (G, B, ...), and the loss, the metrics,
+the divergence check and the best epoch are kept per member. A single run is a population of one
+whose network is the plain network, so its checkpoints, DDP, channels_last and compile are those
+of any Lightning run; a population's network is a ``kd.population.Stack`` of its members.
 
 The teacher is frozen: eval mode at all times, no gradients, outside the optimizer and outside
-the student's checkpoints (it is rebuilt from its own checkpoint when a run resumes).
+the student's checkpoints (it is rebuilt from its own checkpoint when a run resumes). Each member
+has its own teacher, or none; members may share one.
 
 On a split whose inputs never change (no augmentation: synthetic data, every validation and test
-split held in memory), the teacher runs over each example once and its logits are then looked up
-by example index (``TeacherOutputs``).
+split held in memory), the teachers run over each example once and their logits are then looked
+up by example index (``TeacherOutputs``).
 
-Nothing in a training step waits for the accelerator (docs/performance.md): the metrics skip their
-argument checks, and a non-finite loss is recorded on the device and checked every
+Nothing in a training step waits for the accelerator (docs/performance.md): the metrics are
+updated on the device, and a non-finite loss is recorded on the device and checked every
 ``trainer.log_every_n_steps`` steps and before anything is checkpointed (at every step on the CPU,
-where a check costs nothing).
+where a check costs nothing). A member whose loss is no longer finite stops learning (its
+gradients are zeroed) while the others go on; the run stops when every member has.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MaxMetric, MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from kd import objectives
 from kd.data.base import SplitDataModule
 from kd.errors import TrainingDiverged
+from kd.metrics import MemberMetrics
 
 STAGES = ("train", "val", "test")
 # The frozen teacher is in eval mode on purpose.
@@ -33,8 +41,9 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode",
 
 
 class TeacherOutputs:
-    """The frozen teacher's logits on one split of fixed inputs: stored while the teacher runs on
-    the first complete pass, then read by example index instead of running the teacher again."""
+    """The frozen teachers' logits on one split of fixed inputs, for the P members that have a
+    teacher: stored while the teachers run on the first complete pass, then read by example index
+    instead of running the teachers again."""
 
     def __init__(self, size: int):
         self.size, self.complete = size, False
@@ -42,15 +51,17 @@ class TeacherOutputs:
         self.seen: torch.Tensor | None = None
 
     @torch.no_grad()  # not inference_mode: the student's backward keeps the teacher's outputs
-    def __call__(self, teacher: nn.Module, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def __call__(self, run_teachers, index: torch.Tensor) -> torch.Tensor:
+        """``run_teachers()``: the (P, B, K) logits of this batch; ``index``: its (P, B) example indices."""
         if self.complete:
-            return self.logits[index]
-        logits = teacher(x)
+            return self.logits[torch.arange(len(index), device=index.device)[:, None], index]
+        logits = run_teachers()
         if self.logits is None:
-            self.logits = logits.new_empty((self.size, logits.shape[1]))
-            self.seen = torch.zeros(self.size, dtype=torch.bool, device=logits.device)
-        self.logits[index] = logits
-        self.seen[index] = True
+            self.logits = logits.new_empty((len(index), self.size, logits.shape[-1]))
+            self.seen = torch.zeros(len(index), self.size, dtype=torch.bool, device=logits.device)
+        rows = torch.arange(len(index), device=index.device)[:, None]
+        self.logits[rows, index] = logits
+        self.seen[rows, index] = True
         return logits
 
     def end_of_pass(self) -> None:
@@ -59,119 +70,194 @@ class TeacherOutputs:
             self.complete = bool(self.seen.all())
 
 
+def _as_members(value, members: int) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * members
+
+
 class DistillationModule(L.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        objective: dict,
+        objective: dict | list[dict],
         optimizer,
         scheduler=None,
-        teacher: nn.Module | None = None,
-        class_similarity: torch.Tensor | None = None,
+        teacher: nn.Module | None | list = None,
+        class_similarity: torch.Tensor | None | list = None,
         model_config: dict | None = None,
         num_classes: int | None = None,
         input_shape: tuple | None = None,
         channels_last: bool = False,
         compile: bool = False,
     ):
+        """``objective``: one objective config, or a list of G for a population (``net`` is then a
+        ``kd.population.Stack`` of G); ``teacher`` and ``class_similarity``: one, or one per member."""
         super().__init__()
-        # Plain values only, so a checkpoint alone can rebuild the network (kd.models.load_checkpoint).
+        objective_list = [dict(o) for o in _as_members(objective, 1)]
+        self.members = len(objective_list)
+        # Plain values only, so a checkpoint alone can rebuild the network (kd.teachers.load_checkpoint).
         self.save_hyperparameters({"model": model_config, "num_classes": num_classes,
-                                   "input_shape": list(input_shape or ()), "objective": dict(objective)})
+                                   "input_shape": list(input_shape or ()),
+                                   "objective": objective_list if isinstance(objective, list) else dict(objective)})
         self.net = net
-        self.teacher = teacher
-        if teacher is not None:
-            teacher.requires_grad_(False).eval()
+        member_teachers = _as_members(teacher, self.members)
+        unique = list({id(t): t for t in member_teachers if t is not None}.values())
+        self.teachers = nn.ModuleList(unique)
+        for t in unique:
+            t.requires_grad_(False).eval()
+        # The members that have a teacher, and which of ``teachers`` is theirs.
+        self.taught = [g for g, t in enumerate(member_teachers) if t is not None]
+        self.teacher_of = [next(i for i, u in enumerate(unique) if u is member_teachers[g]) for g in self.taught]
+        self.register_buffer("taught_index", torch.tensor(self.taught, dtype=torch.long), persistent=False)
         self.channels_last = channels_last
-        for model in filter(None, (net, teacher)):
+        for model in (net, *unique):
             if channels_last:
                 model.to(memory_format=torch.channels_last)
             if compile:
                 model.compile()  # in place: the state_dict keys, hence checkpoints, stay the same
-        params = {k: v for k, v in objective.items() if k not in ("name", "beta", "similarity_source")}
-        if objective["name"] in objectives.NEEDS_SIMILARITY:
-            params["class_similarity"] = class_similarity
-        self.loss_fn = objectives.get(objective["name"], **params)
+        self.loss_groups = self._loss_groups(objective_list, _as_members(class_similarity, self.members))
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.test_tag = "last"
         self.teacher_outputs: dict[str, TeacherOutputs] = {}  # by stage, for the data's fixed-input splits
-        k = num_classes or net.classifier.out_features
+        taught = torch.zeros(self.members, dtype=torch.bool)
+        taught[self.taught] = True
         self.metrics = nn.ModuleDict({  # keys "train_", ...: ModuleDict keys may not shadow nn.Module.train
-            f"{stage}_": MetricCollection({
-                "acc": MulticlassAccuracy(k, average="micro", validate_args=False),
-                "ece": MulticlassCalibrationError(k, n_bins=15, validate_args=False),
-                "nll": MeanMetric(nan_strategy="disable"),
-                **({"agreement": MeanMetric(nan_strategy="disable")} if teacher is not None else {}),
-                **({"loss": MeanMetric(nan_strategy="disable")} if stage == "train" else {}),
-            })
+            f"{stage}_": MemberMetrics(self.members, agreement=taught if self.taught else None, loss=stage == "train")
             for stage in STAGES
         })
-        self.val_acc_best = MaxMetric()
-        self.val_acc_best.persistent(True)  # survives a resume
-        # The first non-finite loss: (step, epoch), -1 while there is none, and its value.
-        self.register_buffer("nonfinite_at", torch.full((2,), -1, dtype=torch.long), persistent=False)
-        self.register_buffer("nonfinite_loss", torch.zeros(()), persistent=False)
+        # The latest epoch's metrics of each member, (G,) tensors by name: what the run records.
+        self.epoch_values: dict[str, torch.Tensor] = {}
+        self.register_buffer("best_val_acc", torch.full((self.members,), -torch.inf))  # survives a resume
+        # A population keeps each member's best-epoch weights (a single run has ModelCheckpoint).
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_epoch = torch.full((self.members,), -1, dtype=torch.long)
+        # The first non-finite loss of each member: (step, epoch), -1 while there is none, and its value.
+        self.register_buffer("nonfinite_at", torch.full((self.members, 2), -1, dtype=torch.long), persistent=False)
+        self.register_buffer("nonfinite_loss", torch.zeros(self.members), persistent=False)
+
+    @staticmethod
+    def _loss_groups(objective_list: list[dict], similarities: list) -> list:
+        """Members with the same objective and parameters share one loss call per step, on their
+        stacked logits (KD-sim's class similarities stacked too): ``(members, loss, needs_teacher)``."""
+        groups: dict[str, list[int]] = {}
+        for g, objective in enumerate(objective_list):
+            groups.setdefault(json.dumps(objective, sort_keys=True, default=str), []).append(g)
+        built = []
+        for members in groups.values():
+            objective = objective_list[members[0]]
+            params = {k: v for k, v in objective.items() if k not in ("name", "beta", "similarity_source")}
+            if objective["name"] in objectives.NEEDS_SIMILARITY:
+                params["class_similarity"] = torch.stack([similarities[g] for g in members])
+            built.append((torch.tensor(members), objectives.get(objective["name"], **params),
+                          objectives.needs_teacher(objective["name"])))
+        return built
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The teacher every member distils from (a single run's teacher), else None."""
+        return self.teachers[0] if len(self.teachers) == 1 and len(self.taught) == self.members else None
 
     def train(self, mode: bool = True):
-        """Lightning puts the whole module in train mode each epoch; the teacher stays in eval."""
+        """Lightning puts the whole module in train mode each epoch; the teachers stay in eval."""
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
+        for t in self.teachers:
+            t.eval()
         return self
 
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
     def forward(self, x):
-        return self.net(x)
+        """(G, B, ...) inputs to (G, B, K) logits."""
+        return self.net(self._input(x[0]))[None] if self.members == 1 else self.net(x)
 
     def setup(self, stage: str) -> None:
         """A ``TeacherOutputs`` per split the data module says has fixed inputs (kept across fit and test)."""
         data = self.trainer.datamodule
-        if self.teacher is None or not isinstance(data, SplitDataModule):
+        if not self.taught or not isinstance(data, SplitDataModule):
             return
         for split in STAGES:
             if split not in self.teacher_outputs and data.fixed_inputs(split) and split in data.splits:
                 self.teacher_outputs[split] = TeacherOutputs(len(data.splits[split]))
 
+    def _teacher_logits(self, stage: str, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+        """(G, B, K) logits of each member's teacher on its inputs (zeros for members without one)."""
+        if not self.taught:
+            return None
+
+        @torch.no_grad()  # not inference_mode: the student's backward keeps the teacher's outputs
+        def run_teachers():
+            return torch.stack([self.teachers[t](self._input(x[g])) for g, t in zip(self.taught, self.teacher_of)])
+
+        outputs = self.teacher_outputs.get(stage)
+        logits = run_teachers() if outputs is None else outputs(run_teachers, index[self.taught_index])
+        if len(self.taught) == self.members:
+            return logits
+        return logits.new_zeros((self.members, *logits.shape[1:])).index_copy(0, self.taught_index, logits)
+
     def _step(self, batch, stage: str):
         x, y, index = batch
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.net(x)
-        teacher_logits = None
-        if stage in self.teacher_outputs:
-            teacher_logits = self.teacher_outputs[stage](self.teacher, x, index)
-        elif self.teacher is not None:
-            with torch.no_grad():  # not inference_mode: the student's backward keeps the teacher's outputs
-                teacher_logits = self.teacher(x)
-        metrics = self.metrics[f"{stage}_"]
-        probs = logits.detach().float().softmax(1)
-        metrics["acc"].update(probs, y)
-        metrics["ece"].update(probs, y)
-        metrics["nll"].update(nn.functional.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="none"))
-        if teacher_logits is not None:
-            metrics["agreement"].update((logits.argmax(1) == teacher_logits.argmax(1)).float())
-        return logits, y, teacher_logits
-
-    def training_step(self, batch, batch_idx):
-        logits, y, teacher_logits = self._step(batch, "train")
-        loss = self.loss_fn(logits, y, teacher_logits)
-        self._record_nonfinite(loss.detach())
-        if loss.device.type == "cpu" or (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
-            self._raise_if_diverged()
-        self.metrics["train_"]["loss"].update(loss.detach())
+        if self.members == 1:  # a single run's data module serves plain batches
+            x, y, index = x[None], y[None], index[None]
+        logits = self(x)
+        teacher_logits = self._teacher_logits(stage, x, index)
+        probs = logits.detach().float().softmax(-1)
+        loss = self._losses(logits, y, teacher_logits) if stage == "train" else None
+        self.metrics[f"{stage}_"].update(probs, y, None if teacher_logits is None else teacher_logits.argmax(-1),
+                                         None if loss is None else loss.detach())
         return loss
 
+    def _losses(self, logits, y, teacher_logits) -> torch.Tensor:
+        """(G,) the loss of each member under its own objective."""
+        if len(self.loss_groups) == 1:
+            _, loss_fn, needs_teacher = self.loss_groups[0]
+            return loss_fn(logits, y, teacher_logits if needs_teacher else None)
+        parts, order = [], []
+        for members, loss_fn, needs_teacher in self.loss_groups:
+            members = members.to(logits.device)
+            parts.append(loss_fn(logits[members], y[members], teacher_logits[members] if needs_teacher else None))
+            order.append(members)
+        return logits.new_zeros(self.members).index_copy(0, torch.cat(order), torch.cat(parts))
+
+    def training_step(self, batch, batch_idx):
+        losses = self._step(batch, "train")
+        self.step_loss = losses.detach()  # (G,): each member's loss at this step, for callbacks
+        self._record_nonfinite(self.step_loss)
+        if losses.device.type == "cpu" or (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
+            self._raise_if_diverged()
+        if self.members == 1:
+            return losses.sum()
+        return torch.where(self.nonfinite_at[:, 0] < 0, losses, 0.0).sum()
+
+    def on_after_backward(self) -> None:
+        """A member whose loss went non-finite learns no more: its gradients are zeroed, and so are its
+        non-finite weights, which would otherwise stop the others' checkpoints (on the device)."""
+        if self.members > 1:
+            stopped = self.nonfinite_at[:, 0] >= 0
+            for p in self.net.parameters():
+                mask = stopped.view(-1, *[1] * (p.dim() - 1))
+                if p.grad is not None:
+                    p.grad.masked_fill_(mask, 0.0)
+                p.data.masked_fill_(mask & ~torch.isfinite(p.data), 0.0)
+
     def _record_nonfinite(self, loss: torch.Tensor) -> None:
-        """Keep the step, epoch and value of the first non-finite loss, without waiting for the device."""
-        first = ~torch.isfinite(loss) & (self.nonfinite_at[0] < 0)
+        """Keep the step, epoch and value of each member's first non-finite loss, without waiting for the device."""
+        first = ~torch.isfinite(loss) & (self.nonfinite_at[:, 0] < 0)
         here = torch.tensor([self.global_step, self.current_epoch]).to(loss.device, non_blocking=True)
-        self.nonfinite_at.copy_(torch.where(first, here, self.nonfinite_at))
+        self.nonfinite_at.copy_(torch.where(first[:, None], here, self.nonfinite_at))
         self.nonfinite_loss.copy_(torch.where(first, loss.float(), self.nonfinite_loss))
 
+    def diverged(self, member: int = 0) -> str | None:
+        """Why ``member`` stopped learning, or None."""
+        step, epoch = self.nonfinite_at[member].tolist()
+        if step < 0:
+            return None
+        return (f"loss is {self.nonfinite_loss[member].item()} at step {step} (epoch {epoch}); "
+                "lower the learning rate or check the data")
+
     def _raise_if_diverged(self) -> None:
-        step, epoch = self.nonfinite_at.tolist()
-        if step >= 0:
-            raise TrainingDiverged(f"loss is {self.nonfinite_loss.item()} at step {step} (epoch {epoch}); "
-                                   "lower the learning rate or check the data")
+        """Stop the run once every member's loss has gone non-finite."""
+        if bool((self.nonfinite_at[:, 0] >= 0).all()):
+            raise TrainingDiverged(self.diverged(0))
 
     def on_validation_epoch_start(self):
         """Checkpoints are written after validation or at the end of the epoch: never of a diverged run."""
@@ -184,14 +270,20 @@ class DistillationModule(L.LightningModule):
         self._step(batch, "test")
 
     def _end_epoch(self, stage: str, suffix: str = "") -> dict:
-        """The end of an epoch of ``stage``: the teacher's pass over fixed inputs checked for
-        completeness, the epoch metrics logged and reset (and returned)."""
+        """The end of an epoch of ``stage``: the teachers' pass over fixed inputs checked for
+        completeness, the epoch metrics kept (and logged for a single run) and reset."""
         if stage in self.teacher_outputs:
             self.teacher_outputs[stage].end_of_pass()
-        values = {f"{stage}/{name}{suffix}": value for name, value in self.metrics[f"{stage}_"].compute().items()}
+        values = {f"{stage}/{name}{suffix}": value.reshape(self.members)  # torchmetrics squeezes one member's away
+                  for name, value in self.metrics[f"{stage}_"].compute().items()}
         self.metrics[f"{stage}_"].reset()
-        self.log_dict(values, sync_dist=True)
+        self._keep(values)
         return values
+
+    def _keep(self, values: dict) -> None:
+        self.epoch_values.update(values)
+        if self.members == 1:  # a population's members are many runs: their loggers are theirs (kd.train)
+            self.log_dict({name: value[0] for name, value in values.items()}, sync_dist=True)
 
     def on_train_epoch_end(self):
         self._raise_if_diverged()
@@ -202,8 +294,30 @@ class DistillationModule(L.LightningModule):
             self.metrics["val_"].reset()
             return
         acc = self._end_epoch("val")["val/acc"]
-        self.val_acc_best.update(acc)
-        self.log("val/acc_best", self.val_acc_best.compute(), sync_dist=True)
+        improved = acc > self.best_val_acc
+        self.best_val_acc.copy_(torch.maximum(self.best_val_acc, acc))
+        self._keep({"val/acc_best": self.best_val_acc.clone()})
+        if self.members > 1:
+            self._keep_best(improved)
+
+    def _keep_best(self, improved: torch.Tensor) -> None:
+        """The weights of the members whose validation accuracy improved (strictly, like ModelCheckpoint)."""
+        state = {k: v.detach() for k, v in self.net.state_dict().items()}
+        if self.best_state is None:
+            self.best_state = {k: v.clone() for k, v in state.items()}
+        for k, v in state.items():
+            self.best_state[k][improved] = v[improved]
+        self.best_epoch[improved.cpu()] = self.current_epoch
+
+    def use_best(self) -> None:
+        """Load each member's best-epoch weights (a population's best-epoch test)."""
+        if self.best_state is not None:
+            self.net.load_state_dict(self.best_state)
+
+    def member_metrics(self, member: int = 0) -> dict[str, float]:
+        """``member``'s latest epoch metrics and tests, as its single run records them."""
+        return {name: float(value[member]) for name, value in self.epoch_values.items()
+                if not (name.split("/")[1].startswith("agreement") and member not in self.taught)}
 
     def on_test_epoch_end(self):
         self._end_epoch("test", suffix=f"_{self.test_tag}")
@@ -215,8 +329,13 @@ class DistillationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=optimizer)}}
 
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teachers.")}
+        checkpoint["kd_members"] = {"epoch_values": {k: v.cpu() for k, v in self.epoch_values.items()},
+                                    "best_state": self.best_state, "best_epoch": self.best_epoch}
 
     def on_load_checkpoint(self, checkpoint):
-        if self.teacher is not None:
-            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
+        checkpoint["state_dict"].update({f"teachers.{k}": v for k, v in self.teachers.state_dict().items()})
+        kept = checkpoint.get("kd_members")
+        if kept is not None:
+            self.epoch_values = {k: v.to(self.device) for k, v in kept["epoch_values"].items()}
+            self.best_state, self.best_epoch = kept["best_state"], kept["best_epoch"]

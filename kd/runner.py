@@ -1,39 +1,94 @@
-"""Many small runs, in one process or in a few worker processes: what every figure driver uses.
+"""Many runs, in one process or in a few worker processes: what every figure driver uses.
 
 Each job is a list of Hydra overrides of ``configs/train.yaml``; it runs through ``kd.train.run``
 into its own folder. A job whose ``results.json`` says completed is skipped, so a killed sweep
-picks up where it was; a job that fails is recorded and the others go on. ``workers > 1`` runs
-jobs in that many processes at once (each imports Lightning once and runs many jobs); a teacher
-several jobs need is trained once, by the first, while the others wait on its lock.
+picks up where it was; a job that fails is recorded and the others go on.
+
+Jobs that can share a population (kd.population: the same architecture, data shapes and recipe;
+their own seed, objective, teacher and data values) train as populations, many members in one
+Lightning run; ``population=False`` trains every job alone. The work is cut into units, one
+population (or one lone job) each, run in ``workers`` processes at once (each imports Lightning
+once and runs many units); jobs that share a teacher stay in one unit, so the teachers a unit
+needs are trained there, as a population too, once. A worker the OS kills takes only its own
+units with it: the others run on in a fresh pool.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 import multiprocessing
+import threading
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+import lightning as L
 from hydra import compose, initialize_config_dir
+from hydra._internal.config_loader_impl import ConfigLoaderImpl  # Hydra's step that applies value overrides
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import get_object
 from omegaconf import DictConfig, open_dict
 from tqdm.auto import tqdm
 
-from kd.errors import one_line
+from kd import population as populations
+from kd.errors import UserError, one_line
 from kd.results import completed_record
 from kd.train import CONFIG_DIR, run
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
+def _key(override: str) -> str:
+    """The config key an override sets: ``+objective.k=1`` -> ``objective.k``, ``model@teacher.model=x`` ->
+    ``teacher.model``."""
+    return override.lstrip("+~").split("=", 1)[0].split("@")[-1]
+
+
+GROUPS = {p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}  # data, model, objective, ...
+
+
+def structure(overrides: list[str]) -> tuple[str, ...]:
+    """The overrides that choose config files (``group=option``, ``group@package=option``): jobs
+    alike in them compose alike, so one of them stands for all in ``check``."""
+    def chooses(override: str) -> bool:
+        key = override.lstrip("+~").split("=", 1)[0]
+        return "@" in key or "/" in key or key in GROUPS
+    return tuple(o for o in overrides if chooses(o))
+
+
 def compose_config(overrides: list[str], output_dir: str | Path | None = None) -> DictConfig:
-    """``configs/train.yaml`` with ``overrides``, as ``python -m kd.train`` would build it."""
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
+    """``configs/train.yaml`` with ``overrides``, as ``python -m kd.train`` would build it.
+
+    Hydra composes from the overrides that choose config files (``structure``) and then sets the
+    other overrides' values; a sweep's jobs share a few structures, so each is composed once per
+    process (composing takes a tenth of a second or more) and Hydra's own value step is applied to
+    a copy of it.
+    """
+    choices = structure(overrides)
+    values = [o for o in overrides if o not in choices]
+    if any(_key(o).startswith("hydra") for o in values):
+        cfg = _composed(tuple(overrides))
+    else:
+        cfg = _composed(choices)
+        ConfigLoaderImpl._apply_overrides_to_config(OverridesParser.create().parse_overrides(values), cfg)
     if output_dir is not None:
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def _composed(overrides: tuple[str, ...]) -> DictConfig:
+    """A fresh copy of Hydra's composition of ``overrides``, composed once per process."""
+    return copy.deepcopy(_compose_once(overrides))
+
+
+@functools.lru_cache(maxsize=256)
+def _compose_once(overrides: tuple[str, ...]) -> DictConfig:
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
 
 
 def quiet_lightning() -> None:
@@ -49,61 +104,223 @@ def failed(err: BaseException, out: Path) -> dict:
     return {"status": "failed", "error": f"{type(err).__name__}: {one_line(err)}", "output_dir": str(out)}
 
 
-def run_job(overrides: list[str], out: Path) -> dict:
-    """One job into ``out``: its record, or a failed record with the error (never an exception)."""
-    try:
-        return run(compose_config([*QUIET, *overrides], out))
-    except Exception as err:  # keep the sweep going; the failure is in the record and the summary
-        return failed(err, out)
+def check(jobs: dict[str, list[str]]) -> dict[tuple, DictConfig]:
+    """Compose one job of each ``structure``: an override that cannot apply stops the sweep before any
+    work, in one line naming the job, rather than failing every job alike. Returns the configs."""
+    found = {}
+    for name, overrides in jobs.items():
+        shape = structure(overrides)
+        if shape not in found:
+            try:
+                found[shape] = compose_config([*QUIET, *overrides], "/unused")
+            except Exception as err:  # Hydra's own errors: an override it cannot apply, an unknown option
+                raise UserError(f"job {name}: {one_line(err)} (the extra overrides go to every job of the "
+                                "driver; see its --help for what it sweeps itself)") from None
+    return found
 
 
-def teachers_first(jobs: dict[str, list[str]], names: list[str]) -> list[str]:
-    """``names`` reordered so that parallel workers train different teachers at once instead of
-    waiting on one another's lock: jobs that differ only in their objective usually share a
-    teacher, and the first job of each such group goes first."""
-    first, rest, groups = [], [], set()
+def population_of(overrides: list[str], cfg: DictConfig) -> tuple | None:
+    """Jobs with equal values train together: their overrides but the members' own (seed,
+    objective, teacher, the data module's POPULATION_KEYS); None: the job trains alone."""
+    if populations.key(cfg) is None:
+        return None
+    own = {f"data.{k}" for k in get_object(cfg.data._target_).POPULATION_KEYS} | {"seed"}
+    return tuple(o for o in overrides if _key(o) not in own and _key(o).split(".")[0] not in ("objective", "teacher"))
+
+
+def teacher_group(overrides: list[str]) -> tuple:
+    """Jobs that differ only in their objective usually share a teacher."""
+    return tuple(o for o in overrides if _key(o).split(".")[0] != "objective")
+
+
+def units(jobs: dict[str, list[str]], configs: dict[tuple, DictConfig], workers: int,
+          population: bool) -> list[list[str]]:
+    """The work as units (lists of job names): each population cut into ``workers`` parts at teacher
+    boundaries (so parallel workers train different teachers), and every other job alone; the
+    larger units first."""
+    pools: dict[tuple, list[str]] = {}
+    alone = []
+    for name, overrides in jobs.items():
+        found = population_of(overrides, configs[structure(overrides)]) if population else None
+        (alone.append([name]) if found is None else pools.setdefault(found, []).append(name))
+    cut = []
+    for names in pools.values():
+        by_teacher: dict[tuple, list[str]] = {}
+        for name in names:
+            by_teacher.setdefault(teacher_group(jobs[name]), []).append(name)
+        parts = [[] for _ in range(min(workers, len(by_teacher)))]
+        for group in by_teacher.values():
+            min(parts, key=len).extend(group)
+        cut += parts
+    return sorted(cut, key=len, reverse=True) + alone
+
+
+class Progress(L.Callback):
+    """Reports each training epoch of a run (all of its members) as a fraction of its jobs."""
+
+    def __init__(self, report):
+        self.report = report
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.report(pl_module.members / trainer.max_epochs)
+
+
+_QUEUE = None  # in a worker: where its progress goes (the parent's bar), as (unit, fraction of jobs done)
+
+
+def _start_worker(queue) -> None:
+    global _QUEUE
+    quiet_lightning()
+    _QUEUE = queue
+
+
+def run_unit(names: list[str], jobs: dict[str, list[str]], outs: dict[str, Path], report=None) -> dict[str, dict]:
+    """One unit: its jobs composed, and trained as populations where they can be (alone otherwise);
+    a record for every job, never an exception. ``report(fraction)``: progress, in jobs."""
+    if report is None and _QUEUE is not None:
+        _QUEUE.put((names[0], None))  # started: if this worker dies now, this unit is the suspect
+        report = lambda fraction: _QUEUE.put((names[0], fraction))  # noqa: E731
+    callbacks = [Progress(report)] if report else []
+    records, cfgs = {}, {}
     for name in names:
-        group = tuple(o for o in jobs[name] if not o.lstrip("+~").startswith(("objective=", "objective.")))
-        (rest if group in groups else first).append(name)
-        groups.add(group)
-    return first + rest
+        try:
+            cfgs[name] = compose_config([*QUIET, *jobs[name]], outs[name])
+        except Exception as err:  # keep the sweep going; the failure is in the record and the summary
+            records[name] = failed(err, outs[name])
+    composed = list(cfgs)
+    for group in populations.groups([cfgs[name] for name in composed]):
+        members = [composed[i] for i in group]
+        try:
+            found = run([cfgs[n] for n in members] if len(members) > 1 else cfgs[members[0]], callbacks=callbacks)
+            records.update(zip(members, found if len(members) > 1 else [found]))
+        except Exception as err:
+            records.update({name: failed(err, outs[name]) for name in members})
+    return records
 
 
-def run_jobs(jobs: dict[str, list[str]], root: str | Path, desc: str = "runs", workers: int = 1) -> dict[str, dict]:
+class _Bar:
+    """One progress bar for the sweep: whole jobs done, plus the epochs reported by units in flight."""
+
+    def __init__(self, total: int, initial: int, desc: str):
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="run", dynamic_ncols=True)
+        self.done, self.partial, self.lock = initial, {}, threading.Lock()
+
+    def advance(self, unit: str, fraction: float, size: int) -> None:
+        with self.lock:
+            self.partial[unit] = min(self.partial.get(unit, 0.0) + fraction, size * 0.99)
+            self._show()
+
+    def finish(self, unit: str, size: int) -> None:
+        with self.lock:
+            self.partial.pop(unit, None)
+            self.done += size
+            self.bar.set_postfix_str(unit[-40:])
+            self._show()
+
+    def _show(self) -> None:
+        self.bar.update(self.done + sum(self.partial.values()) - self.bar.n)
+
+
+def run_jobs(jobs: dict[str, list[str]], root: str | Path, desc: str = "runs", workers: int = 1,
+             population: bool = True) -> dict[str, dict]:
     """Run every ``name -> overrides`` job into ``root/runs/<name>``; return their records, in the
     order of ``jobs`` whatever the order they finish in.
 
-    A failed job's record has ``status="failed"`` and ``error``; it never stops the others.
+    A failed job's record has ``status="failed"`` and ``error``; it never stops the others. An
+    override that cannot apply to some job stops everything first, with a one-line UserError.
     """
     quiet_lightning()
     outs = {name: Path(root) / "runs" / name for name in jobs}
     records = {name: completed_record(out) for name, out in outs.items()}
-    todo = [name for name, record in records.items() if record is None]
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit="run", dynamic_ncols=True)
+    todo = {name: jobs[name] for name, record in records.items() if record is None}
+    plan = units(todo, check(todo), workers, population) if todo else []
+    bar = _Bar(len(jobs), len(jobs) - len(todo), desc)
+    size = {names[0]: len(names) for names in plan}
 
-    def done(name: str, record: dict) -> None:
-        records[name] = record
-        if record["status"] != "completed":
-            tqdm.write(f"[kd] job {name} failed: {record.get('error')}")
-        bar.set_postfix_str(name[-40:])
-        bar.update()
+    def done(names: list[str], found: dict[str, dict]) -> None:
+        for name in names:
+            records[name] = found[name]
+            if found[name]["status"] != "completed":
+                tqdm.write(f"[kd] job {name} failed: {found[name].get('error')}")
+        bar.finish(names[0], len(names))
 
     if workers <= 1:
-        for name in todo:
-            done(name, run_job(jobs[name], outs[name]))
-    else:  # spawn: a fresh interpreter per worker, never a fork of this one's threads and locks
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=quiet_lightning) as pool:
-            futures = {pool.submit(run_job, jobs[name], outs[name]): name for name in teachers_first(jobs, todo)}
-            try:
-                for future in as_completed(futures):
-                    name = futures[future]
-                    try:
-                        done(name, future.result())
-                    except Exception as err:  # the worker died (killed, out of memory): this job, not the sweep
-                        done(name, failed(err, outs[name]))
-            except BaseException:  # Ctrl-C: the jobs not started never start (a re-run picks them up)
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-    bar.close()
+        for names in plan:
+            done(names, run_unit(names, todo, outs,
+                                 report=lambda fraction, unit=names[0]: bar.advance(unit, fraction, size[unit])))
+    else:
+        _run_in_pool(plan, todo, outs, workers, bar, size, done)
+    bar.bar.close()
     return records
+
+
+def _run_in_pool(plan, jobs, outs, workers, bar, size, done) -> None:
+    """``plan``'s units in ``workers`` spawned processes. A worker that dies (killed by the OS) breaks
+    the pool and every unit in it: the units that were running then are each run again alone, so
+    that the one that kills its worker fails by itself, and the rest go on in a fresh pool."""
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker, never a fork
+    started: set[str] = set()
+    synced = threading.Event()
+
+    def advance(unit: str | None, fraction: float | None) -> None:
+        if unit is None:
+            synced.set()
+        elif fraction is None:
+            started.add(unit)
+        else:
+            bar.advance(unit, fraction, size[unit])
+
+    def sync() -> None:
+        """Wait until the messages the workers sent before the pool closed are read."""
+        synced.clear()
+        queue.put((None, None))
+        synced.wait(timeout=10)
+
+    with context.Manager() as manager:
+        queue = manager.Queue()
+        reader = threading.Thread(target=lambda: [advance(*message) for message in iter(queue.get, None)],
+                                  daemon=True)
+        reader.start()
+        try:
+            pending, suspects = list(plan), []
+            while pending or suspects:
+                alone = bool(suspects)  # suspects run in a pool of one worker, one after another
+                batch = suspects if alone else pending
+                broken = _pool(batch, jobs, outs, 1 if alone else workers, done, context, queue)
+                sync()
+                rest = [names for names in batch if names in broken]
+                if alone:
+                    for names in rest:
+                        if names[0] in started:  # it broke a pool it had to itself
+                            error = RuntimeError("its worker process died while it ran alone (killed by the OS, "
+                                                 "e.g. out of memory)")
+                            done(names, {name: failed(error, outs[name]) for name in names})
+                    suspects = [names for names in rest if names[0] not in started]
+                else:
+                    suspects = [names for names in rest if names[0] in started]
+                    pending = [names for names in rest if names[0] not in started]
+                    if rest:
+                        tqdm.write(f"[kd] a worker process died (killed by the OS?): {len(suspects)} job group(s) "
+                                   "that were running then run again one at a time; the other "
+                                   f"{sum(map(len, pending))} jobs go on in a fresh pool")
+                started.clear()
+        finally:
+            queue.put(None)
+            reader.join()
+
+
+def _pool(batch, jobs, outs, workers, done, context, queue) -> list[list[str]]:
+    """The units of ``batch`` in one pool of ``workers``; returns those a broken pool did not finish."""
+    broken = []
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(queue,)) as pool:
+        futures = {pool.submit(run_unit, names, jobs, outs): names for names in batch}
+        try:
+            for future in as_completed(futures):
+                try:
+                    done(futures[future], future.result())
+                except BrokenProcessPool:
+                    broken.append(futures[future])
+        except BaseException:  # Ctrl-C: the units not started never start (a re-run picks them up)
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    return broken

@@ -1,15 +1,31 @@
-"""Seed statistics for the summaries: paired gaps between methods and whether they beat the spread."""
+"""Seed statistics for the summaries: paired gaps between methods, their confidence and a verdict."""
 
 from __future__ import annotations
 
 import pandas as pd
+from scipy import stats
+
+LEVEL = 0.95
+COLUMNS = ["a", "b", "gap", "spread", "n", "exceeds_spread", "ci_low", "ci_high", "verdict"]
+
+
+def verdict(low: float, high: float) -> str:
+    """``holds`` when the whole interval is above zero, ``reversed`` below, ``unresolved`` otherwise."""
+    if low > 0:
+        return "holds"
+    if high < 0:
+        return "reversed"
+    return "unresolved"
 
 
 def paired_gaps(df: pd.DataFrame, pairs, metric: str, by: str) -> pd.DataFrame:
-    """For each (a, b) and each value of ``by``: mean and std over seeds of metric(a) - metric(b).
+    """For each (a, b) and each value of ``by``: mean and std over seeds of metric(a) - metric(b),
+    and a 95% paired-t interval for the mean gap.
 
     Runs are paired by seed (the same seed draws the same data and teacher), which removes the
-    spread the two methods share. ``exceeds_spread`` is |gap| > std of the paired differences.
+    spread the two methods share. ``exceeds_spread`` is |gap| > std of the paired differences; the
+    interval is gap ± t(0.975, n - 1) std / sqrt(n) (NaN for one seed), and ``verdict`` says
+    whether it excludes zero.
     """
     wide = df.pivot_table(index=[by, "seed"], columns="method", values=metric)
     rows = []
@@ -18,7 +34,11 @@ def paired_gaps(df: pd.DataFrame, pairs, metric: str, by: str) -> pd.DataFrame:
             continue
         diff = (wide[a] - wide[b]).dropna().groupby(level=by)
         for key, d in diff:
-            spread = d.std() if len(d) > 1 else float("nan")
-            rows.append({"a": a, "b": b, by: key, "gap": d.mean(), "spread": spread, "n": len(d),
-                         "exceeds_spread": bool(len(d) > 1 and abs(d.mean()) > spread)})
-    return pd.DataFrame(rows, columns=["a", "b", by, "gap", "spread", "n", "exceeds_spread"])
+            n, mean = len(d), d.mean()
+            spread = d.std() if n > 1 else float("nan")
+            half = stats.t.ppf(0.5 + LEVEL / 2, n - 1) * spread / n**0.5 if n > 1 else float("nan")
+            low, high = mean - half, mean + half
+            rows.append({"a": a, "b": b, by: key, "gap": mean, "spread": spread, "n": n,
+                         "exceeds_spread": bool(n > 1 and abs(mean) > spread), "ci_low": low, "ci_high": high,
+                         "verdict": verdict(low, high) if n > 1 else "one seed"})
+    return pd.DataFrame(rows, columns=[*COLUMNS[:2], by, *COLUMNS[2:]])

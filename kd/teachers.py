@@ -5,25 +5,31 @@
 - ``oracle``: the exact Bayes posterior of the synthetic data;
 - ``checkpoint``: a run's Lightning checkpoint, ``teacher.path``;
 - ``trained``: a teacher described by config (model, objective, data and trainer overrides).
-  It is trained on first use, through the same ``kd.train.run``, into
-  ``paths.teacher_dir/<hash of its config>/`` and reused by every later student that asks for
-  the same teacher. A file lock keeps parallel jobs from training it twice.
+  It is trained on first use, by the training function the caller hands in (``kd.train.run``:
+  this module sits below it), into ``paths.teacher_dir/<hash of its config>/`` and reused by every
+  later student that asks for the same teacher. A file lock keeps parallel jobs from training it
+  twice; the teachers a population of students needs train as populations themselves.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Callable
 
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from kd import population
 from kd.errors import UserError, check_choice
-from kd.results import completed_record
+from kd.results import completed_record, lock
+
+# The training function: ``kd.train.run``, handed in by its callers (one config, or a population's list).
+Train = Callable[..., object]
 
 # The keys each kind of teacher reads besides ``kind``; any other key is a user error.
 KEYS = {"none": (), "oracle": (), "checkpoint": ("path",),
@@ -70,19 +76,31 @@ def teacher_id(tcfg: DictConfig) -> str:
     return f"{tcfg.model.name}-{tcfg.objective.name}-{digest}"
 
 
-def ensure_trained(cfg: DictConfig) -> Path:
+def ensure_trained(cfg: DictConfig, train: Train) -> Path:
     """Train the configured teacher unless its run already completed; return its run folder."""
-    from kd.train import run  # the teacher is trained by the same entry point as everything else
+    return train_missing([cfg], train)[0]
 
-    tcfg = teacher_config(cfg)
-    out = Path(tcfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if completed_record(out) is None:
-            print(f"[kd] training teacher {out.name} (cached for later students) ...", flush=True)
-            run(tcfg)
-    return out
+
+def train_missing(cfgs: list[DictConfig], train: Train) -> list[Path]:
+    """The run folders of the trained teachers ``cfgs`` name, training those not yet in the cache:
+    teachers that share a population key (kd.population) together, as one population."""
+    tcfgs = {}
+    for cfg in cfgs:
+        if cfg.teacher.kind == "trained":
+            tcfg = teacher_config(cfg)
+            tcfgs.setdefault(tcfg.paths.output_dir, tcfg)
+    folders = sorted(tcfgs)
+    with ExitStack() as held:
+        for folder in folders:  # in one order everywhere, so two processes never wait on each other
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            held.enter_context(lock(Path(folder) / ".lock"))
+        missing = [tcfgs[f] for f in folders if completed_record(f) is None]
+        for group in population.groups(missing):
+            names = ", ".join(Path(missing[i].paths.output_dir).name for i in group)
+            print(f"[kd] training teacher{'s' if len(group) > 1 else ''} {names} (cached for later students) ...",
+                  flush=True)
+            train([missing[i] for i in group] if len(group) > 1 else missing[group[0]])
+    return [Path(teacher_config(cfg).paths.output_dir) for cfg in cfgs if cfg.teacher.kind == "trained"]
 
 
 def checkpoint_in(run_dir: Path, which: str) -> Path:
@@ -139,8 +157,8 @@ def check_same_classes(cfg: DictConfig, datamodule) -> None:
                         f"{datamodule.num_classes}; drop the teacher.data override that changes the classes")
 
 
-def resolve(cfg: DictConfig, datamodule) -> nn.Module | None:
-    """The frozen teacher network this run distils from, or None."""
+def resolve(cfg: DictConfig, datamodule, train: Train) -> nn.Module | None:
+    """The frozen teacher network this run distils from, or None (``train`` trains a missing one)."""
     kind = cfg.teacher.kind
     check_choice("teacher.kind", kind, KINDS)
     if kind == "none":
@@ -153,5 +171,5 @@ def resolve(cfg: DictConfig, datamodule) -> nn.Module | None:
         path = cfg.teacher.path
     else:
         check_same_classes(cfg, datamodule)
-        path = checkpoint_in(ensure_trained(cfg), cfg.teacher.checkpoint)
+        path = checkpoint_in(ensure_trained(cfg, train), cfg.teacher.checkpoint)
     return load_checkpoint(path, datamodule.num_classes, datamodule.input_shape)

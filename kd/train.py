@@ -7,7 +7,9 @@ into one line on stderr and a non-zero exit.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -26,13 +28,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kd import config as _resolvers  # noqa: F401  (registers run_name)
-from kd import objectives, schema, teachers
+from kd import objectives, population, schema, teachers
 from kd.errors import TrainingDiverged, UserError, check_choice, check_range, one_line
 from kd.logging import build_loggers, finish_loggers
 from kd.module import DistillationModule
 from kd.objectives import similarity
 from kd.predict import predict
-from kd.results import hardware, lock, versions, write_json_atomic
+from kd.results import completed_record, hardware, lock, versions, write_atomic, write_json_atomic
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 # Errors the command line reports in one line: bad input (ours, Hydra's, OmegaConf's) and divergence.
@@ -91,87 +93,155 @@ def check_ddp_launch(trainer) -> None:
                         "SLURM hydra/launcher=slurm (one task per device)")
 
 
-def progress(trainer, last_ckpt: Path) -> dict:
-    """How far a run got: its epoch metrics so far and the checkpoint a relaunch resumes from."""
-    return {"metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))},
-            "checkpoints": {"last": str(last_ckpt) if last_ckpt.is_file() else None},
-            "epochs": trainer.current_epoch, "global_step": trainer.global_step}
+def run(cfg: DictConfig | list[DictConfig], callbacks=()) -> dict | list[dict]:
+    """Train (or distil) as ``cfg`` says; write and return ``results.json`` of the run folder.
+
+    A list of configs that share a population key (kd.population) trains as one population, in one
+    Lightning run: each member writes the results.json and checkpoints its own run would write, and
+    their records come back in order. ``callbacks``: Lightning callbacks for this run only (not for
+    the teachers it trains), beside the configured ones.
+    """
+    records = _run([cfg] if isinstance(cfg, DictConfig) else list(cfg), list(callbacks))
+    return records[0] if isinstance(cfg, DictConfig) else records
 
 
-def run(cfg: DictConfig) -> dict:
-    """Train (or distil) as ``cfg`` says; write and return ``results.json`` of the run folder."""
-    validate(cfg)
+def _prepare(cfg: DictConfig, datamodules: dict):
+    """A run's data (shared with the members whose data configs agree) and its frozen teacher; the
+    model is built once on the meta device, so a bad one fails before a teacher trains."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True, default=str)
+    if key not in datamodules:
+        datamodules[key] = instantiate(cfg.data)
+        datamodules[key].setup()
+    datamodule = datamodules[key]
+    with torch.device("meta"):  # a dry build: no memory, no random draws
+        instantiate(cfg.model, num_classes=datamodule.num_classes, input_shape=datamodule.input_shape)
+    return datamodule, teachers.resolve(cfg, datamodule, train=run)
+
+
+def _member_checkpoints(module: DistillationModule, g: int, last: dict, cfg: DictConfig, trainer) -> dict:
+    """Member ``g``'s last and best-epoch checkpoints, as its own run would write them (the network's
+    weights and what rebuilds it; resuming happens in the population's folder)."""
+    folder = Path(cfg.paths.output_dir) / "checkpoints"
+    states = {"last": last, "best": module.net.member(g, module.best_state) if module.best_state else last}
+    names = {"last": "last.ckpt", "best": f"epoch{int(module.best_epoch[g]):03d}.ckpt"}
+    hparams = {**module.hparams, "objective": module.hparams["objective"][g]}
+    paths = {}
+    for which, state in states.items():
+        paths[which] = str(folder / names[which])
+        checkpoint = {"epoch": trainer.current_epoch, "global_step": trainer.global_step,
+                      "pytorch-lightning_version": L.__version__, "hyper_parameters": hparams,
+                      "state_dict": {f"net.{k}": v for k, v in state.items()}}
+        write_atomic(paths[which], lambda tmp, c=checkpoint: torch.save(c, tmp))
+    return paths
+
+
+def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
+    for cfg in cfgs:
+        validate(cfg)
+    single = len(cfgs) == 1
+    outs = [Path(cfg.paths.output_dir) for cfg in cfgs]
+    if single:
+        done = completed_record(outs[0])
+        if done is not None and "population" in done:
+            return [done]  # trained with others: re-testing it needs that population run
+    else:
+        population.check(cfgs)
     start = time.time()
-    out = Path(cfg.paths.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    folder = outs[0] if single else population.folder(outs)
+    for out in {*outs, folder}:
+        out.mkdir(parents=True, exist_ok=True)
     # Two processes given the same run take turns (the second resumes, or re-tests a finished run)
     # instead of writing the same files at once; the other ranks of a data-parallel run share it.
-    held = lock(out / ".run.lock") if rank_zero_only.rank == 0 else None
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-
-    datamodule = instantiate(cfg.data)
-    datamodule.setup()
-    with torch.device("meta"):  # a dry build (no memory, no random draws): a bad model fails before a teacher trains
-        instantiate(cfg.model, num_classes=datamodule.num_classes, input_shape=datamodule.input_shape)
-    teacher = teachers.resolve(cfg, datamodule)
-    loggers = build_loggers(cfg, out)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    held = [lock(out / ".run.lock") for out in sorted(outs)] if rank_zero_only.rank == 0 else []
+    if not single:  # the teachers the members need, trained as populations before any is loaded
+        teachers.train_missing(cfgs, train=run)
+    datamodules: dict = {}
+    members = [_prepare(cfg, datamodules) for cfg in cfgs]
+    datamodule = members[0][0] if single else population.Data([dm for dm, _ in members])
+    pcfg = cfgs[0] if single else population.config(cfgs[0], folder)  # the trainer's and callbacks' config
+    loggers = build_loggers(pcfg, folder)
+    callbacks = [instantiate(c) for c in (pcfg.get("callbacks") or {}).values() if c is not None]
+    callbacks += extra_callbacks
+    if not single:  # a population's module keeps each member's best epoch: one monitored value is not G
+        callbacks = [c for c in callbacks if not (isinstance(c, ModelCheckpoint) and c.monitor)]
     # Checkpoints are the configured callbacks' (none for callbacks=none), never Lightning's default one.
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
-    trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks, enable_checkpointing=checkpointing)
+    trainer = instantiate(pcfg.trainer, logger=loggers or False, callbacks=callbacks, enable_checkpointing=checkpointing)
     check_ddp_launch(trainer)
     world = trainer.num_nodes * trainer.num_devices  # data.batch_size is per device
-    lr = cfg.optimizer.lr * LR_SCALING[cfg.get("lr_scaling", "none")](world)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)  # training a teacher must not shift the student's init
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    net = instantiate(cfg.model, num_classes=datamodule.num_classes, input_shape=datamodule.input_shape)
+    lr = pcfg.optimizer.lr * LR_SCALING[pcfg.get("lr_scaling", "none")](world)
+    shape = {"num_classes": members[0][0].num_classes, "input_shape": members[0][0].input_shape}
+    nets = []
+    for cfg in cfgs:
+        L.seed_everything(cfg.seed, workers=True, verbose=False)  # training a teacher must not shift the student's init
+        nets.append(instantiate(cfg.model, **shape))
+    each = (lambda values: values[0]) if single else list
     module = DistillationModule(
-        net=net,
-        objective=OmegaConf.to_container(cfg.objective, resolve=True),
-        optimizer=instantiate(cfg.optimizer, lr=lr),
-        scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-        teacher=teacher,
-        class_similarity=class_similarity(cfg, teacher, datamodule),
-        model_config=model_cfg,
-        num_classes=datamodule.num_classes,
-        input_shape=datamodule.input_shape,
-        channels_last=cfg.get("channels_last", False),
-        compile=cfg.get("compile", False),
+        net=nets[0] if single else population.Stack(nets),
+        objective=each([OmegaConf.to_container(cfg.objective, resolve=True) for cfg in cfgs]),
+        optimizer=instantiate(pcfg.optimizer, lr=lr),
+        scheduler=instantiate(pcfg.scheduler) if pcfg.get("scheduler") else None,
+        teacher=each([teacher for _, teacher in members]),
+        class_similarity=each([class_similarity(cfg, t, dm) for cfg, (dm, t) in zip(cfgs, members)]),
+        model_config=OmegaConf.to_container(pcfg.model, resolve=True),
+        channels_last=pcfg.get("channels_last", False),
+        compile=pcfg.get("compile", False),
+        **shape,
     )
     threads = torch.get_num_threads()  # the caller's, restored when the run ends
-    torch.set_num_threads(cfg.get("threads") or threads)
-    status = "failed"
-    record = {"status": status, "config": OmegaConf.to_container(cfg, resolve=True), "versions": versions(),
-              "hardware": hardware(), "output_dir": str(out),
-              "data_parallel": {"world_size": world, "global_batch": cfg.data.get("batch_size", 0) * world, "lr": lr}}
+    torch.set_num_threads(pcfg.get("threads") or threads)
+    common = {"status": "failed", "versions": versions(), "hardware": hardware(),
+              "data_parallel": {"world_size": world, "global_batch": pcfg.data.get("batch_size", 0) * world, "lr": lr}}
+    records = [{**common, "config": OmegaConf.to_container(cfg, resolve=True), "output_dir": str(out)}
+               for cfg, out in zip(cfgs, outs)]
+    if not single:
+        for g, record in enumerate(records):
+            record["population"] = {"members": len(cfgs), "member": g, "folder": str(folder)}
+    last_ckpt, finished = folder / "checkpoints" / "last.ckpt", False
     try:
-        last_ckpt = out / "checkpoints" / "last.ckpt"
         trainer.fit(module, datamodule, ckpt_path=str(last_ckpt) if last_ckpt.is_file() else None)
-        # The final weights, whatever the callbacks' schedule (callbacks.last_checkpoint.every_n_epochs):
+        # The final weights, whatever the callbacks' schedule (callbacks.last_checkpoint.every_s):
         # what a teacher is loaded from, and what the record's checkpoints.last names.
         trainer.save_checkpoint(last_ckpt)
-        metrics = progress(trainer, last_ckpt)["metrics"]
         module.test_tag = "last"
-        metrics.update(trainer.test(module, datamodule, verbose=False)[0])
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if best:
+        trainer.test(module, datamodule, verbose=False)
+        metrics = [module.member_metrics(g) for g in range(len(cfgs))]
+        if single:
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            if best:
+                module.test_tag = "best"
+                trainer.test(module, datamodule, ckpt_path=best, verbose=False, weights_only=False)
+            checkpoints = [{"last": str(last_ckpt), "best": best or str(last_ckpt)}]
+        else:
+            lasts = [module.net.member(g) for g in range(len(cfgs))]
+            module.use_best()
             module.test_tag = "best"
-            metrics.update(trainer.test(module, datamodule, ckpt_path=best, verbose=False, weights_only=False)[0])
-        record.update(status="completed", metrics=metrics,
-                      checkpoints={"last": str(last_ckpt), "best": best or str(last_ckpt)},
-                      epochs=trainer.current_epoch, global_step=trainer.global_step)
-        return record
+            trainer.test(module, datamodule, verbose=False)
+            checkpoints = [_member_checkpoints(module, g, lasts[g], cfg, trainer) for g, cfg in enumerate(cfgs)]
+        for g, record in enumerate(records):
+            metrics[g].update({k: v for k, v in module.member_metrics(g).items() if k.startswith("test/") and k.endswith("_best")})
+            record.update(metrics=metrics[g], epochs=trainer.current_epoch, global_step=trainer.global_step)
+            reason = module.diverged(g)
+            if reason:  # a member of a population that went on without it
+                record.update(error=f"TrainingDiverged: {reason}")
+            else:
+                record.update(status="completed", checkpoints=checkpoints[g])
+        finished = True
+        return records
     except BaseException as err:  # recorded for kd.aggregate, which lists failed jobs with their error
-        record.update(progress(trainer, last_ckpt))
-        resume = record["checkpoints"]["last"] or "the start (no checkpoint yet)"
+        resume = str(last_ckpt) if last_ckpt.is_file() else "the start (no checkpoint yet)"
         message = str(err)
         if isinstance(err, TrainingDiverged):
             message = f"{err}; the last good checkpoint is {resume}"
         elif isinstance(err, SIGTERMException):  # Lightning raises it bare: no message and exit status 0
             message = (f"stopped by SIGTERM at step {trainer.global_step}; "
                        f"run the same command again to resume from {resume}")
-        record.update(status="interrupted" if isinstance(err, SystemExit) else "failed",
-                      error=f"{type(err).__name__}: {message}")
+        for g, record in enumerate(records):
+            record.update(metrics=module.member_metrics(g), epochs=trainer.current_epoch,
+                          global_step=trainer.global_step, checkpoints={"last": str(last_ckpt) if last_ckpt.is_file() else None},
+                          status="interrupted" if isinstance(err, SystemExit) else "failed",
+                          error=f"{type(err).__name__}: {message}")
         if isinstance(err, TrainingDiverged):
             raise TrainingDiverged(message) from None
         if isinstance(err, SIGTERMException):
@@ -179,12 +249,18 @@ def run(cfg: DictConfig) -> dict:
         raise
     finally:
         torch.set_num_threads(threads)
-        record["seconds"] = round(time.time() - start, 2)
-        if trainer.global_rank == 0:
-            write_json_atomic(out / "results.json", record)
-        finish_loggers(loggers, failed=record["status"] != "completed")
-        if held is not None:
-            held.close()
+        seconds = round(time.time() - start, 2)
+        for record in records:
+            record["seconds"] = round(seconds / len(records), 2)  # a member's share: sums stay wall time
+            if not single:
+                record["population"]["seconds"] = seconds
+            if trainer.global_rank == 0:
+                write_json_atomic(Path(record["output_dir"]) / "results.json", record)
+        finish_loggers(loggers, failed=any(r["status"] != "completed" for r in records))
+        for file in held:
+            file.close()
+        if finished and not single:  # nothing left to resume
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

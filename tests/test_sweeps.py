@@ -191,14 +191,14 @@ def test_run_jobs_in_parallel_workers_gives_the_same_records_and_isolates_a_fail
     jobs = {f"kd-s{s}": [*TINY, f"paths.root_dir={tmp_path}", "objective=kd", "teacher=oracle", f"seed={s}"]
             for s in (0, 1)}
     jobs["bad-s0"] = [*TINY, f"paths.root_dir={tmp_path}", "optimizer.lr=-1"]
-    serial = run_jobs({k: v for k, v in jobs.items() if k != "bad-s0"}, tmp_path / "serial")
-    parallel = run_jobs(jobs, tmp_path / "parallel", workers=2)
+    serial = run_jobs({k: v for k, v in jobs.items() if k != "bad-s0"}, tmp_path / "serial", population=False)
+    parallel = run_jobs(jobs, tmp_path / "parallel", workers=2, population=False)
     assert list(parallel) == list(jobs)
     for name, record in serial.items():
         assert parallel[name]["metrics"] == record["metrics"]
     assert parallel["bad-s0"]["status"] == "failed" and "learning rate: -1" in parallel["bad-s0"]["error"]
     stamp = (tmp_path / "parallel" / "runs" / "kd-s0" / "results.json").stat().st_mtime_ns
-    assert run_jobs(jobs, tmp_path / "parallel", workers=2)["kd-s1"]["status"] == "completed"
+    assert run_jobs(jobs, tmp_path / "parallel", workers=2, population=False)["kd-s1"]["status"] == "completed"
     assert (tmp_path / "parallel" / "runs" / "kd-s0" / "results.json").stat().st_mtime_ns == stamp
 
 
@@ -215,17 +215,7 @@ def test_run_jobs_interrupted_starts_no_more_jobs(tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "tqdm", Interrupted)
     jobs = {f"ce-s{s}": [*TINY, f"paths.root_dir={tmp_path}", f"seed={s}"] for s in range(10)}
     with pytest.raises(KeyboardInterrupt):
-        runner.run_jobs(jobs, tmp_path, workers=2)
+        runner.run_jobs(jobs, tmp_path, workers=2, population=False)
     # The first finished job, the one running beside it and the few already queued for the workers
     # (a ProcessPoolExecutor hands out up to workers + 1 at a time).
     assert 1 <= len(list((tmp_path / "runs").glob("*/results.json"))) <= 6
-
-
-def test_parallel_workers_start_with_one_job_per_teacher():
-    from kd.drivers import build_jobs
-    from kd.runner import teachers_first
-
-    jobs = build_jobs("synthetic", [0.5, 1.0], [0, 1], ["ce", "kd", "kd_pt"], [])
-    order = teachers_first(jobs, list(jobs))
-    assert order[:4] == ["ce-delta0.5-s0", "ce-delta0.5-s1", "ce-delta1.0-s0", "ce-delta1.0-s1"]
-    assert sorted(order) == sorted(jobs)

@@ -92,7 +92,14 @@ class TensorDataModule(SplitDataModule):
 
     Attributes the rest of the toolkit reads: ``num_classes``, ``input_shape`` and
     ``superclass_of`` (a (K,) tensor of superclass ids, or None when the data has no hierarchy).
+
+    ``POPULATION_KEYS``: the config keys that change the values of the data but not its shapes
+    (nor the batches' sizes); runs whose data configs differ only in them can train as one
+    population (kd.population). A data module that declares any must know ``num_classes`` and
+    ``input_shape`` before ``setup``. Empty: its runs train one at a time.
     """
+
+    POPULATION_KEYS: tuple[str, ...] = ()
 
     def __init__(self, batch_size: int = 64, eval_batch_size: int = 1024, seed: int = 0):
         super().__init__()
@@ -115,13 +122,18 @@ class TensorDataModule(SplitDataModule):
     def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
         self.setup()
         trainer = getattr(self, "trainer", None)
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         data = self.on_device(split, trainer.strategy.root_device if trainer is not None else torch.device("cpu"))
-        sampler = IndexBatchSampler(
-            len(data), batch_size or (self.batch_size if shuffle else self.eval_batch_size),
-            shuffle=shuffle, seed=self.seed, rank=rank, world_size=world, device=data.x.device,
+        return DataLoader(data, sampler=self.sampler(split, shuffle, batch_size, data.x.device), batch_size=None)
+
+    def sampler(self, split: str, shuffle: bool = False, batch_size: int | None = None,
+                device: torch.device | str = "cpu") -> IndexBatchSampler:
+        """The batches of indices ``loader`` serves (a population stacks its members')."""
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return IndexBatchSampler(
+            len(self.splits[split]), batch_size or (self.batch_size if shuffle else self.eval_batch_size),
+            shuffle=shuffle, seed=self.seed, rank=rank, world_size=world, device=device,
         )
-        return DataLoader(data, sampler=sampler, batch_size=None)
 
     def on_device(self, split: str, device: torch.device) -> IndexedTensors:
         """``split`` on ``device``, copied there on first use; ``self.splits`` stay on the host."""

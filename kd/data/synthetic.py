@@ -27,6 +27,8 @@ SPLIT_STREAM = {"train": 1, "val": 2, "test": 3}
 
 
 class SyntheticDataModule(TensorDataModule):
+    POPULATION_KEYS = ("seed", "delta", "sigma", "noise_relative", "nonlinear")
+
     def __init__(
         self,
         superclasses: int = 5,

@@ -2,7 +2,8 @@
 
 Every builder returns a (B, K) tensor of probabilities that the one KD loss (``loss.py``)
 consumes in place of the teacher distribution q. ``q`` is the teacher's softmax at the
-objective's temperature, ``labels`` the true classes c.
+objective's temperature, ``labels`` the true classes c. Any leading axes are kept: (..., B, K)
+with labels (..., B) for a population of students, one distribution per member and example.
 
 - universe: ``uniform`` -- a uniform teacher; KD with it is label smoothing.
 - instance: ``pt`` -- keeps the teacher's true-class probability q_c, spreads the rest evenly.
@@ -24,12 +25,12 @@ def teacher(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def uniform(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Universe level: a teacher that knows nothing but "do not be over-confident"."""
-    return torch.full_like(q, 1.0 / q.shape[1])
+    return torch.full_like(q, 1.0 / q.shape[-1])
 
 
 def true_class_prob(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """q_c for each example, shape (B,)."""
-    return q.gather(1, labels[:, None]).squeeze(1)
+    """q_c for each example, shape (..., B)."""
+    return q.gather(-1, labels[..., None]).squeeze(-1)
 
 
 def _with_true_class(rest: torch.Tensor, q_c: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -37,9 +38,9 @@ def _with_true_class(rest: torch.Tensor, q_c: torch.Tensor, labels: torch.Tensor
 
     ``rest`` is any non-negative (B, K) weighting; its true-class entry is ignored.
     """
-    rest = rest.scatter(1, labels[:, None], 0.0)
-    rest = rest / rest.sum(1, keepdim=True)
-    return (rest * (1.0 - q_c)[:, None]).scatter(1, labels[:, None], q_c[:, None])
+    rest = rest.scatter(-1, labels[..., None], 0.0)
+    rest = rest / rest.sum(-1, keepdim=True)
+    return (rest * (1.0 - q_c)[..., None]).scatter(-1, labels[..., None], q_c[..., None])
 
 
 def pt(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -48,13 +49,14 @@ def pt(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def sim(class_similarity: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Domain level (KD-sim): row c of the (K, K) class-similarity distribution."""
-    return class_similarity[labels]
+    """Domain level (KD-sim): row c of the (K, K) class-similarity distribution (one per member:
+    (..., K, K) with labels (..., B))."""
+    return class_similarity.gather(-2, labels[..., None].expand(*labels.shape, class_similarity.shape[-1]))
 
 
 def pt_sim(q: torch.Tensor, labels: torch.Tensor, class_similarity: torch.Tensor) -> torch.Tensor:
     """Instance + domain (KD-pt+sim): rho_c = q_c, rho_k = (1 - q_c) sim_k / sum_{j != c} sim_j."""
-    return _with_true_class(class_similarity[labels], true_class_prob(q, labels), labels)
+    return _with_true_class(sim(class_similarity, labels), true_class_prob(q, labels), labels)
 
 
 def topk(q: torch.Tensor, labels: torch.Tensor, k: float, tail: str = "uniform") -> torch.Tensor:
@@ -63,22 +65,22 @@ def topk(q: torch.Tensor, labels: torch.Tensor, k: float, tail: str = "uniform")
     tail="uniform" spreads the dropped mass evenly over the other classes;
     tail="renorm" drops it and renormalises the kept ones.
     """
-    num_classes = q.shape[1]
+    num_classes = q.shape[-1]
     kept = max(1, round(k * num_classes))
-    top = q.topk(kept, dim=1)
-    keep = torch.zeros_like(q).scatter(1, top.indices, top.values)
+    top = q.topk(kept, dim=-1)
+    keep = torch.zeros_like(q).scatter(-1, top.indices, top.values)
     if tail == "renorm" or kept == num_classes:
-        return keep / keep.sum(1, keepdim=True)
-    leftover = (1.0 - top.values.sum(1, keepdim=True)).clamp_min(0.0) / (num_classes - kept)
+        return keep / keep.sum(-1, keepdim=True)
+    leftover = (1.0 - top.values.sum(-1, keepdim=True)).clamp_min(0.0) / (num_classes - kept)
     return torch.where(keep > 0, keep, leftover.expand_as(q))
 
 
 def permuted(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Control: q_c kept, the wrong-class probabilities shuffled independently per example."""
-    batch, num_classes = q.shape
-    is_true = torch.zeros_like(q, dtype=torch.bool).scatter(1, labels[:, None], True)
+    num_classes = q.shape[-1]
+    is_true = torch.zeros_like(q, dtype=torch.bool).scatter(-1, labels[..., None], True)
     # Wrong classes first (in class order / in random order), the true class last.
-    order = (torch.arange(num_classes, device=q.device) + is_true * num_classes).argsort(1)
-    keys = torch.rand(batch, num_classes, device=q.device).masked_fill(is_true, 2.0)
-    shuffled = keys.argsort(1)
-    return torch.zeros_like(q).scatter(1, order, q.gather(1, shuffled))
+    order = (torch.arange(num_classes, device=q.device) + is_true * num_classes).argsort(-1)
+    keys = torch.rand(q.shape, device=q.device).masked_fill(is_true, 2.0)
+    shuffled = keys.argsort(-1)
+    return torch.zeros_like(q).scatter(-1, order, q.gather(-1, shuffled))

@@ -1,0 +1,215 @@
+"""Populations: many runs of one architecture trained at once, as one stacked model.
+
+A figure's sweep trains hundreds of small students (fig3: 7 objectives x 4 deltas x 10 seeds) whose
+arithmetic is milliseconds an epoch; trained one by one, each pays Lightning's per-run and per-step
+costs many times over. Runs whose configs agree on everything but their own seed, objective,
+teacher and data values (``key``) train as one population: one Lightning run of ``kd.train.run``
+with the G members' parameters stacked on a leading axis (``Stack``, torch.func's model
+ensembling), each member with its own data and batch order (``Data``), teacher outputs,
+objective, metrics and best epoch (``kd.module``). A member starts from exactly the weights its
+own run starts from, sees the same batches in the same order, and writes the results.json and
+checkpoints its own run would write, with a note that it ran in a population.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+from torch.utils.data import DataLoader, Dataset
+
+from kd.data.base import SplitDataModule, TensorDataModule
+from kd.errors import UserError
+
+# Top-level config keys every member has its own of; all other keys must agree.
+MEMBER_KEYS = ("seed", "objective", "teacher", "paths", "task_name", "tags")
+
+
+def stackable(net: nn.Module) -> bool:
+    """Whether G copies of ``net`` can run as one under vmap: batch norm updates its running
+    statistics in place, which a member of a vmapped network cannot do."""
+    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def key(cfg: DictConfig) -> str | None:
+    """What runs must share to train as one population; None for a run that trains alone: one with
+    a logger (each run would want its own), compile, gradient clipping (a norm over all members),
+    more than one device, a network that cannot be stacked, or data whose module declares no
+    ``POPULATION_KEYS``."""
+    data_cls = get_object(cfg.data._target_)
+    if not (isinstance(data_cls, type) and issubclass(data_cls, TensorDataModule)) or not data_cls.POPULATION_KEYS:
+        return None
+    trainer = cfg.trainer
+    if cfg.get("logger") or cfg.get("compile") or trainer.get("gradient_clip_val") \
+            or trainer.get("devices", 1) != 1 or trainer.get("num_nodes", 1) != 1:
+        return None
+    probe = copy.deepcopy(cfg)
+    with open_dict(probe):
+        probe.paths.output_dir = "<member>"  # each member's own folder; everything under it is alike
+    plain = OmegaConf.to_container(probe, resolve=True)
+    shared = {k: v for k, v in plain.items() if k not in MEMBER_KEYS}
+    shared["data"] = {k: v for k, v in plain["data"].items() if k not in data_cls.POPULATION_KEYS}
+    data = instantiate(probe.data)
+    with torch.device("meta"):
+        net = instantiate(probe.model, num_classes=data.num_classes, input_shape=data.input_shape)
+    return json.dumps(shared, sort_keys=True, default=str) if stackable(net) else None
+
+
+def groups(cfgs: list[DictConfig]) -> list[list[int]]:
+    """Indices of ``cfgs`` in populations (lists of two or more) and single runs (lists of one)."""
+    found: dict[str, list[int]] = {}
+    alone = []
+    for i, cfg in enumerate(cfgs):
+        k = key(cfg)
+        if k is None:
+            alone.append([i])
+        else:
+            found.setdefault(k, []).append(i)
+    return [*found.values(), *alone]
+
+
+def check(cfgs: list[DictConfig]) -> None:
+    """Fail before any work unless ``cfgs`` can train as one population."""
+    keys = {key(cfg) for cfg in cfgs}
+    if None in keys or len(keys) > 1:
+        raise UserError("these runs cannot train as one population: they must share everything but seed, "
+                        "objective, teacher and data values (see kd.population.key), with logger=none")
+    outs = [str(Path(cfg.paths.output_dir).resolve()) for cfg in cfgs]
+    if len(set(outs)) < len(outs):
+        raise UserError(f"two members of a population share the folder {max(set(outs), key=outs.count)}")
+
+
+def folder(outs: list[Path]) -> Path:
+    """Where a population keeps its own checkpoint (what a killed population resumes from), named by
+    its members: beside them, in a hidden folder that kd.aggregate skips."""
+    names = sorted(str(Path(o).resolve()) for o in outs)
+    digest = hashlib.sha1("\n".join(names).encode()).hexdigest()[:12]
+    return Path(os.path.commonpath(names)) / ".populations" / digest
+
+
+def config(cfg: DictConfig, out: Path) -> DictConfig:
+    """``cfg`` (any member's) with its folder set to the population's: its trainer and callbacks."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out)
+    return cfg
+
+
+class Stack(nn.Module):
+    """G networks of one architecture as one: every parameter and buffer stacked on a leading
+    member axis, in a copy of the first network (``body``, so the names are the network's own), and
+    the forward pass of every member at once by vmap over ``functional_call`` of that code."""
+
+    def __init__(self, nets: list[nn.Module]):
+        super().__init__()
+        self.members = len(nets)
+        params, buffers = stack_module_state(nets)
+        self.body = copy.deepcopy(nets[0])
+        for name, value in {**params, **buffers}.items():
+            owner, _, attr = name.rpartition(".")
+            module = self.body.get_submodule(owner)
+            if name in params:
+                setattr(module, attr, nn.Parameter(value.detach()))
+            else:
+                module.register_buffer(attr, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(G, B, ...) inputs, member g's through network g, to (G, B, K) logits."""
+        tensors = (dict(self.body.named_parameters()), dict(self.body.named_buffers()))
+        return vmap(lambda p, b, xg: functional_call(self.body, (p, b), (xg,)), randomness="different")(*tensors, x)
+
+    def member(self, g: int, state: dict | None = None) -> dict[str, torch.Tensor]:
+        """Member ``g``'s state_dict, keyed as a single network's (from ``state``, a state_dict of
+        this Stack, when given)."""
+        state = self.state_dict() if state is None else state
+        return {k.removeprefix("body."): v[g].detach().clone() for k, v in state.items()}
+
+
+class StackedTensors(Dataset):
+    """The splits of U data sets of one shape, (U, N, ...), served to G members by indices (G, B):
+    member g reads data set ``data_of[g]``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, data_of: torch.Tensor):
+        self.x, self.y, self.data_of = x, y, data_of
+
+    def __len__(self) -> int:
+        return self.y.shape[1]
+
+    def __getitem__(self, index: torch.Tensor):
+        rows = self.data_of[:, None]
+        return self.x[rows, index], self.y[rows, index], index
+
+
+class StackedSampler:
+    """Each member's own batches of indices (its data module's sampler), step by step, as (G, B)."""
+
+    def __init__(self, samplers: list):
+        self.samplers = samplers
+
+    def set_epoch(self, epoch: int) -> None:
+        for sampler in self.samplers:
+            sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.samplers[0])
+
+    def __iter__(self):
+        yield from (torch.stack(step) for step in zip(*self.samplers))
+
+
+class Data(SplitDataModule):
+    """The data of G members as one data module: a batch is (x, y, index) with a leading member
+    axis, and member g's rows are the examples its own run would see, in the same order. Members
+    whose data configs agree share one data module (``members`` may repeat an object)."""
+
+    def __init__(self, members: list[TensorDataModule]):
+        super().__init__()
+        self.members = members
+        self.unique = list({id(m): m for m in members}.values())
+        position = {id(m): i for i, m in enumerate(self.unique)}
+        self.data_of = torch.tensor([position[id(m)] for m in members])
+        self.splits: dict[str, StackedTensors] = {}
+        self._resident: dict[tuple[str, torch.device], StackedTensors] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        for m in self.unique:
+            m.setup()
+        first = self.unique[0]
+        for split in first.splits:
+            shapes = {(tuple(m.splits[split].x.shape), m.num_classes) for m in self.unique}
+            if len(shapes) > 1:
+                raise UserError(f"the members' {split} splits differ in shape ({sorted(shapes)}): they cannot "
+                                "train as one population")
+            self.splits[split] = StackedTensors(torch.stack([m.splits[split].x for m in self.unique]),
+                                                torch.stack([m.splits[split].y for m in self.unique]), self.data_of)
+
+    @property
+    def num_classes(self) -> int:
+        return self.unique[0].num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.unique[0].input_shape
+
+    def fixed_inputs(self, split: str) -> bool:
+        return all(m.fixed_inputs(split) for m in self.unique)
+
+    def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
+        self.setup()
+        trainer = getattr(self, "trainer", None)
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if (split, device) not in self._resident:
+            data = self.splits[split]
+            self._resident[split, device] = StackedTensors(data.x.to(device), data.y.to(device), data.data_of.to(device))
+        sampler = StackedSampler([m.sampler(split, shuffle, batch_size, device) for m in self.members])
+        return DataLoader(self._resident[split, device], sampler=sampler, batch_size=None)
