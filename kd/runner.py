@@ -202,7 +202,8 @@ class _Bar:
     """One progress bar for the sweep: whole jobs done, plus the epochs reported by units in flight."""
 
     def __init__(self, total: int, initial: int, desc: str):
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="run", dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="run", dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {n:.0f}/{total} runs [{elapsed}<{remaining}{postfix}]")
         self.done, self.partial, self.lock = initial, {}, threading.Lock()
 
     def advance(self, unit: str, fraction: float, size: int) -> None:
