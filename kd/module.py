@@ -18,7 +18,8 @@ Nothing in a training step waits for the accelerator (docs/performance.md): the 
 updated on the device, and a non-finite loss is recorded on the device and checked every
 ``trainer.log_every_n_steps`` steps and before anything is checkpointed (at every step on the CPU,
 where a check costs nothing). A member whose loss is no longer finite stops learning (its
-gradients are zeroed) while the others go on; the run stops when every member has.
+gradients are zeroed once the check has seen it) while the others go on; the run stops when every
+member has.
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class DistillationModule(L.LightningModule):
         # The first non-finite loss of each member: (step, epoch), -1 while there is none, and its value.
         self.register_buffer("nonfinite_at", torch.full((self.members, 2), -1, dtype=torch.long), persistent=False)
         self.register_buffer("nonfinite_loss", torch.zeros(self.members), persistent=False)
+        self.stopped: torch.Tensor | None = None  # (G,) bool, once the check has seen a member stop
 
     @staticmethod
     def _loss_groups(objective_list: list[dict], similarities: list) -> list:
@@ -229,12 +231,12 @@ class DistillationModule(L.LightningModule):
         return torch.where(self.nonfinite_at[:, 0] < 0, losses, 0.0).sum()
 
     def on_after_backward(self) -> None:
-        """A member whose loss went non-finite learns no more: its gradients are zeroed, and so are its
-        non-finite weights, which would otherwise stop the others' checkpoints (on the device)."""
-        if self.members > 1:
-            stopped = self.nonfinite_at[:, 0] >= 0
+        """A member whose loss went non-finite learns no more: once the divergence check has seen it,
+        its gradients are zeroed, and so are its non-finite weights, which would otherwise stop the
+        others' checkpoints."""
+        if self.members > 1 and self.stopped is not None:
             for p in self.net.parameters():
-                mask = stopped.view(-1, *[1] * (p.dim() - 1))
+                mask = self.stopped.view(-1, *[1] * (p.dim() - 1))
                 if p.grad is not None:
                     p.grad.masked_fill_(mask, 0.0)
                 p.data.masked_fill_(mask & ~torch.isfinite(p.data), 0.0)
@@ -255,9 +257,13 @@ class DistillationModule(L.LightningModule):
                 "lower the learning rate or check the data")
 
     def _raise_if_diverged(self) -> None:
-        """Stop the run once every member's loss has gone non-finite."""
-        if bool((self.nonfinite_at[:, 0] >= 0).all()):
+        """Stop the run once every member's loss has gone non-finite (it reads the record back from
+        the device); note which members have stopped."""
+        stopped = self.nonfinite_at[:, 0] >= 0
+        if bool(stopped.all()):
             raise TrainingDiverged(self.diverged(0))
+        if bool(stopped.any()):
+            self.stopped = stopped
 
     def on_validation_epoch_start(self):
         """Checkpoints are written after validation or at the end of the epoch: never of a diverged run."""

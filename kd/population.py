@@ -51,15 +51,13 @@ def key(cfg: DictConfig) -> str | None:
     if cfg.get("logger") or cfg.get("compile") or trainer.get("gradient_clip_val") \
             or trainer.get("devices", 1) != 1 or trainer.get("num_nodes", 1) != 1:
         return None
-    probe = copy.deepcopy(cfg)
-    with open_dict(probe):
-        probe.paths.output_dir = "<member>"  # each member's own folder; everything under it is alike
-    plain = OmegaConf.to_container(probe, resolve=True)
+    # Unresolved: a value that follows a member's own (``${seed}``, ``${paths.output_dir}/...``) is alike.
+    plain = OmegaConf.to_container(cfg, resolve=False)
     shared = {k: v for k, v in plain.items() if k not in MEMBER_KEYS}
     shared["data"] = {k: v for k, v in plain["data"].items() if k not in data_cls.POPULATION_KEYS}
-    data = instantiate(probe.data)
+    data = instantiate(cfg.data)
     with torch.device("meta"):
-        net = instantiate(probe.model, num_classes=data.num_classes, input_shape=data.input_shape)
+        net = instantiate(cfg.model, num_classes=data.num_classes, input_shape=data.input_shape)
     return json.dumps(shared, sort_keys=True, default=str) if stackable(net) else None
 
 

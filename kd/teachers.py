@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from contextlib import ExitStack
@@ -47,7 +48,7 @@ _ONE_DEVICE = {"devices": 1, "num_nodes": 1, "strategy": "auto"}
 def teacher_config(cfg: DictConfig) -> DictConfig:
     """The full run config that trains the teacher described by ``cfg.teacher``."""
     spec = cfg.teacher
-    tcfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+    tcfg = copy.deepcopy(cfg)
     with open_dict(tcfg):
         tcfg.model = spec.model
         tcfg.objective = spec.objective
@@ -84,11 +85,8 @@ def ensure_trained(cfg: DictConfig, train: Train) -> Path:
 def train_missing(cfgs: list[DictConfig], train: Train) -> list[Path]:
     """The run folders of the trained teachers ``cfgs`` name, training those not yet in the cache:
     teachers that share a population key (kd.population) together, as one population."""
-    tcfgs = {}
-    for cfg in cfgs:
-        if cfg.teacher.kind == "trained":
-            tcfg = teacher_config(cfg)
-            tcfgs.setdefault(tcfg.paths.output_dir, tcfg)
+    wanted = [teacher_config(cfg) for cfg in cfgs if cfg.teacher.kind == "trained"]
+    tcfgs = {tcfg.paths.output_dir: tcfg for tcfg in wanted}
     folders = sorted(tcfgs)
     with ExitStack() as held:
         for folder in folders:  # in one order everywhere, so two processes never wait on each other
@@ -100,7 +98,7 @@ def train_missing(cfgs: list[DictConfig], train: Train) -> list[Path]:
             print(f"[kd] training teacher{'s' if len(group) > 1 else ''} {names} (cached for later students) ...",
                   flush=True)
             train([missing[i] for i in group] if len(group) > 1 else missing[group[0]])
-    return [Path(teacher_config(cfg).paths.output_dir) for cfg in cfgs if cfg.teacher.kind == "trained"]
+    return [Path(tcfg.paths.output_dir) for tcfg in wanted]
 
 
 def checkpoint_in(run_dir: Path, which: str) -> Path:
@@ -149,6 +147,8 @@ def check_same_classes(cfg: DictConfig, datamodule) -> None:
     """A teacher trained on other classes cannot teach this student: fail before training it (a
     teacher already trained is checked when its checkpoint loads)."""
     tcfg = teacher_config(cfg)
+    if not cfg.teacher.get("data") or completed_record(tcfg.paths.output_dir) is not None:
+        return
     if tcfg.data == cfg.data or completed_record(tcfg.paths.output_dir) is not None:
         return
     k = instantiate(tcfg.data).num_classes
