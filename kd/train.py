@@ -27,6 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from kd import config as _resolvers  # noqa: F401  (registers run_name)
 from kd import objectives, schema, teachers
+from kd.callbacks import resume_checkpoint
 from kd.errors import TrainingDiverged, UserError, check_choice, check_range, one_line
 from kd.logging import build_loggers, finish_loggers
 from kd.module import DistillationModule
@@ -93,14 +94,36 @@ def check_ddp_launch(trainer) -> None:
 
 def progress(trainer, last_ckpt: Path) -> dict:
     """How far a run got: its epoch metrics so far and the checkpoint a relaunch resumes from."""
+    resume = resume_checkpoint(last_ckpt, trainer.default_root_dir)
     return {"metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))},
-            "checkpoints": {"last": str(last_ckpt) if last_ckpt.is_file() else None},
+            "checkpoints": {"last": str(last_ckpt) if last_ckpt.is_file() else None,
+                            "resume": str(resume) if resume else None},
             "epochs": trainer.current_epoch, "global_step": trainer.global_step}
+
+
+def record_invalid(cfg: DictConfig, err: Exception) -> None:
+    """A job whose config fails ``validate`` still leaves its ``results.json`` (status failed, the
+    one-line error), so ``kd.aggregate`` lists it as failed and why, not as missing."""
+    try:
+        out = Path(cfg.paths.output_dir)
+    except OmegaConfBaseException:
+        return  # no folder to write to (the error may be in paths.*)
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:
+        config = OmegaConf.to_container(cfg, resolve=False)
+    if rank_zero_only.rank == 0:
+        write_json_atomic(out / "results.json", {"status": "failed", "error": f"{type(err).__name__}: {one_line(err)}",
+                                                 "config": config, "output_dir": str(out), "versions": versions()})
 
 
 def run(cfg: DictConfig) -> dict:
     """Train (or distil) as ``cfg`` says; write and return ``results.json`` of the run folder."""
-    validate(cfg)
+    try:
+        validate(cfg)
+    except Exception as err:
+        record_invalid(cfg, err)
+        raise
     start = time.time()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,27 +166,33 @@ def run(cfg: DictConfig) -> dict:
     status = "failed"
     record = {"status": status, "config": OmegaConf.to_container(cfg, resolve=True), "versions": versions(),
               "hardware": hardware(), "output_dir": str(out),
-              "data_parallel": {"world_size": world, "global_batch": cfg.data.get("batch_size", 0) * world, "lr": lr}}
+              "data_parallel": {"world_size": world, "global_batch": cfg.data.get("batch_size", 0) * world, "lr": lr,
+                                # how the ranks met: LightningEnvironment (ours), SLURMEnvironment, ...
+                                "environment": type(trainer._accelerator_connector.cluster_environment).__name__}}
     try:
         last_ckpt = out / "checkpoints" / "last.ckpt"
-        trainer.fit(module, datamodule, ckpt_path=str(last_ckpt) if last_ckpt.is_file() else None)
+        resume = resume_checkpoint(last_ckpt, trainer.default_root_dir)  # last.ckpt, or SLURM's hpc_ckpt_<n>.ckpt
+        trainer.fit(module, datamodule, ckpt_path=str(resume) if resume else None)
         # The final weights, whatever the callbacks' schedule (callbacks.last_checkpoint.every_n_epochs):
         # what a teacher is loaded from, and what the record's checkpoints.last names.
         trainer.save_checkpoint(last_ckpt)
         metrics = progress(trainer, last_ckpt)["metrics"]
-        module.test_tag = "last"
-        metrics.update(trainer.test(module, datamodule, verbose=False)[0])
+        module.test_tag = "last"  # named: on SLURM, Lightning would otherwise test an hpc_ckpt_<n>.ckpt if there is one
+        metrics.update(trainer.test(module, datamodule, ckpt_path=str(last_ckpt), verbose=False, weights_only=False)[0])
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if best:
             module.test_tag = "best"
             metrics.update(trainer.test(module, datamodule, ckpt_path=best, verbose=False, weights_only=False)[0])
+        if trainer.is_global_zero:  # superseded by last.ckpt; one per requeue, each as large as a checkpoint
+            for hpc in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
+                hpc.unlink()
         record.update(status="completed", metrics=metrics,
                       checkpoints={"last": str(last_ckpt), "best": best or str(last_ckpt)},
                       epochs=trainer.current_epoch, global_step=trainer.global_step)
         return record
     except BaseException as err:  # recorded for kd.aggregate, which lists failed jobs with their error
         record.update(progress(trainer, last_ckpt))
-        resume = record["checkpoints"]["last"] or "the start (no checkpoint yet)"
+        resume = record["checkpoints"]["resume"] or "the start (no checkpoint yet)"
         message = str(err)
         if isinstance(err, TrainingDiverged):
             message = f"{err}; the last good checkpoint is {resume}"
