@@ -102,21 +102,6 @@ def test_sigterm_stops_at_a_checkpoint_and_the_same_run_resumes_identically(refe
     assert len(list((root / "run" / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1
 
 
-def test_on_slurm_a_signal_checkpoints_and_requeues(monkeypatch, tmp_path):
-    """Lightning detects SLURM and requeues on SIGUSR1 (``sbatch --signal=USR1@90``); the requeued
-    job runs the same command and resumes from checkpoints/last.ckpt like any relaunch."""
-    from hydra.utils import instantiate
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
-    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "kd", "SLURM_JOB_ID": "1", "SLURM_PROCID": "0",
-                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "node1"}.items():
-        monkeypatch.setenv(key, value)
-    trainer = instantiate(compose_config(TINY, tmp_path).trainer, logger=False)
-    environment = trainer._accelerator_connector.cluster_environment
-    assert isinstance(environment, SLURMEnvironment)
-    assert environment.auto_requeue and environment.requeue_signal == signal.SIGUSR1
-
-
 def test_slurm_requeue_signal_in_a_step_checkpoints_at_its_end_and_the_requeued_job_resumes_identically(
         reference, root):
     """SLURM's SIGUSR1 lands inside a training step: Lightning's hpc_ckpt_1.ckpt is written when the
