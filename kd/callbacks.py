@@ -56,7 +56,8 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if trainer.received_sigterm and mid_epoch(trainer, batch_idx) and not self._should_skip_saving_checkpoint(trainer):
+        stopping = trainer.received_sigterm and mid_epoch(trainer, batch_idx)
+        if stopping and not self._should_skip_saving_checkpoint(trainer):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
@@ -85,9 +86,9 @@ class ResumeState(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         """Refuse to write non-finite weights (the last good checkpoint stays the one to resume from);
         else add the random state and the epoch metrics."""
-        metrics = tuple(f"{name}." for name, m in pl_module.named_modules() if isinstance(m, Metric))
+        metric_states = tuple(f"{name}." for name, m in pl_module.named_modules() if isinstance(m, Metric))
         for name, value in checkpoint["state_dict"].items():  # not metric states: a running max starts at -inf
-            if value.is_floating_point() and not name.startswith(metrics) and not torch.isfinite(value).all():
+            if value.is_floating_point() and not name.startswith(metric_states) and not torch.isfinite(value).all():
                 raise TrainingDiverged(
                     f"weights {name} are not finite at step {trainer.global_step} (epoch {trainer.current_epoch}); "
                     "they were not saved; lower the learning rate")

@@ -176,16 +176,17 @@ def run(cfg: DictConfig) -> dict:
         # The final weights, whatever the callbacks' schedule (callbacks.last_checkpoint.every_n_epochs):
         # what a teacher is loaded from, and what the record's checkpoints.last names.
         trainer.save_checkpoint(last_ckpt)
+        if trainer.is_global_zero:  # superseded by last.ckpt; on SLURM Lightning would test one of them
+            for hpc in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
+                hpc.unlink()
+        trainer.strategy.barrier("hpc checkpoints removed")
         metrics = progress(trainer, last_ckpt)["metrics"]
-        module.test_tag = "last"  # named: on SLURM, Lightning would otherwise test an hpc_ckpt_<n>.ckpt if there is one
-        metrics.update(trainer.test(module, datamodule, ckpt_path=str(last_ckpt), verbose=False, weights_only=False)[0])
+        module.test_tag = "last"
+        metrics.update(trainer.test(module, datamodule, verbose=False)[0])
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if best:
             module.test_tag = "best"
             metrics.update(trainer.test(module, datamodule, ckpt_path=best, verbose=False, weights_only=False)[0])
-        if trainer.is_global_zero:  # superseded by last.ckpt; one per requeue, each as large as a checkpoint
-            for hpc in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
-                hpc.unlink()
         record.update(status="completed", metrics=metrics,
                       checkpoints={"last": str(last_ckpt), "best": best or str(last_ckpt)},
                       epochs=trainer.current_epoch, global_step=trainer.global_step)

@@ -122,8 +122,10 @@ our_pids() {
 
 stop() {
   if pid_of slurmctld >/dev/null; then  # cancel every job first, so slurmd ends their processes
-    scancel --full --quiet "$(squeue -h -o %A | sort -u)" 2>/dev/null || true
-    for _ in $(seq 40); do [[ -z $(squeue -h -o %A 2>/dev/null) ]] && break; sleep 0.25; done
+    local jobs
+    jobs=$(squeue -h -o %A 2>/dev/null | sort -u)
+    [[ -z $jobs ]] || scancel --quiet $jobs || true
+    for _ in $(seq 60); do [[ -z $(squeue -h -o %A 2>/dev/null) ]] && break; sleep 0.25; done  # KillWait: 10 s
   fi
   local d pid
   for d in "${daemons[@]}"; do

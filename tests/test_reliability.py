@@ -112,7 +112,8 @@ def test_slurm_requeue_signal_in_a_step_checkpoints_at_its_end_and_the_requeued_
     (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$(dirname "$0")/requeued"\nkill -KILL $PPID\n')
     (bin_dir / "scontrol").chmod(0o755)
     slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "kd", "SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
-             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost", "PATH": f"{bin_dir}:/usr/bin:/bin"}
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+             "PATH": f"{bin_dir}:/usr/bin:/bin"}
     command = [*LONG, *callback("usr1", SignalInStepAt, signum=int(signal.SIGUSR1), epoch=2, batch=1)]
     killed = _cli(*command, root=root, env=slurm)
     _, err = killed.communicate(timeout=120)

@@ -63,7 +63,8 @@ def job_ids(sweep: Path) -> list[str]:
 def job_logs(sweep: Path, tail: int | None = 1500) -> str:
     """Every job's stdout and stderr (by default their ends: what a failing test shows)."""
     logs = sorted((sweep / ".submitit").glob("*/*_log.*"))
-    return "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-(tail or 0):]}" for log in logs) or "(no job logs)"
+    text = "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-(tail or 0):]}" for log in logs)
+    return text or "(no job logs)"
 
 
 def cancel(sweep: Path) -> None:
@@ -192,7 +193,8 @@ def test_a_requeue_signal_checkpoints_mid_epoch_and_the_requeued_job_resumes_exa
     uninterrupted run does."""
     reference = run(compose_config(PREEMPTED, tmp_path / "reference"))
     sweep = tmp_path / "sweep"
-    pause = ["+callbacks.pause._target_=tests.test_slurm.PauseAt", "+callbacks.pause.epoch=2", "+callbacks.pause.batch=1"]
+    pause = ["+callbacks.pause._target_=tests.test_slurm.PauseAt", "+callbacks.pause.epoch=2",
+             "+callbacks.pause.batch=1"]
     with open(tmp_path / "launcher.log", "w") as log:
         launcher = launch(*PREEMPTED, *pause, "logger=wandb", sweep=sweep, root=tmp_path, slurm_env=slurm_env,
                           wait=False, stdout=log)

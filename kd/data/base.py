@@ -150,7 +150,8 @@ class TensorDataModule(SplitDataModule):
         )
         # Its own generator: a loader starting an epoch draws a seed for workers, and from torch's
         # global generator that draw would shift dropout and augmentation in a run resumed mid-epoch.
-        return ResumableLoader(data, sampler=sampler, batch_size=None, generator=torch.Generator().manual_seed(self.seed))
+        generator = torch.Generator().manual_seed(self.seed)
+        return ResumableLoader(data, sampler=sampler, batch_size=None, generator=generator)
 
     def on_device(self, split: str, device: torch.device) -> IndexedTensors:
         """``split`` on ``device``, copied there on first use; ``self.splits`` stay on the host."""
