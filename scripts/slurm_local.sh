@@ -27,7 +27,10 @@ install() {
     command -v "$tool" >/dev/null || missing+=("$tool")
   done
   [[ ${#missing[@]} -eq 0 ]] && return
-  [[ $(id -u) -eq 0 ]] || { log "missing ${missing[*]}: run as root, or apt-get install slurm-wlm munge"; exit 1; }
+  if [[ $(id -u) -ne 0 ]] || ! command -v apt-get >/dev/null; then
+    log "missing ${missing[*]}: run this as root on Debian or Ubuntu, or install slurm-wlm and munge"
+    exit 1
+  fi
   log "installing slurm-wlm and munge (missing: ${missing[*]})"
   apt-get update -qq
   # policy-rc.d or not, the packages' own services stay stopped: we start our own daemons below.
@@ -75,13 +78,15 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 # Requeue-friendly, as a preemptible partition is: batch jobs may be requeued (scontrol requeue,
-# Lightning's SIGUSR1 handler), a requeued job starts again at once, and a job killed at its
-# time limit gets KillWait seconds after SIGTERM to save its state.
+# Lightning's SIGUSR1 handler; SLURM holds a requeued job about two minutes, its BeginTime, and
+# "scontrol update JobId=ID StartTime=now" lets it go), and a job that is cancelled, requeued or
+# at its time limit gets KillWait seconds after SIGTERM to save its state.
 JobRequeue=1
 KillWait=10
 ReturnToService=2
 # A job asking for more than the node has fails at sbatch instead of waiting for ever.
 EnforcePartLimits=ALL
+# Schedule within a second of a submission or a job's end (tests wait on it).
 SchedulerParameters=bf_interval=1,sched_min_interval=100000
 $node NodeAddr=127.0.0.1 State=UNKNOWN
 PartitionName=local Nodes=ALL Default=YES MaxTime=INFINITE State=UP
@@ -136,6 +141,10 @@ stop() {
     kill -9 "$pid" 2>/dev/null || true
   done
   for pid in $(our_pids); do kill -9 "$pid" 2>/dev/null || true; done  # job steps left behind
+  sleep 0.2
+  local left
+  left=$(our_pids | tr '\n' ' ')
+  [[ -z $left ]] || { log "still running: $left"; exit 1; }
   rm -f "$dir"/run/*.pid
   [[ ${1:-} == quiet ]] || log "stopped; nothing of it running"
 }
