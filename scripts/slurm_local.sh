@@ -145,7 +145,7 @@ stop() {
   local left
   left=$(our_pids | tr '\n' ' ')
   [[ -z $left ]] || { log "still running: $left"; exit 1; }
-  rm -f "$dir"/run/*.pid
+  rm -f "$dir"/run/*.pid "$SLURM_CONF"  # without a config, clients fail at once instead of waiting on a controller
   [[ ${1:-} == quiet ]] || log "stopped; nothing of it running"
 }
 

@@ -6,7 +6,6 @@ Skipped when no cluster answers; `.ci/run` starts one before the tests and stops
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -19,31 +18,14 @@ import torch
 from kd import aggregate
 from kd.runner import compose_config
 from kd.train import run
-from tests.conftest import TINY
+from tests.conftest import SLURM_CONF, TINY, cluster_down
 from tests.test_sweeps import REPO, WITH_WANDB, job_env, wandb_runs
 
 pytestmark = pytest.mark.slurm
-SLURM_CONF = os.environ.get("SLURM_CONF") or str(Path(os.environ.get("KD_SLURM_DIR", "/tmp/kd-slurm")) / "slurm.conf")
 # What the one local node has room for: no GPU, 2 cores; short jobs.
 LOCAL = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
          "hydra.launcher.timeout_min=10", "threads=1"]
 LAUNCH_TIMEOUT_S = 240
-
-
-def cluster_down() -> str | None:
-    """Why no cluster can run the tests, or None."""
-    if shutil.which("sbatch") is None:
-        return "SLURM is not installed (scripts/slurm_local.sh start installs it and starts a local cluster)"
-    if not Path(SLURM_CONF).is_file():
-        return f"no cluster config at {SLURM_CONF} (scripts/slurm_local.sh start, or set SLURM_CONF)"
-    try:
-        state = subprocess.run(["sinfo", "-h", "-o", "%T"], env={**os.environ, "SLURM_CONF": SLURM_CONF},
-                               capture_output=True, text=True, timeout=15).stdout.split()
-    except subprocess.TimeoutExpired:
-        state = []
-    if not {"idle", "mixed", "allocated"} & set(state):
-        return f"the cluster of {SLURM_CONF} does not answer with a usable node (sinfo: {state})"
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +97,12 @@ def sweep(slurm_env, tmp_path_factory):
 
 
 def test_a_sweep_is_one_job_array_with_a_record_and_a_wandb_run_per_job_grouped_by_the_sweep(sweep, capsys):
-    arrays = {job.split("_")[0] for job in job_ids(sweep)}
-    assert len(arrays) == 1 and len(job_ids(sweep)) == 4, job_ids(sweep)  # one array, four elements
+    (array,) = {job.split("_")[0] for job in job_ids(sweep)}
+    assert len(job_ids(sweep)) == 4, job_ids(sweep)  # one array, four elements
+    script = (sweep / ".submitit" / array / f"{array}_submission.sh").read_text()
+    for flag in ("--array=0-3%4", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
+                 "--signal=USR1@120", "--requeue"):
+        assert f"#SBATCH {flag}\n" in script, script
     jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
     assert len(jobs) == 4, job_logs(sweep)
     for job in jobs:
