@@ -1,14 +1,32 @@
-"""Lightning callbacks the run configs add (configs/callbacks)."""
+"""Lightning callbacks the run configs add (configs/callbacks), and the checkpoint a relaunch resumes from."""
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from kd.errors import TrainingDiverged
+
+
+def resume_checkpoint(last: Path, hpc_dir) -> Path | None:
+    """The checkpoint a relaunched run goes on from: the newest of ``last`` (``LastCheckpoint``'s)
+    and Lightning's ``hpc_ckpt_<n>.ckpt`` in ``hpc_dir`` (written on SLURM's requeue signal)."""
+    found = [p for p in (last, *Path(hpc_dir).glob("hpc_ckpt_*.ckpt")) if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns, default=None)
+
+
+def mid_epoch(trainer, batch_idx: int) -> bool:
+    """Whether the end of training batch ``batch_idx`` is a point a run resumes from exactly: any but
+    the epoch's last, whose validation a checkpoint there would skip (resumed, Lightning counts the
+    epoch as done); there the next such point is the epoch's end."""
+    return batch_idx + 1 < trainer.num_training_batches
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -17,7 +35,9 @@ class LastCheckpoint(ModelCheckpoint):
     that much work, and a run of short epochs does not spend its time writing checkpoints
     (kd.train writes the final one when training ends). ``every_s=0``: after every epoch.
 
-    Lightning's ``train_time_interval`` would save mid-epoch, where our resume is not exact."""
+    On SIGTERM, where Lightning stops the run, it is written then: at the end of the batch (the
+    relaunch goes on from the next one; the data's samplers resume mid-epoch), or after the last
+    batch's validation at the end of the epoch (a checkpoint between them would skip it)."""
 
     def __init__(self, dirpath: str, every_s: float = 0.0):
         super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
@@ -29,49 +49,94 @@ class LastCheckpoint(ModelCheckpoint):
         self._written = time.monotonic()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if time.monotonic() - self._written >= self.every_s:
+        if trainer.received_sigterm or time.monotonic() - self._written >= self.every_s:
             super().on_train_epoch_end(trainer, pl_module)
             self._written = time.monotonic()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        stopping = trainer.received_sigterm and mid_epoch(trainer, batch_idx)
+        if stopping and not self._should_skip_saving_checkpoint(trainer):
+            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class ResumeState(L.Callback):
     """What a checkpoint needs beyond Lightning's own state for a resumed run to end exactly where an
     uninterrupted one would, and a guard that no checkpoint holds non-finite weights.
 
-    Lightning restores weights, optimizer, scheduler, loop counters and callback states; this adds
-    torch's random state (dropout, augmentation; the batch order is seeded per epoch by the data,
-    and nothing draws from numpy's or Python's generators while training) and the epoch metrics
-    logged so far, so a run resumed after its last epoch still reports them.
+    Lightning restores weights, optimizer, scheduler, loop counters, callback states and the
+    position of stateful loaders, and the module its metrics (kd.module); this adds torch's random
+    state (dropout, augmentation; the batch order is seeded per epoch by the data, and nothing draws
+    from numpy's or Python's generators while training).
+
+    On SLURM, Lightning's requeue handler (``SIGUSR1``: ``hpc_ckpt_<n>.ckpt``, then ``scontrol
+    requeue``) saves wherever the signal lands; inside a training step that is half a step (this
+    batch's random draws and data position, the previous batch's weights). The signal is held
+    here until the step ends (after the epoch's last step: until the epoch ends, see ``mid_epoch``).
     """
 
     KEY = "kd_resume_state"
 
     def __init__(self):
         self._restored: dict | None = None
+        self._in_step, self._held = False, None
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         """Refuse to write non-finite weights (the last good checkpoint stays the one to resume from);
         else add the random state and the epoch metrics."""
-        for name, value in checkpoint["state_dict"].items():
-            if value.is_floating_point() and not torch.isfinite(value).all():
+        for name, value in checkpoint["state_dict"].items():  # the network's, not a running max that starts at -inf
+            if name.startswith("net.") and value.is_floating_point() and not torch.isfinite(value).all():
                 raise TrainingDiverged(
                     f"weights {name} are not finite at step {trainer.global_step} (epoch {trainer.current_epoch}); "
                     "they were not saved; lower the learning rate")
         checkpoint[self.KEY] = {
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("train/", "val/"))},
         }
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         self._restored = checkpoint.get(self.KEY)
 
     def on_fit_start(self, trainer, pl_module) -> None:
-        """Lightning clears the logged metrics after restoring callbacks, so both come back here."""
+        """The random state comes back here, once Lightning has restored everything else."""
         if self._restored is None:
             return
         torch.set_rng_state(self._restored["torch_rng"])
         if self._restored["cuda_rng"] and len(self._restored["cuda_rng"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(self._restored["cuda_rng"])
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in self._restored["metrics"].items()})
         self._restored = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Put a holder in front of Lightning's requeue handler (registered just before training)."""
+        env = trainer._accelerator_connector.cluster_environment
+        if not (isinstance(env, SLURMEnvironment) and env.auto_requeue
+                and threading.current_thread() is threading.main_thread()):
+            return
+        handler = signal.getsignal(env.requeue_signal)
+        if not callable(handler):
+            return
+
+        def hold(signum, frame):
+            if self._in_step:
+                self._held = (handler, signum, frame)
+            else:
+                handler(signum, frame)
+
+        signal.signal(env.requeue_signal, hold)  # Lightning puts the previous handlers back after fit
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._in_step = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if mid_epoch(trainer, batch_idx):
+            self._release()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        self._in_step = False
+        if self._held is not None:
+            handler, signum, frame = self._held
+            self._held = None
+            handler(signum, frame)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import netrc
 import os
+import warnings
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -60,7 +61,12 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
 
 
 def finish_loggers(loggers: list, failed: bool = False) -> None:
-    """Close every W&B run this job opened, so the next run in the process starts a new one."""
+    """Close every W&B run this job opened, so the next run in the process starts a new one. A W&B
+    service that is gone is no error of the run: SLURM signals every process of a job it requeues
+    or preempts, W&B's too, and the run's own error (or stop) is what its record must say."""
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
-            logger.experiment.finish(exit_code=1 if failed else 0)
+            try:
+                logger.experiment.finish(exit_code=1 if failed else 0)
+            except OSError as err:  # ConnectionResetError from a killed service
+                warnings.warn(f"the W&B run did not finish cleanly ({err}); its files so far are kept")

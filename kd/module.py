@@ -125,6 +125,8 @@ class DistillationModule(L.LightningModule):
             f"{stage}_": MemberMetrics(self.members, agreement=taught if self.taught else None, loss=stage == "train")
             for stage in STAGES
         })
+        for metric in self.metrics.values():  # in checkpoints: a run resumed mid-epoch reports its whole epoch
+            metric.persistent(True)
         # The latest epoch's metrics of each member, (G,) tensors by name: what the run records.
         self.epoch_values: dict[str, torch.Tensor] = {}
         self.register_buffer("best_val_acc", torch.full((self.members,), -torch.inf))  # survives a resume

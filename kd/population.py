@@ -26,7 +26,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils.data import DataLoader, Dataset
 
-from kd.data.base import SplitDataModule, TensorDataModule
+from kd.data.base import SplitDataModule, TensorDataModule, resumable
 from kd.errors import UserError
 
 # Top-level config keys every member has its own of; all other keys must agree.
@@ -156,6 +156,13 @@ class StackedSampler:
         for sampler in self.samplers:
             sampler.set_epoch(epoch)
 
+    def state_dict(self) -> dict:
+        return {"members": [sampler.state_dict() for sampler in self.samplers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for sampler, member in zip(self.samplers, state["members"]):
+            sampler.load_state_dict(member)
+
     def __len__(self) -> int:
         return len(self.samplers[0])
 
@@ -210,4 +217,4 @@ class Data(SplitDataModule):
             data = self.splits[split]
             self._resident[split, device] = StackedTensors(data.x.to(device), data.y.to(device), data.data_of.to(device))
         sampler = StackedSampler([m.sampler(split, shuffle, batch_size, device) for m in self.members])
-        return DataLoader(self._resident[split, device], sampler=sampler, batch_size=None)
+        return resumable(self._resident[split, device], sampler, self.unique[0].seed)

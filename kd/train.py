@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from kd import config as _resolvers  # noqa: F401  (registers run_name)
 from kd import objectives, population, schema, teachers
+from kd.callbacks import resume_checkpoint
 from kd.errors import TrainingDiverged, UserError, check_choice, check_range, one_line
 from kd.logging import build_loggers, finish_loggers
 from kd.module import DistillationModule
@@ -136,9 +137,37 @@ def _member_checkpoints(module: DistillationModule, g: int, last: dict, cfg: Dic
     return paths
 
 
+def record_invalid(cfg: DictConfig, err: Exception) -> dict | None:
+    """A job whose config fails ``validate`` still leaves its ``results.json`` (status failed, the
+    one-line error), so ``kd.aggregate`` lists it as failed and why, not as missing."""
+    try:
+        out = Path(cfg.paths.output_dir)
+    except OmegaConfBaseException:
+        return None  # no folder to write to (the error may be in paths.*)
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException:
+        config = OmegaConf.to_container(cfg, resolve=False)
+    record = {"status": "failed", "error": f"{type(err).__name__}: {one_line(err)}", "config": config,
+              "output_dir": str(out), "versions": versions()}
+    if rank_zero_only.rank == 0:
+        write_json_atomic(out / "results.json", record)
+    return record
+
+
 def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
-    for cfg in cfgs:
-        validate(cfg)
+    invalid = {}
+    for g, cfg in enumerate(cfgs):
+        try:
+            validate(cfg)
+        except Exception as err:
+            invalid[g] = record_invalid(cfg, err)
+            if len(cfgs) == 1:
+                raise
+    if invalid:  # a population trains without the members that cannot run (each has its record)
+        valid = iter(_run([cfg for g, cfg in enumerate(cfgs) if g not in invalid], extra_callbacks)
+                     if len(invalid) < len(cfgs) else [])
+        return [invalid[g] if g in invalid else next(valid) for g in range(len(cfgs))]
     single = len(cfgs) == 1
     outs = [Path(cfg.paths.output_dir) for cfg in cfgs]
     if single:
@@ -192,7 +221,9 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
     threads = torch.get_num_threads()  # the caller's, restored when the run ends
     torch.set_num_threads(pcfg.get("threads") or threads)
     common = {"status": "failed", "versions": versions(), "hardware": hardware(),
-              "data_parallel": {"world_size": world, "global_batch": pcfg.data.get("batch_size", 0) * world, "lr": lr}}
+              "data_parallel": {"world_size": world, "global_batch": pcfg.data.get("batch_size", 0) * world, "lr": lr,
+                                # how the ranks met: LightningEnvironment (ours), SLURMEnvironment, ...
+                                "environment": type(trainer._accelerator_connector.cluster_environment).__name__}}
     records = [{**common, "config": OmegaConf.to_container(cfg, resolve=True), "output_dir": str(out)}
                for cfg, out in zip(cfgs, outs)]
     if not single:
@@ -200,10 +231,15 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
             record["population"] = {"members": len(cfgs), "member": g, "folder": str(folder)}
     last_ckpt, finished = folder / "checkpoints" / "last.ckpt", False
     try:
-        trainer.fit(module, datamodule, ckpt_path=str(last_ckpt) if last_ckpt.is_file() else None)
+        resume = resume_checkpoint(last_ckpt, trainer.default_root_dir)  # last.ckpt, or SLURM's hpc_ckpt_<n>.ckpt
+        trainer.fit(module, datamodule, ckpt_path=str(resume) if resume else None)
         # The final weights, whatever the callbacks' schedule (callbacks.last_checkpoint.every_s):
         # what a teacher is loaded from, and what the record's checkpoints.last names.
         trainer.save_checkpoint(last_ckpt)
+        if trainer.is_global_zero:  # superseded by last.ckpt; on SLURM Lightning would test one of them
+            for hpc in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
+                hpc.unlink()
+        trainer.strategy.barrier("hpc checkpoints removed")
         module.test_tag = "last"
         trainer.test(module, datamodule, verbose=False)
         metrics = [module.member_metrics(g) for g in range(len(cfgs))]
@@ -230,7 +266,8 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
         finished = True
         return records
     except BaseException as err:  # recorded for kd.aggregate, which lists failed jobs with their error
-        resume = str(last_ckpt) if last_ckpt.is_file() else "the start (no checkpoint yet)"
+        found = resume_checkpoint(last_ckpt, trainer.default_root_dir)
+        resume = str(found) if found else "the start (no checkpoint yet)"
         message = str(err)
         if isinstance(err, TrainingDiverged):
             message = f"{err}; the last good checkpoint is {resume}"
@@ -238,8 +275,9 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
             message = (f"stopped by SIGTERM at step {trainer.global_step}; "
                        f"run the same command again to resume from {resume}")
         for g, record in enumerate(records):
-            record.update(metrics=module.member_metrics(g), epochs=trainer.current_epoch,
-                          global_step=trainer.global_step, checkpoints={"last": str(last_ckpt) if last_ckpt.is_file() else None},
+            record.update(metrics=module.member_metrics(g), epochs=trainer.current_epoch, global_step=trainer.global_step,
+                          checkpoints={"last": str(last_ckpt) if last_ckpt.is_file() else None,
+                                       "resume": str(found) if found else None},
                           status="interrupted" if isinstance(err, SystemExit) else "failed",
                           error=f"{type(err).__name__}: {message}")
         if isinstance(err, TrainingDiverged):

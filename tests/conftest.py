@@ -1,6 +1,9 @@
 """Every test writes under a temporary root and never talks to the W&B servers."""
 
 import os
+import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -28,3 +31,23 @@ TINY_TEACHER = ["teacher=mlp", "teacher.model.hidden=[16]", "teacher.data.train_
 @pytest.fixture
 def tiny():
     return list(TINY)
+
+
+# The SLURM cluster tests/test_slurm.py runs on: scripts/slurm_local.sh's, or SLURM_CONF's.
+SLURM_CONF = os.environ.get("SLURM_CONF") or str(Path(os.environ.get("KD_SLURM_DIR", "/tmp/kd-slurm")) / "slurm.conf")
+
+
+def cluster_down() -> str | None:
+    """Why no SLURM cluster can run jobs here, or None."""
+    if shutil.which("sbatch") is None:
+        return "SLURM is not installed (scripts/slurm_local.sh start installs it and starts a local cluster)"
+    if not Path(SLURM_CONF).is_file():
+        return f"no cluster config at {SLURM_CONF} (scripts/slurm_local.sh start, or set SLURM_CONF)"
+    try:
+        state = subprocess.run(["sinfo", "-h", "-o", "%T"], env={**os.environ, "SLURM_CONF": SLURM_CONF},
+                               capture_output=True, text=True, timeout=5).stdout.split()
+    except subprocess.TimeoutExpired:
+        state = []
+    if not any(s.startswith(("idle", "mixed", "allocated", "completing")) for s in state):  # busy is up
+        return f"the cluster of {SLURM_CONF} does not answer with a usable node (sinfo: {state})"
+    return None

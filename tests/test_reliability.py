@@ -39,6 +39,16 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
+class SignalInStepAt(SignalAt):
+    """Like ``SignalAt``, but inside the training step, between its backward pass and the weight update."""
+
+    def on_train_batch_end(self, *args):
+        pass
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        super().on_train_batch_end(trainer, pl_module, None, None, trainer.fit_loop.epoch_loop.batch_idx)
+
+
 class PoisonAt(L.Callback):
     """Makes one weight NaN after batch ``batch`` of epoch ``epoch``: a run that diverges there."""
 
@@ -77,7 +87,10 @@ def test_sigterm_stops_at_a_checkpoint_and_the_same_run_resumes_identically(refe
     record = json.loads((root / "run" / "results.json").read_text())
     assert record["status"] == "interrupted" and "SIGTERM" in record["error"]
     assert record["epochs"] == 2 and "val/acc" in record["metrics"]  # how far it got
-    assert torch.load(record["checkpoints"]["last"], weights_only=True)["epoch"] == 1  # the last whole epoch
+    # Saved at the end of the batch it stopped after (epoch 2, batch 1 of 5 per epoch), where it goes on from.
+    ckpt = torch.load(record["checkpoints"]["resume"], weights_only=False)
+    assert (ckpt["epoch"], ckpt["global_step"]) == (2, 12)
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 2, "given": 2}]
 
     resumed = run(cfg)
     assert resumed["status"] == "completed"
@@ -89,23 +102,40 @@ def test_sigterm_stops_at_a_checkpoint_and_the_same_run_resumes_identically(refe
     assert len(list((root / "run" / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1
 
 
-def test_on_slurm_a_signal_checkpoints_and_requeues(monkeypatch, tmp_path):
-    """Lightning detects SLURM and requeues on SIGUSR1 (``sbatch --signal=USR1@90``); the requeued
-    job runs the same command and resumes from checkpoints/last.ckpt like any relaunch."""
-    from hydra.utils import instantiate
-    from lightning.fabric.plugins.environments import SLURMEnvironment
+def test_slurm_requeue_signal_in_a_step_checkpoints_at_its_end_and_the_requeued_job_resumes_identically(
+        reference, root):
+    """SLURM's SIGUSR1 lands inside a training step: Lightning's hpc_ckpt_1.ckpt is written when the
+    step ends, and the requeued job (the same command) goes on from it, mid-epoch, exactly."""
+    bin_dir = root / "bin"
+    bin_dir.mkdir()
+    # Stands in for the requeue: SLURM kills the job (KillWait later with SIGKILL, here at once).
+    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$(dirname "$0")/requeued"\nkill -KILL $PPID\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "kd", "SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+             "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    command = [*LONG, *callback("usr1", SignalInStepAt, signum=int(signal.SIGUSR1), epoch=2, batch=1)]
+    killed = _cli(*command, root=root, env=slurm)
+    _, err = killed.communicate(timeout=120)
+    assert killed.returncode == -signal.SIGKILL, err[-2000:]
+    assert (bin_dir / "requeued").read_text() == "requeue 7\n"
+    (run_dir,) = (root / "logs" / "train" / "runs").iterdir()
+    hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=False)  # removed once the run completes
+    assert (hpc["epoch"], hpc["global_step"]) == (2, 12)  # after the step the signal landed in, 5 steps per epoch
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 10  # epoch 1's end
 
-    for key, value in {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "kd", "SLURM_JOB_ID": "1", "SLURM_PROCID": "0",
-                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "node1"}.items():
-        monkeypatch.setenv(key, value)
-    trainer = instantiate(compose_config(TINY, tmp_path).trainer, logger=False)
-    environment = trainer._accelerator_connector.cluster_environment
-    assert isinstance(environment, SLURMEnvironment)
-    assert environment.auto_requeue and environment.requeue_signal == signal.SIGUSR1
+    again = _cli(*command, root=root, env=slurm)
+    _, err = again.communicate(timeout=120)
+    assert again.returncode == 0, err[-2000:]
+    assert "Restored all states from the checkpoint at " + str(run_dir / "hpc_ckpt_1.ckpt") in err
+    record = json.loads((run_dir / "results.json").read_text())
+    assert record["status"] == "completed" and record["data_parallel"]["environment"] == "SLURMEnvironment"
+    assert record["metrics"] == reference["metrics"]
+    assert not list(run_dir.glob("hpc_ckpt_*.ckpt"))  # superseded by the final last.ckpt
 
 
-def _cli(*overrides, root, **kwargs):
-    env = {"KD_ROOT": str(root), "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"}
+def _cli(*overrides, root, env=None, **kwargs):
+    env = {"KD_ROOT": str(root), "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "kd.train", *overrides], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
 

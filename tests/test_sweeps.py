@@ -1,5 +1,6 @@
-"""Scale-out on CPU: a submitit multirun, DDP over two gloo processes, the SLURM launcher config,
-W&B groups and tags, and aggregation that lists failed and missing jobs."""
+"""Scale-out on CPU: a submitit multirun, DDP over two gloo processes, the SLURM launcher config
+(with stand-ins for sbatch and srun; tests/test_slurm.py runs it on a live cluster), W&B groups and
+tags, and aggregation that lists failed and missing jobs."""
 
 import contextlib
 import json
@@ -19,7 +20,7 @@ from hydra.utils import get_class
 from kd import aggregate
 from kd.errors import UserError
 from kd.train import CONFIG_DIR, check_ddp_launch
-from tests.conftest import TINY
+from tests.conftest import TINY, cluster_down
 
 REPO = Path(__file__).resolve().parent.parent
 WITH_WANDB = [o for o in TINY if o != "logger=none"] + ["logger=wandb"]
@@ -108,7 +109,8 @@ def test_ddp_two_cpu_processes_write_one_folder_one_record_one_run(tmp_path):
     assert len(wandb_runs(tmp_path)) == 1
     record = json.loads(record_path.read_text())
     assert record["status"] == "completed"
-    assert record["data_parallel"] == {"world_size": 2, "global_batch": 32, "lr": pytest.approx(0.02)}
+    assert record["data_parallel"] == {"world_size": 2, "global_batch": 32, "lr": pytest.approx(0.02),
+                                       "environment": "LightningEnvironment"}
 
 
 def test_slurm_launcher_config_resolves_from_the_trainer():
@@ -120,13 +122,16 @@ def test_slurm_launcher_config_resolves_from_the_trainer():
     assert get_class(launcher._target_).__name__ == "SlurmLauncher"
     assert (launcher.partition, launcher.timeout_min, launcher.array_parallelism) == ("gpu", 600, 8)
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)  # one task per GPU
-    assert launcher.max_num_timeout > 0  # a timed-out job is requeued and resumes from last.ckpt
+    # Before the time limit SLURM sends Lightning's requeue signal: it checkpoints and requeues the job.
+    assert launcher.additional_parameters == {"signal": f"USR1@{launcher.signal_delay_s}", "requeue": True}
 
 
 @pytest.mark.slow
 def test_slurm_array_task_runs_ddp_over_its_srun_tasks(tmp_path):
     """The SLURM path without a cluster: stand-ins for sbatch / srun / sacct take the job array,
     then its first element is run the way srun would, as two tasks with SLURM's variables."""
+    if cluster_down() is None:
+        pytest.skip("a live SLURM cluster answers: tests/test_slurm.py runs this on it")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     fakes = {"sbatch": 'cp "${@: -1}" "$(dirname "$0")/submitted.sh"; echo "Submitted batch job 4242"',
@@ -151,7 +156,8 @@ def test_slurm_array_task_runs_ddp_over_its_srun_tasks(tmp_path):
             launcher.kill()
             launcher.wait()
     script = (bin_dir / "submitted.sh").read_text()
-    for flag in ("--array=0-1%1", "--partition=test", "--nodes=1", "--gpus-per-node=2", "--ntasks-per-node=2"):
+    for flag in ("--array=0-1%1", "--partition=test", "--nodes=1", "--gpus-per-node=2", "--ntasks-per-node=2",
+                 "--signal=USR1@120", "--requeue"):
         assert f"#SBATCH {flag}\n" in script, script
 
     with socket.socket() as s:

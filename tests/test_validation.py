@@ -1,10 +1,12 @@
 """Bad input fails before any work, in one line that names the key, the bad value and what is allowed."""
 
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
+from kd import aggregate
 from kd.errors import UserError
 from kd.runner import compose_config
 from kd.train import CONFIG_DIR, main, run, validate
@@ -52,6 +54,17 @@ def test_bad_config_is_rejected_before_any_work(tmp_path, overrides, message):
     assert str(err.value).startswith(message), str(err.value)
     assert "\n" not in str(err.value)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_run_rejected_by_the_check_leaves_a_failed_record_that_aggregate_lists(tmp_path):
+    """A sweep job with a bad config is listed as failed, and why, not as missing."""
+    with pytest.raises(UserError):
+        run(compose_config([*TINY, "optimizer.lr=-1"], tmp_path / "bad"))
+    record = json.loads((tmp_path / "bad" / "results.json").read_text())
+    error = "UserError: optimizer (torch.optim.Adam) rejects its config: Invalid learning rate: -1"
+    assert record["status"] == "failed" and record["error"] == error
+    (row,) = aggregate.collect(tmp_path).to_dict("records")
+    assert (row["status"], row["error"], row["optimizer.lr"]) == ("failed", error, -1)
 
 
 def _options(group: str) -> list[str]:

@@ -32,9 +32,11 @@ class IndexedTensors(Dataset):
 class IndexBatchSampler:
     """Batches of indices, reshuffled per epoch from (seed, epoch) and sharded across ranks.
 
-    The order depends only on the seed and the epoch, so a run resumed at an epoch boundary sees
-    the same batches as an uninterrupted one. It is drawn on the host and sent to ``device`` once
-    per epoch: a batch of indices copied on its own would make the host wait for the device.
+    The order depends only on the seed and the epoch, and the sampler counts the batches it has
+    given out this epoch (its ``state_dict``), so a run resumed from a mid-epoch checkpoint goes on
+    with the next batch of the same order, as an uninterrupted run would. It is drawn on the host
+    and sent to ``device`` once per epoch: a batch of indices copied on its own would make the host
+    wait for the device.
     """
 
     def __init__(self, size, batch_size, shuffle, seed=0, drop_last=False, rank=0, world_size=1, device="cpu"):
@@ -42,9 +44,17 @@ class IndexBatchSampler:
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
         self.device = device
         self.epoch = 0
+        self.given = 0  # batches of this epoch given out (skipped ones included)
+        self._resume = (-1, 0)  # (epoch, batches): from a restored checkpoint, skipped by that epoch's pass
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "given": self.given}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume = (state["epoch"], state["given"])
 
     def _indices(self) -> torch.Tensor:
         if not self.shuffle:
@@ -57,11 +67,35 @@ class IndexBatchSampler:
 
     def __iter__(self):
         batches = self._indices().to(self.device).split(self.batch_size)
-        yield from (b for b in batches if not (self.drop_last and len(b) < self.batch_size))
+        batches = [b for b in batches if not (self.drop_last and len(b) < self.batch_size)]
+        epoch, given = self._resume
+        self.given, self._resume = (given if epoch == self.epoch else 0), (-1, 0)
+        for batch in batches[self.given :]:
+            self.given += 1
+            yield batch
 
     def __len__(self) -> int:
         n = math.ceil(self.size / self.world_size)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose position Lightning keeps in every checkpoint (it saves and restores the
+    ``state_dict`` of stateful loaders): that of its batch sampler. Lightning takes no batch ahead
+    from a loader with a length, so the position is the number of batches trained on."""
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+
+
+def resumable(data: Dataset, sampler, seed: int) -> ResumableLoader:
+    """``data`` served in ``sampler``'s batches of indices, by a loader with its own generator: a
+    loader starting an epoch draws a seed for workers, and from torch's global generator that draw
+    would shift dropout and augmentation in a run resumed mid-epoch."""
+    return ResumableLoader(data, sampler=sampler, batch_size=None, generator=torch.Generator().manual_seed(seed))
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -123,7 +157,7 @@ class TensorDataModule(SplitDataModule):
         self.setup()
         trainer = getattr(self, "trainer", None)
         data = self.on_device(split, trainer.strategy.root_device if trainer is not None else torch.device("cpu"))
-        return DataLoader(data, sampler=self.sampler(split, shuffle, batch_size, data.x.device), batch_size=None)
+        return resumable(data, self.sampler(split, shuffle, batch_size, data.x.device), self.seed)
 
     def sampler(self, split: str, shuffle: bool = False, batch_size: int | None = None,
                 device: torch.device | str = "cpu") -> IndexBatchSampler:
