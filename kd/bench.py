@@ -19,8 +19,8 @@
     CIFAR-100's 45,000 training and 5,000 validation images, random) on the fast path, timed by
     ``EpochTimer``; the wall time of the 240-epoch run is projected from them.
 (e) ``parity``: test accuracy of fp32 (32-true) against the fast path in bf16-mixed (no compile),
-    a few seeds each, the same epochs, on ``RandomCIFAR(noise=...)``: class templates plus noise,
-    so that accuracy means something.
+    a few seeds each, the same epochs, on ``RandomCIFAR(noise=...)``: class textures under pixel
+    noise, which a net learns gradually, so that accuracy means something.
 
 The paths alternate round after round and each figure is the median over rounds, so a ratio
 compares paths under the same load. This module, not the script, holds the pieces so that
@@ -53,9 +53,9 @@ from torchvision import transforms
 from torchvision.datasets import VisionDataset
 
 from kd import objectives, teachers
-from kd.errors import one_line
 from kd.data.base import IndexedTensors
 from kd.data.cifar import MEAN_STD, CIFARDataModule
+from kd.errors import one_line
 from kd.models import get as get_model
 from kd.results import cpu_features, hardware, write_json_atomic, write_text_atomic
 from kd.runner import QUIET, compose_config, quiet_lightning
@@ -110,7 +110,7 @@ def template_images(n: int, noise: float, seed: int = 0, tile: int = 8) -> tuple
 class RandomCIFAR(CIFARDataModule):
     """Our CIFAR-100 data path on ``size`` generated training images and ``eval_size`` more for
     each of validation and test (default: one batch): uniform random pixels (``noise=None``, for
-    speed alone) or class templates plus ``noise`` (``template_images``). The images are the same
+    speed alone) or class textures under pixel ``noise`` (``template_images``). The images are the same
     whatever the run's seed, as a real data set's are."""
 
     def __init__(self, size: int = 1024, eval_size: int | None = None, noise: float | None = None, **kwargs):
@@ -544,7 +544,8 @@ def report(result: dict) -> str:
         lines += [f"parity: {result['parity.model']}, CE, {result['parity.train_images']} training images of class "
                   f"textures under pixel noise {result['parity.noise']}, {result['parity.epochs']} epochs, "
                   f"{result['parity.seeds']} seeds (chance: {1 / CLASSES:.2f}); "
-                  f"fp32 {result['samples.parity.fp32_acc']}, bf16 {result['samples.parity.bf16_acc']}."
+                  + "; ".join(f"{name} " + ", ".join(f"{a:.3f}" for a in result[f"samples.parity.{name}_acc"])
+                              for name in ("fp32", "bf16")) + "."
                   + ("" if 5 / CLASSES < result["parity.fp32_acc"] < 0.98 else " Accuracy near chance or 100%: "
                      "not informative; run again with another --parity-noise (lower: easier)."), ""]
     met = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b}
