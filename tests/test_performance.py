@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from kd import config, models
-from kd.bench import RandomCIFAR, template_images
+from kd.bench import RandomCIFAR, teacher_checkpoint, template_images
 from kd.errors import TrainingDiverged
 from kd.module import DistillationModule
 from kd.runner import compose_config
@@ -141,9 +141,9 @@ class Precision(L.Callback):
 @pytest.mark.parametrize("device, compile", [("cpu", False), pytest.param("gpu", False, marks=pytest.mark.gpu),
                                              pytest.param("gpu", True, marks=pytest.mark.gpu)], indirect=["device"])
 def test_the_fast_path_runs_without_waiting_for_the_device(root, monkeypatch, device, compile):
-    """trainer=gpu_fast: bf16 autocast where the device computes bf16 natively, else fp32;
-    channels_last; compile. On CUDA no training step waits for the device. Rehearsed on the CPU, the
-    compile goes through dynamo with the eager backend (inductor takes minutes on a CPU)."""
+    """trainer=gpu_fast, a KD student: bf16 autocast where the device computes bf16 natively, else
+    fp32; channels_last; compile. On CUDA no training step waits for the device. Rehearsed on the
+    CPU, the compile goes through dynamo with the eager backend (inductor takes minutes on a CPU)."""
     if compile and device.type == "cpu":
         monkeypatch.setattr(torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile, backend="eager"))
     torch._dynamo.reset()
@@ -151,13 +151,15 @@ def test_the_fast_path_runs_without_waiting_for_the_device(root, monkeypatch, de
     module = importlib.import_module("tests.test_performance")  # the classes the run imports by name
     module.NoHostSync.found, module.Precision.seen = [], []
     callbacks = [f"+callbacks.{name.lower()}._target_=tests.test_performance.{name}" for name in ("NoHostSync", "Precision")]
-    overrides = [*CIFAR, "data.size=64", "callbacks=none", "trainer=gpu_fast", *on(device), f"compile={compile}",
-                 *callbacks]
+    teacher_checkpoint(root / "teacher.ckpt", "resnet8")
+    overrides = [*CIFAR, "data.size=64", "callbacks=none", "objective=kd", "teacher=checkpoint",
+                 f"teacher.path={root / 'teacher.ckpt'}", "trainer=gpu_fast", *on(device), f"compile={compile}", *callbacks]
     record = run(compose_config(overrides, root / "run"))
     precision = config.fast_precision(on(device)[0].split("=")[1])
     assert record["status"] == "completed" and record["config"]["trainer"]["precision"] == precision
     assert record["hardware"]["cpu"]["capability"]
     assert 0 <= record["metrics"]["test/acc_last"] <= 1 and math.isfinite(record["metrics"]["train/loss"])
+    assert 0 <= record["metrics"]["train/agreement"] <= 1  # the teacher ran
     assert set(module.Precision.seen) == {torch.bfloat16 if precision == "bf16-mixed" else torch.float32}
     assert module.NoHostSync.found == []
     assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == compile
