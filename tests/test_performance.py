@@ -129,13 +129,19 @@ class NoHostSync(L.Callback):
 
 
 class Precision(L.Callback):
-    """The dtype the student's first convolution computes in (``seen``)."""
+    """The dtype of the student's logits as the loss receives them (``seen``): bf16 under bf16
+    autocast. Read at the loss, outside the compiled nets (dynamo may drop a hook's side effects)."""
 
     seen: list = []
 
     def on_fit_start(self, trainer, pl_module):
-        first = next(m for m in pl_module.net.modules() if isinstance(m, torch.nn.Conv2d))
-        first.register_forward_hook(lambda m, args, out: Precision.seen.append(out.dtype))
+        loss_fn = pl_module.loss_fn
+
+        def recorded(logits, *args, **kwargs):
+            Precision.seen.append(logits.dtype)
+            return loss_fn(logits, *args, **kwargs)
+
+        pl_module.loss_fn = recorded
 
 
 @pytest.mark.parametrize("device, compile", [("cpu", False), pytest.param("gpu", False, marks=pytest.mark.gpu),
