@@ -6,7 +6,7 @@
 #   2. the benchmark at full size (kd/bench.py): kd_step (ours, fast path and fp32, against the common
 #      loop), parity (fp32 against bf16-mixed test accuracy, 3 seeds each), epoch (the 240-epoch CRD
 #      KD run projected from measured epochs).
-# Each step has its own time limit (tests 150 s, benchmark 300 s on a GPU), and the benchmark
+# Each step has its own time limit (tests 140 s, benchmark 330 s on a GPU), and the benchmark
 # publishes after each measurement, so what finished is kept. Exit status: 0 when every step passed.
 #
 #   scripts/gpu_check.sh [--out DIR]         on the GPU machine; DIR (default results/bench) receives
@@ -78,7 +78,7 @@ check() {
   fi
   if [ $mode = gpu ]; then
     # One round: a GPU machine is not shared, so its timings need no median over rounds.
-    device=cuda tests_limit=150 bench_limit=300 bench_args=(--device cuda --rounds 1)
+    device=cuda tests_limit=140 bench_limit=330 bench_args=(--device cuda --rounds 1)
     "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device is visible to torch')" || return 2
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
   else
