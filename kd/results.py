@@ -67,7 +67,10 @@ def cpu_features() -> dict:
     if platform.machine().lower() in ("x86_64", "amd64"):  # torch's private probes; absent ones count as no
         native = any(getattr(torch.cpu, f"_is_{isa}_supported", bool)() for isa in ("avx512_bf16", "amx_tile"))
     else:  # on x86 this check also counts AVX-512 emulation as support, hence the explicit flags above
-        native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        try:
+            native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        except (AttributeError, RuntimeError):  # a build without oneDNN
+            native = False
     return {"model": _cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(), "bf16_native": bool(native)}
 
 
