@@ -7,7 +7,7 @@ DATA ?= synthetic
 ARGS ?=
 
 .PHONY: install test reproduce-fig1 reproduce-fig2 reproduce-fig3 reproduce-fig4 reproduce-sensitivity reproduce-failures \
-        reproduce-table1 reproduce-table2 teachers data bench clean
+        reproduce-table1 reproduce-table2 teachers data bench gpu-check gpu-wheels clean
 
 install:  ## .venv with the exact pins of requirements/lock.txt, kd installed editable
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,12 @@ data:  ## download / prepare a real data set: make data DATA=cifar100, or DATA=i
 
 bench:
 	$(PY) scripts/benchmark.py $(ARGS)
+
+gpu-check:  ## the GPU path checked and measured in one command (scripts/gpu_check.sh; ARGS="--cpu" rehearses it)
+	PYTHON=$(PY) bash scripts/gpu_check.sh $(ARGS)
+
+gpu-wheels:  ## wheels of the pinned packages a bare GPU machine lacks (hydra-core, omegaconf, antlr4), into .whl/
+	PYTHON=$(PY) bash scripts/gpu_check.sh --wheels
 
 clean:
 	rm -rf logs teachers outputs multirun wandb

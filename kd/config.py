@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import re
 
+import torch
 from omegaconf import OmegaConf
+
+from kd.results import cpu_features
 
 
 def run_name(overrides: str) -> str:
@@ -18,9 +21,25 @@ def run_name(overrides: str) -> str:
     return name
 
 
+def fast_precision(accelerator: str) -> str:
+    """The fast path's precision (trainer=gpu_fast): ``bf16-mixed`` where the run's device computes
+    bf16 natively (a CUDA GPU of compute capability 8.0 or newer; a CPU with AVX512-BF16 or AMX,
+    see ``kd.results.cpu_features``), else ``32-true``: emulated bf16 is slower than fp32, ten
+    times on an AVX2-only CPU. The run's results.json records the choice (config.trainer.precision)
+    and the CPU's features (hardware.cpu)."""
+    if accelerator == "auto":
+        accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+    if accelerator in ("gpu", "cuda"):
+        native = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+    else:
+        native = accelerator == "cpu" and cpu_features()["bf16_native"]
+    return "bf16-mixed" if native else "32-true"
+
+
 def register() -> None:
-    if not OmegaConf.has_resolver("run_name"):
-        OmegaConf.register_new_resolver("run_name", run_name)
+    for name, resolver in (("run_name", run_name), ("fast_precision", fast_precision), ("not", lambda x: not x)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, resolver)
 
 
 register()

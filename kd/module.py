@@ -246,7 +246,9 @@ class DistillationModule(L.LightningModule):
     def _record_nonfinite(self, loss: torch.Tensor) -> None:
         """Keep the step, epoch and value of each member's first non-finite loss, without waiting for the device."""
         first = ~torch.isfinite(loss) & (self.nonfinite_at[:, 0] < 0)
-        here = torch.tensor([self.global_step, self.current_epoch]).to(loss.device, non_blocking=True)
+        # From pinned memory: a copy from pageable memory may make the host wait for the device.
+        here = torch.tensor([self.global_step, self.current_epoch], pin_memory=loss.is_cuda)
+        here = here.to(loss.device, non_blocking=True)
         self.nonfinite_at.copy_(torch.where(first[:, None], here, self.nonfinite_at))
         self.nonfinite_loss.copy_(torch.where(first, loss.float(), self.nonfinite_loss))
 

@@ -60,9 +60,32 @@ def versions() -> dict:
     return found
 
 
+def cpu_features() -> dict:
+    """This CPU as torch sees it: its name, the vector instructions torch's kernels use, and whether
+    it computes bf16 natively (x86: AVX512-BF16 or AMX; elsewhere oneDNN's check, e.g. Arm's BF16).
+    Without native support bf16 is emulated, and about ten times slower than fp32 (AVX2-only CPUs)."""
+    if platform.machine().lower() in ("x86_64", "amd64"):  # torch's private probes; absent ones count as no
+        native = any(getattr(torch.cpu, f"_is_{isa}_supported", bool)() for isa in ("avx512_bf16", "amx_tile"))
+    else:  # on x86 this check also counts AVX-512 emulation as support, hence the explicit flags above
+        try:
+            native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        except (AttributeError, RuntimeError):  # a build without oneDNN
+            native = False
+    return {"model": _cpu_model(), "capability": torch.backends.cpu.get_cpu_capability(), "bf16_native": bool(native)}
+
+
+def _cpu_model() -> str:
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+    except OSError:
+        names = []
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def hardware() -> dict:
     info = {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda, "gpus": []}
+            "cpu": cpu_features(), "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda, "gpus": []}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info

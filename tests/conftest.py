@@ -1,4 +1,9 @@
-"""Every test writes under a temporary root and never talks to the W&B servers."""
+"""Every test writes under a temporary root and never talks to the W&B servers.
+
+Tests marked ``gpu`` take the ``device`` fixture: CUDA, skipped where none is visible (the suite
+runs on CPU-only CI; scripts/gpu_check.sh runs them on a GPU), or the CPU under
+``--gpu-device cpu``, which rehearses them (scripts/gpu_check.sh --cpu, itself run by the suite).
+"""
 
 import os
 import shutil
@@ -6,9 +11,40 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--gpu-device", default="cuda", choices=("cuda", "cpu"),
+                     help="where the tests marked gpu run (default cuda: skipped without a GPU; cpu rehearses them)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--gpu-device") == "cuda" and not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU: scripts/gpu_check.sh runs it (--cpu rehearses it here)")
+        for item in items:
+            if item.get_closest_marker("gpu"):
+                item.add_marker(skip)
+
+
+# Parametrises ``device`` over the CPU and the GPU path: @pytest.mark.parametrize("device", DEVICES, indirect=True)
+DEVICES = ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture
+def device(request) -> torch.device:
+    """The CPU for the "cpu" parameter; else (the "gpu" parameter, or a test marked gpu) --gpu-device."""
+    if getattr(request, "param", "gpu") == "cpu":
+        return torch.device("cpu")
+    return torch.device(request.config.getoption("--gpu-device"))
+
+
+def on(device: torch.device) -> list[str]:
+    """The overrides that put a run on ``device``."""
+    return [f"trainer.accelerator={'gpu' if device.type == 'cuda' else device.type}"]
 
 
 @pytest.fixture
