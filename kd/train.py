@@ -30,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 from kd import config as _resolvers  # noqa: F401  (registers run_name)
 from kd import objectives, population, schema, teachers
 from kd.errors import TrainingDiverged, UserError, check_choice, check_range, one_line
-from kd.logging import build_loggers, finish_loggers
+from kd.logging import build_loggers, finish_loggers, summarise
 from kd.module import DistillationModule
 from kd.objectives import similarity
 from kd.predict import predict
@@ -227,6 +227,8 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
                 record.update(error=f"TrainingDiverged: {reason}")
             else:
                 record.update(status="completed", checkpoints=checkpoints[g])
+        if trainer.global_rank == 0:  # a population logs nothing (kd.population.key): this is a single run's
+            summarise(loggers, {k: v for k, v in records[0]["metrics"].items() if k.startswith("test/")})
         finished = True
         return records
     except BaseException as err:  # recorded for kd.aggregate, which lists failed jobs with their error
