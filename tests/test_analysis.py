@@ -11,6 +11,7 @@ from kd import objectives
 from kd.analysis import domain, instance, universe
 from kd.data.synthetic import SyntheticDataModule
 from kd.objectives import targets
+from kd.predict import predict
 
 K, B = 6, 8
 
@@ -73,6 +74,18 @@ def test_per_example_on_the_oracle_distilling_itself():
     ls = instance.per_example(oracle, oracle, dm, kd_weight=0.1, target=targets.uniform)
     np.testing.assert_allclose(ls["rho_c"], 0.25)
     np.testing.assert_allclose(ls["w"], 1 - 0.1 * 0.75 / (1 - ls["p_c"]), rtol=1e-4)
+
+
+def test_predict_leaves_the_random_stream_alone():
+    """The instance histograms run it between training epochs: the training must not notice."""
+    dm = SyntheticDataModule(superclasses=2, subclasses=2, dim=4, train_per_class=5)
+    dm.setup()
+    teacher = dm.oracle_teacher()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    predict(teacher, dm, "val")
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_binned_means():
