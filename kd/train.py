@@ -265,10 +265,20 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def optimized_value(record: dict, metric: str) -> float:
+    """The value of ``metric`` in a finished run's record: what a sweeper optimises (``optimized_metric``)."""
+    if metric not in record["metrics"]:
+        raise UserError(f"optimized_metric={metric!r} is not a metric of this run; choose one of: "
+                        f"{', '.join(sorted(record['metrics']))}")
+    return float(record["metrics"][metric])
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def _main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> float | None:
+    """One run; returns the value of ``optimized_metric`` (when set) to the sweeper (hparams_search)."""
     try:
         record = run(cfg)
+        value = optimized_value(record, cfg.optimized_metric) if cfg.get("optimized_metric") else None
     except REPORTED as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # an exception, not an exit: Hydra records the failed job and runs the rest of the sweep
@@ -276,6 +286,7 @@ def _main(cfg: DictConfig) -> None:
     metrics = record["metrics"]
     print(f"[kd] done: test/acc_last={metrics.get('test/acc_last', float('nan')):.4f} "
           f"test/acc_best={metrics.get('test/acc_best', float('nan')):.4f} -> {record['output_dir']}/results.json")
+    return value
 
 
 def main() -> None:
