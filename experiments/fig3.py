@@ -9,6 +9,7 @@ results/fig3/{fig3.csv, fig3.png, fig3.pdf, fig3.md}.
     python -m experiments.fig3 --data cifar100      # resnet56 -> resnet20, CRD recipe (make reproduce-fig3 DATA=cifar100)
     python -m experiments.fig3 --seeds 0 1 2 -- trainer.max_epochs=100   # any override after --
     python -m experiments.fig3 --population off     # every run alone (same results, slower)
+    python -m experiments.fig3 --methods ce kd_pt kd dkd   # DKD, the peer, beside the levels (not by default)
 """
 
 from __future__ import annotations
