@@ -300,6 +300,8 @@ SIM = similarity.from_teacher_weights(torch.randn(K, 8, generator=torch.Generato
     ("kd", {"temperature": math.inf}, r"objective.temperature=inf is out of range; allowed: \(0, inf\)"),
     ("kd", {"temperature": "4"}, r"objective.temperature='4' is not a number; allowed: \(0, inf\)"),
     ("kd", {"kd_weight": 1.5}, r"objective.kd_weight=1.5 is out of range; allowed: \[0, 1\]"),
+    ("ls", {"eps": None}, r"objective.eps=None is not a number; allowed: \[0, 1\]"),
+    ("dkd", {"ce_weight": None}, r"objective.ce_weight=None is not a number; allowed: \[0, 1\]"),
     ("kd", {"t2_scale": "no"}, r"objective.t2_scale='no' is not valid; choose one of: True, False"),
     ("kd", {"t2_scale": 1}, r"objective.t2_scale=1 is not valid; choose one of: True, False"),
     ("kd_topk", {"k": 0}, r"objective.k=0 is out of range"),

@@ -62,9 +62,10 @@ def _params(name: str, given: dict) -> dict:
         valid = ", ".join(allowed) or "none"
         raise UserError(f"objective {name!r} takes no parameter {unknown[0]!r}; valid parameters: {valid}")
     params = {**allowed, **given}
-    for key, bounds in _RANGES.items():
-        if params.get(key) is not None:
-            params[key] = check_range(f"objective.{key}", params[key], *bounds)
+    for key in [k for k in _RANGES if k in params]:
+        if key == "ce_weight" and params[key] is None and "kd_weight" in params:
+            continue  # KD's ce_weight None is 1 - kd_weight
+        params[key] = check_range(f"objective.{key}", params[key], *_RANGES[key])
     if "t2_scale" in params:
         check_bool("objective.t2_scale", params["t2_scale"])
     if "tail" in params:
