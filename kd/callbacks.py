@@ -87,10 +87,10 @@ class InstanceHistograms(L.Callback):
     split, after validation at the first, a middle and the last epoch (the first only when
     trainer.max_epochs is unbounded).
 
-    Only in a run whose objective distils from its teacher, with a W&B logger, on rank zero. The training steps pay nothing: the cost is
-    one pass of student and teacher over the validation split at each of those epochs. w is unbounded
-    below (an example the student is more confident on than its target), so its histogram spans w's
-    1st to 99th percentile, with the examples beyond piled at its ends.
+    Only in a run whose objective distils from its teacher, with a W&B logger, on rank zero. The
+    training steps pay nothing: the cost is one pass of student and teacher over the validation split
+    at each of those epochs. w is unbounded below (an example the student is more confident on than
+    its target), so its histogram spans w's 1st to 99th percentile, the examples beyond piled at its ends.
     """
 
     def __init__(self, bins: int = 64):
@@ -105,7 +105,7 @@ class InstanceHistograms(L.Callback):
         if (trainer.sanity_checking or not distils or pl_module.teacher is None or not trainer.is_global_zero
                 or trainer.current_epoch not in {0, last // 2, last}):
             return
-        import wandb
+        import wandb  # here: a run without W&B does not pay for importing it
 
         values = {k: v.numpy() for k, v in instance.of_objective(loss_fn, pl_module.net, pl_module.teacher,
                                                                   trainer.datamodule).items()}
