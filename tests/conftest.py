@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import wandb
 from wandb.proto import wandb_internal_pb2
 
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -19,7 +20,8 @@ def root(tmp_path, monkeypatch):
     """A fresh project root: runs, teachers, W&B files all land here."""
     monkeypatch.setenv("KD_ROOT", str(tmp_path))
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    return tmp_path
+    yield tmp_path
+    wandb.teardown()  # W&B keeps the settings it read (WANDB_DIR) until its service ends
 
 
 TINY = [
@@ -43,6 +45,7 @@ def wandb_run(folder: Path) -> tuple[list[dict], dict]:
     """The history rows and the summary of the one offline W&B run under ``folder``, as W&B would sync
     them, read from its ``run-*.wandb`` file: protobuf records in LevelDB's log format (a 7-byte file
     header, then 32 KiB blocks of chunks, each behind a 7-byte header: crc, length, kind)."""
+    wandb.teardown()  # W&B's service writes run files on its own time: ending it flushes them
     (path,) = Path(folder).rglob("offline-run-*/run-*.wandb")
     data, pos, chunk, records = path.read_bytes(), 7, b"", []
     while pos + 7 <= len(data):
@@ -64,6 +67,7 @@ def wandb_run(folder: Path) -> tuple[list[dict], dict]:
 def assert_published_to_wandb(out_dir: Path, wandb_dir: Path) -> None:
     """Every PNG a driver wrote into ``out_dir`` is in its W&B run's media, byte for byte, and every
     CSV table is there as a W&B table with the same columns and rows."""
+    wandb.teardown()
     (files,) = Path(wandb_dir).rglob("offline-run-*/files")
     media = {p.read_bytes() for p in (files / "media" / "images").rglob("*.png")}
     pngs = sorted(Path(out_dir).glob("*.png"))

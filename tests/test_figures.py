@@ -7,6 +7,7 @@ five students.
 
 import pandas as pd
 import pytest
+import wandb
 
 from experiments import fig1, fig2, fig4
 from tests.conftest import assert_published_to_wandb
@@ -32,6 +33,7 @@ def test_fig1(dirs, monkeypatch):
     """With W&B (offline): its figure and both tables reach the run, although figure and table share a name."""
     root, flags, overrides = dirs
     monkeypatch.setenv("WANDB_DIR", str(root / "fig1_wandb"))
+    wandb.teardown()  # a W&B service left by an earlier test would keep its own WANDB_DIR
     flags = [f for f in flags if f != "--no-wandb"]
     out = fig1.main([*flags, "--delta", "1.0", "--out", str(root / "fig1"), *overrides])
     assert_published_to_wandb(out, root / "fig1_wandb")
