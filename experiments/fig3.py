@@ -9,6 +9,7 @@ results/fig3/{fig3.csv, fig3.png, fig3.pdf, fig3.md}.
     python -m experiments.fig3 --data cifar100      # resnet56 -> resnet20, CRD recipe (make reproduce-fig3 DATA=cifar100)
     python -m experiments.fig3 --seeds 0 1 2 -- trainer.max_epochs=100   # any override after --
     python -m experiments.fig3 --population off     # every run alone (same results, slower)
+    python -m experiments.fig3 --methods ce kd_pt kd dkd   # DKD, the peer, beside the levels (not by default)
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from kd.runner import compose_config
 from kd.stats import paired_gaps
 
 METHODS = ["ce", "ls", "kd_sim", "kd_pt", "kd_pt_sim", "kd", "kd_topk"]
+# Every method --methods takes, in the order of plots and tables: the default ones, then DKD, the peer
+# (with its own defaults, mdistiller's CIFAR-100 recipe; configs/objective/dkd.yaml).
 LABELS = {"ce": "CE (none)", "ls": "LS (universe)", "kd_sim": "KD-sim (domain)", "kd_pt": "KD-pt (instance)",
-          "kd_pt_sim": "KD-pt+sim", "kd": "KD", "kd_topk": "KD-topk"}
+          "kd_pt_sim": "KD-pt+sim", "kd": "KD", "kd_topk": "KD-topk", "dkd": "DKD (peer)"}
 # The paper's reported order of benefit, each level against the one below it.
 ORDERING = [("kd_pt", "kd_sim"), ("kd_sim", "ls"), ("ls", "ce")]
 
@@ -51,7 +54,7 @@ def plot(df: pd.DataFrame, metric: str = "test_acc_last"):
     claim's paired gap with its 95% interval over seeds."""
     ok = df[df.status == "completed"]
     by = axis(df)
-    methods = [m for m in METHODS if m in set(ok.method)]
+    methods = [m for m in LABELS if m in set(ok.method)]
     stats = ok.groupby(["method", by])[metric].agg(["mean", "std"]).fillna(0.0)
     fig, (ax, right) = plt.subplots(1, 2, figsize=(12.4, 4.4), constrained_layout=True)
     if by == "delta":
@@ -140,7 +143,7 @@ def summarise(df: pd.DataFrame, seconds: float, metric: str = "test_acc_last", g
              f"{ok.seconds.sum() / 60:.1f} min summed over the runs (teacher training included).", ""]
     cells = stats["mean"].map("{:.3f}".format) + " ± " + stats["std"].fillna(0).map("{:.3f}".format)
     pivot = stats.assign(cell=cells).pivot(index="method", columns=by, values="cell")
-    pivot = pivot.reindex([m for m in METHODS if m in set(stats.method)])
+    pivot = pivot.reindex([m for m in LABELS if m in set(stats.method)])
     lines += ["| method | " + " | ".join(position(by, d) for d in pivot.columns) + " |",
               "|---|" + "---|" * len(pivot.columns)]
     lines += [f"| {LABELS[m]} | " + " | ".join(pivot.loc[m]) + " |" for m in pivot.index]
@@ -158,7 +161,7 @@ def summarise(df: pd.DataFrame, seconds: float, metric: str = "test_acc_last", g
 def main(argv=None) -> Path:
     cli = parser("fig3", __doc__, seeds=range(10))
     cli.add_argument("--deltas", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="synthetic data only")
-    cli.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    cli.add_argument("--methods", nargs="+", default=METHODS, choices=list(LABELS))
     args = cli.parse_args(argv)
     check_data(args.data, "fig3", supported=tuple(DATA))
     start = time.time()

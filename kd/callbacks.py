@@ -8,10 +8,13 @@ import time
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 
+from kd.analysis import instance
 from kd.errors import TrainingDiverged
 
 
@@ -140,3 +143,37 @@ class ResumeState(L.Callback):
             handler, signum, frame = self._held
             self._held = None
             handler(signum, frame)
+
+class InstanceHistograms(L.Callback):
+    """The instance level of a distillation run, in W&B: histograms ``val/w`` of the rescaling factor
+    of the run's own objective (``kd.analysis.instance.gradient_ratio``) and ``val/q_c`` of the
+    teacher's confidence on the true class (at the objective's temperature), over the validation
+    split, after validation at the first, a middle and the last epoch (the first only when
+    trainer.max_epochs is unbounded).
+
+    Only in a run whose objective distils from its teacher, with a W&B logger, on rank zero. The
+    training steps pay nothing: the cost is one pass of student and teacher over the validation split
+    at each of those epochs. w is unbounded below (an example the student is more confident on than
+    its target), so its histogram spans w's 1st to 99th percentile, the examples beyond piled at its ends.
+    """
+
+    def __init__(self, bins: int = 64):
+        self.bins = bins
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
+        if not loggers or pl_module.members != 1:  # a population has no logger (kd.population.key)
+            return
+        ((_, loss_fn, distils),) = pl_module.loss_groups
+        last = trainer.max_epochs - 1 if trainer.max_epochs and trainer.max_epochs > 0 else 0
+        if (trainer.sanity_checking or not distils or pl_module.teacher is None or not trainer.is_global_zero
+                or trainer.current_epoch not in {0, last // 2, last}):
+            return
+        import wandb  # here: a run without W&B does not pay for importing it
+
+        values = {k: v.numpy() for k, v in instance.of_objective(loss_fn, pl_module.net, pl_module.teacher,
+                                                                  trainer.datamodule).items()}
+        values["w"] = values["w"].clip(*np.percentile(values["w"], [1, 99]))
+        histograms = {f"val/{key}": wandb.Histogram(value, num_bins=self.bins) for key, value in values.items()}
+        for logger in loggers:
+            logger.log_metrics({**histograms, "epoch": trainer.current_epoch}, step=trainer.global_step)

@@ -16,20 +16,29 @@ def check_choice(key: str, value, choices) -> None:
         raise UserError(f"{key}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
 
 
-def check_range(key: str, value, low=None, high=None, low_open=False, high_open=False) -> None:
-    """Check low <= value <= high (open ends when asked); None bounds are unbounded."""
+def check_bool(key: str, value) -> None:
+    """Only True or False: a string such as "no" would otherwise read as true."""
+    if not isinstance(value, bool):
+        raise UserError(f"{key}={value!r} is not valid; choose one of: True, False")
+
+
+def check_range(key: str, value, low=None, high=None, low_open=False, high_open=False):
+    """Check low <= value <= high (open ends when asked; an unbounded end is open, so inf never
+    passes) and return the value as a Python number: a numpy number or a 0-d tensor counts as its value."""
+    lo = "-inf" if low is None else low
+    hi = "inf" if high is None else high
+    interval = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+    number = value.item() if getattr(value, "ndim", None) == 0 and hasattr(value, "item") else value
+    if not isinstance(number, (int, float)) or isinstance(number, bool):
+        raise UserError(f"{key}={value!r} is not a number; allowed: {interval}")
     bad = (
-        not isinstance(value, (int, float))
-        or isinstance(value, bool)
-        or math.isnan(value)
-        or (low is not None and (value <= low if low_open else value < low))
-        or (high is not None and (value >= high if high_open else value > high))
+        not math.isfinite(number)
+        or (low is not None and (number <= low if low_open else number < low))
+        or (high is not None and (number >= high if high_open else number > high))
     )
     if bad:
-        lo = "-inf" if low is None else low
-        hi = "inf" if high is None else high
-        interval = f"{'(' if low_open else '['}{lo}, {hi}{')' if high_open else ']'}"
         raise UserError(f"{key}={value!r} is out of range; allowed: {interval}")
+    return number
 
 
 class TrainingDiverged(RuntimeError):

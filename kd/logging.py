@@ -60,6 +60,14 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
     return loggers
 
 
+def summarise(loggers: list, values: dict) -> None:
+    """``values`` into the summary of every W&B run: the numbers results.json reports, not whichever
+    value of a key W&B saw last."""
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            logger.experiment.summary.update(values)
+
+
 def finish_loggers(loggers: list, failed: bool = False) -> None:
     """Close every W&B run this job opened, so the next run in the process starts a new one. A W&B
     service that is gone is no error of the run: SLURM signals every process of a job it requeues

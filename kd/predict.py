@@ -11,7 +11,14 @@ def predict(model: nn.Module, datamodule, split: str = "train", features: bool =
     """Logits (and penultimate features h if asked), labels and example indices of ``split``.
 
     Un-augmented and keyed by example index, so results line up with the data whatever the order.
+    It leaves torch's global random stream as it found it (a loader's iterator draws its seed from
+    it), so an analysis run between training epochs changes nothing in the training.
     """
+    with torch.random.fork_rng(devices=[]):
+        return _predict(model, datamodule, split, features)
+
+
+def _predict(model: nn.Module, datamodule, split: str, features: bool) -> dict:
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -46,8 +46,9 @@ def _log_wandb(name, tables, images, summary, config) -> None:
     run = wb.init(project="kd", group=name, job_type="figure", name=name, mode=wandb_mode(),
                   config=config or {}, reinit="finish_previous")
     try:
-        run.log({**{f"{name}/{k}": wb.Image(str(v)) for k, v in images.items()},
-                 **{f"{name}/{k}": wb.Table(dataframe=t) for k, t in tables.items()}})
+        # A figure and a table may share a name (fig3.png, fig3.csv): kinds get keys of their own.
+        run.log({**{f"{name}/figure/{k}": wb.Image(str(v)) for k, v in images.items()},
+                 **{f"{name}/table/{k}": wb.Table(dataframe=t) for k, t in tables.items()}})
         run.summary["summary_md"] = summary
     finally:
         run.finish()

@@ -31,7 +31,7 @@ from kd import config as _resolvers  # noqa: F401  (registers run_name)
 from kd import objectives, population, schema, teachers
 from kd.callbacks import resume_checkpoint
 from kd.errors import TrainingDiverged, UserError, check_choice, check_range, one_line
-from kd.logging import build_loggers, finish_loggers
+from kd.logging import build_loggers, finish_loggers, summarise
 from kd.module import DistillationModule
 from kd.objectives import similarity
 from kd.predict import predict
@@ -263,6 +263,8 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
                 record.update(error=f"TrainingDiverged: {reason}")
             else:
                 record.update(status="completed", checkpoints=checkpoints[g])
+        if trainer.global_rank == 0:  # a population logs nothing (kd.population.key): this is a single run's
+            summarise(loggers, {k: v for k, v in records[0]["metrics"].items() if k.startswith("test/")})
         finished = True
         return records
     except BaseException as err:  # recorded for kd.aggregate, which lists failed jobs with their error
@@ -301,10 +303,20 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def optimized_value(record: dict, metric: str) -> float:
+    """The value of ``metric`` in a finished run's record: what a sweeper optimises (``optimized_metric``)."""
+    if metric not in record["metrics"]:
+        raise UserError(f"optimized_metric={metric!r} is not a metric of this run; choose one of: "
+                        f"{', '.join(sorted(record['metrics']))}")
+    return float(record["metrics"][metric])
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def _main(cfg: DictConfig) -> None:
+def _main(cfg: DictConfig) -> float | None:
+    """One run; returns the value of ``optimized_metric`` (when set) to the sweeper (hparams_search)."""
     try:
         record = run(cfg)
+        value = optimized_value(record, cfg.optimized_metric) if cfg.get("optimized_metric") else None
     except REPORTED as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # an exception, not an exit: Hydra records the failed job and runs the rest of the sweep
@@ -312,6 +324,7 @@ def _main(cfg: DictConfig) -> None:
     metrics = record["metrics"]
     print(f"[kd] done: test/acc_last={metrics.get('test/acc_last', float('nan')):.4f} "
           f"test/acc_best={metrics.get('test/acc_best', float('nan')):.4f} -> {record['output_dir']}/results.json")
+    return value
 
 
 def main() -> None:

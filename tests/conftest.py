@@ -1,17 +1,23 @@
-"""Every test writes under a temporary root and never talks to the W&B servers.
+"""Every test writes under a temporary root and never talks to the W&B servers; what a test sent to
+W&B is read back from the offline run folder (``wandb_run``, ``assert_published_to_wandb``).
 
 Tests marked ``gpu`` take the ``device`` fixture: CUDA, skipped where none is visible (the suite
 runs on CPU-only CI; scripts/gpu_check.sh runs them on a GPU), or the CPU under
 ``--gpu-device cpu``, which rehearses them (scripts/gpu_check.sh --cpu, itself run by the suite).
 """
 
+import json
 import os
 import shutil
 import subprocess
+import struct
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
+import wandb
+from wandb.proto import wandb_internal_pb2
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -52,7 +58,8 @@ def root(tmp_path, monkeypatch):
     """A fresh project root: runs, teachers, W&B files all land here."""
     monkeypatch.setenv("KD_ROOT", str(tmp_path))
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    return tmp_path
+    yield tmp_path
+    wandb.teardown()  # W&B keeps the settings it read (WANDB_DIR) until its service ends
 
 
 TINY = [
@@ -87,3 +94,44 @@ def cluster_down() -> str | None:
     if not any(s.startswith(("idle", "mixed", "allocated", "completing")) for s in state):  # busy is up
         return f"the cluster of {SLURM_CONF} does not answer with a usable node (sinfo: {state})"
     return None
+# LevelDB's log format, which W&B's offline run files use (wandb_run): block size, chunk kinds.
+BLOCK, FULL, LAST = 32 * 1024, 1, 4
+
+
+def wandb_run(folder: Path) -> tuple[list[dict], dict]:
+    """The history rows and the summary of the one offline W&B run under ``folder``, as W&B would sync
+    them, read from its ``run-*.wandb`` file: protobuf records in LevelDB's log format (a 7-byte file
+    header, then 32 KiB blocks of chunks, each behind a 7-byte header: crc, length, kind)."""
+    wandb.teardown()  # W&B's service writes run files on its own time: ending it flushes them
+    (path,) = Path(folder).rglob("offline-run-*/run-*.wandb")
+    data, pos, chunk, records = path.read_bytes(), 7, b"", []
+    while pos + 7 <= len(data):
+        if BLOCK - pos % BLOCK < 7:  # a block's tail too short for a header is padding
+            pos += BLOCK - pos % BLOCK
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (FULL, LAST):
+            records.append(wandb_internal_pb2.Record.FromString(chunk))
+            chunk = b""
+    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+               for r in records if r.WhichOneof("record_type") == "history"]
+    summary = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+               for r in records if r.WhichOneof("record_type") == "summary" for item in r.summary.update}
+    return history, summary
+
+
+def assert_published_to_wandb(out_dir: Path, wandb_dir: Path) -> None:
+    """Every PNG a driver wrote into ``out_dir`` is in its W&B run's media, byte for byte, and every
+    CSV table is there as a W&B table with the same columns and rows."""
+    wandb.teardown()
+    (files,) = Path(wandb_dir).rglob("offline-run-*/files")
+    media = {p.read_bytes() for p in (files / "media" / "images").rglob("*.png")}
+    pngs = sorted(Path(out_dir).glob("*.png"))
+    assert pngs and all(png.read_bytes() in media for png in pngs), (pngs, list(files.rglob("*")))
+    logged = [json.loads(p.read_text()) for p in (files / "media" / "table").rglob("*.table.json")]
+    csvs = sorted(Path(out_dir).glob("*.csv"))
+    assert len(logged) == len(csvs)
+    for csv in csvs:
+        table = pd.read_csv(csv)
+        assert any(t["columns"] == list(table.columns) and len(t["data"]) == len(table) for t in logged), csv

@@ -11,14 +11,9 @@ from kd import objectives
 from kd.analysis import domain, instance, universe
 from kd.data.synthetic import SyntheticDataModule
 from kd.objectives import targets
+from kd.predict import predict
 
 K, B = 6, 8
-
-
-def true_class_grad(loss_fn, z, labels, teacher_logits=None):
-    z = z.clone().requires_grad_(True)
-    loss_fn(z, labels, teacher_logits).backward()
-    return z.grad.gather(1, labels[:, None]).squeeze(1)
 
 
 @pytest.fixture
@@ -31,8 +26,7 @@ def batch():
 def test_rescaling_factor_is_the_kd_over_ce_gradient_ratio(batch, temperature):
     z, labels, t = batch
     lam = 0.7
-    kd = objectives.get("kd", kd_weight=lam, temperature=temperature)
-    ratio = true_class_grad(kd, z, labels, t) / true_class_grad(objectives.get("ce"), z, labels)
+    ratio = instance.gradient_ratio(objectives.get("kd", kd_weight=lam, temperature=temperature), z, labels, t)
     q = torch.softmax(t / temperature, dim=1)
     torch.testing.assert_close(instance.rescaling_factor(z, q, labels, lam, temperature), ratio)
     if temperature == 1.0:  # the paper's closed form
@@ -50,11 +44,23 @@ def test_kd_pt_rescales_exactly_as_kd(batch):
 def test_label_smoothing_factor_is_flat_in_the_teacher(batch):
     z, labels, t = batch
     eps = 0.2
-    ratio = true_class_grad(objectives.get("ls", eps=eps), z, labels) / true_class_grad(objectives.get("ce"), z, labels)
+    ratio = instance.gradient_ratio(objectives.get("ls", eps=eps), z, labels)
     w = instance.rescaling_factor(z, targets.uniform(z, labels), labels, eps)
     torch.testing.assert_close(w, ratio)
     p_c = targets.true_class_prob(torch.softmax(z, 1), labels)
     torch.testing.assert_close(w, 1 - eps * (1 - 1 / K) / (1 - p_c))
+
+
+def test_gradient_ratio_is_the_ratio_of_true_class_gradients(batch):
+    """Against plain autograd of the objective and of CE, for DKD, whose w has no closed form here."""
+    z, labels, t = batch
+    rows = torch.arange(B)
+    dkd = objectives.get("dkd")
+    z_kd, z_ce = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
+    dkd(z_kd, labels, t).backward()
+    objectives.get("ce")(z_ce, labels).backward()
+    torch.testing.assert_close(instance.gradient_ratio(dkd, z, labels, t), z_kd.grad[rows, labels] / z_ce.grad[rows, labels])
+    torch.testing.assert_close(instance.gradient_ratio(objectives.get("ce"), z, labels), torch.ones(B))
 
 
 def test_per_example_on_the_oracle_distilling_itself():
@@ -68,6 +74,18 @@ def test_per_example_on_the_oracle_distilling_itself():
     ls = instance.per_example(oracle, oracle, dm, kd_weight=0.1, target=targets.uniform)
     np.testing.assert_allclose(ls["rho_c"], 0.25)
     np.testing.assert_allclose(ls["w"], 1 - 0.1 * 0.75 / (1 - ls["p_c"]), rtol=1e-4)
+
+
+def test_predict_leaves_the_random_stream_alone():
+    """The instance histograms run it between training epochs: the training must not notice."""
+    dm = SyntheticDataModule(superclasses=2, subclasses=2, dim=4, train_per_class=5)
+    dm.setup()
+    teacher = dm.oracle_teacher()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    predict(teacher, dm, "val")
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_binned_means():

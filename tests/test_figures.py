@@ -7,8 +7,10 @@ five students.
 
 import pandas as pd
 import pytest
+import wandb
 
 from experiments import fig1, fig2, fig4
+from tests.conftest import assert_published_to_wandb
 
 pytestmark = pytest.mark.slow
 
@@ -27,9 +29,14 @@ def publish_files(out, name, tables):
     return {table: pd.read_csv(out / f"{table}.csv") for table in tables}
 
 
-def test_fig1(dirs):
+def test_fig1(dirs, monkeypatch):
+    """With W&B (offline): its figure and both tables reach the run, although figure and table share a name."""
     root, flags, overrides = dirs
+    monkeypatch.setenv("WANDB_DIR", str(root / "fig1_wandb"))
+    wandb.teardown()  # a W&B service left by an earlier test would keep its own WANDB_DIR
+    flags = [f for f in flags if f != "--no-wandb"]
     out = fig1.main([*flags, "--delta", "1.0", "--out", str(root / "fig1"), *overrides])
+    assert_published_to_wandb(out, root / "fig1_wandb")
     tables = publish_files(out, "fig1", ["fig1", "fig1_binned"])
     examples = tables["fig1"]
     assert set(examples.method) == {"kd", "ls"} and set(examples.split) == {"train", "val"}

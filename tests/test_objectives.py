@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +10,7 @@ import torch.nn.functional as F
 import kd.objectives as O
 from kd.errors import UserError
 from kd.objectives import similarity, targets
+from kd.objectives.loss import decoupled_terms, kl
 
 B, K = 16, 10
 
@@ -127,6 +129,103 @@ def test_kd_pt_reproduces_kd_true_class_gradient(batch):
     assert torch.allclose(g_kd[rows, y], (-(1 - p_c) + 0.8 * (1 - q_c)) / B, atol=1e-7)
 
 
+def closed_form_dkd(z, t, y, temperature, tckd_weight, nckd_weight, ce_weight):
+    """DKD by its definition, per example as loops over classes; and its gradient, derived by hand:
+    on v = z / tau, dTCKD/dv_c = p_c - q_c, dTCKD/dv_k = p_k (q_c - p_c) / (1 - p_c) and
+    dNCKD/dv_k = p_hat_k - q_hat_k for k != c, dNCKD/dv_c = 0."""
+    p, q = torch.softmax(z / temperature, 1), torch.softmax(t / temperature, 1)
+    loss = ce_weight * F.cross_entropy(z, y)
+    grad = ce_weight * (torch.softmax(z, 1) - F.one_hot(y, K).to(z.dtype)) / len(y)
+    for i in range(len(y)):
+        c = int(y[i])
+        tckd = q[i, c] * torch.log(q[i, c] / p[i, c]) + (1 - q[i, c]) * torch.log((1 - q[i, c]) / (1 - p[i, c]))
+        nckd = sum(q[i, k] / (1 - q[i, c]) * torch.log((q[i, k] / (1 - q[i, c])) / (p[i, k] / (1 - p[i, c])))
+                   for k in range(K) if k != c)
+        loss = loss + temperature**2 * (tckd_weight * tckd + nckd_weight * nckd) / len(y)
+        for k in range(K):
+            d_tckd = p[i, c] - q[i, c] if k == c else p[i, k] * (q[i, c] - p[i, c]) / (1 - p[i, c])
+            d_nckd = 0.0 if k == c else p[i, k] / (1 - p[i, c]) - q[i, k] / (1 - q[i, c])
+            grad[i, k] += temperature * (tckd_weight * d_tckd + nckd_weight * d_nckd) / len(y)
+    return loss, grad
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_dkd_loss_and_gradient_match_closed_form(batch, temperature):
+    z, t, y = batch
+    loss = O.get("dkd", temperature=temperature, tckd_weight=0.5, nckd_weight=3.0, ce_weight=0.8)(z, y, t)
+    expected, expected_grad = closed_form_dkd(z.detach(), t, y, temperature, 0.5, 3.0, 0.8)
+    assert torch.allclose(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(loss, z)
+    assert torch.allclose(grad, expected_grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["ce", "ls", "dkd", *TEACHER_TARGETS])
+def test_a_population_gets_each_members_own_loss(batch, sim_matrix, name):
+    """(G, B, K) logits, as kd.population stacks them: member g's loss is its loss alone."""
+    z, t, y = batch
+    members = [(z, y, t), (0.5 * z.detach(), y.roll(1, 0), t.roll(1, 0))]
+    similarity = {"class_similarity": sim_matrix} if name in O.NEEDS_SIMILARITY else {}
+    stacked = {"class_similarity": torch.stack([sim_matrix, sim_matrix.T.softmax(1)])} if similarity else {}
+    losses = O.get(name, **stacked)(*(torch.stack(parts) for parts in zip(*members)))
+    alone = [O.get(name, class_similarity=stacked["class_similarity"][g]) if similarity else O.get(name)
+             for g in range(2)]
+    expected = torch.stack([fn(*member) for fn, member in zip(alone, members)])
+    assert losses.shape == (2,) and torch.allclose(losses, expected, atol=1e-6)
+
+
+def test_dkd_defaults_are_mdistillers_cifar100_recipe(batch):
+    z, t, y = batch
+    ours = O.get("dkd")(z, y, t)
+    explicit = O.get("dkd", temperature=4.0, tckd_weight=1.0, nckd_weight=8.0, ce_weight=1.0)(z, y, t)
+    assert torch.equal(ours, explicit)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_kd_is_tckd_plus_one_minus_q_c_nckd_per_example(batch, temperature):
+    """DKD's identity, and its reading of KD-pt: the same TCKD, a uniform distribution on the wrong classes."""
+    z, t, y = batch
+    rows = torch.arange(B)
+    q = torch.softmax(t / temperature, 1)
+    log_p = torch.log_softmax(z / temperature, 1)
+    tckd, nckd = decoupled_terms(q, log_p, y)
+    assert torch.allclose(kl(q, log_p, y), tckd + (1 - q[rows, y]) * nckd, atol=1e-12)
+    rho = targets.pt(q, y)
+    pt_tckd, pt_nckd = decoupled_terms(rho, log_p, y)
+    assert torch.allclose(pt_tckd, tckd, atol=1e-12)
+    wrong = torch.ones(B, K, dtype=torch.bool)
+    wrong[rows, y] = False
+    log_p_hat = log_p[wrong].view(B, K - 1) - torch.logsumexp(log_p[wrong].view(B, K - 1), 1, keepdim=True)
+    uniform_hat = torch.full((B, K - 1), 1 / (K - 1), dtype=q.dtype)
+    assert torch.allclose(pt_nckd, F.kl_div(log_p_hat, uniform_hat, reduction="none").sum(1), atol=1e-12)
+    assert torch.allclose(kl(rho, log_p, y), tckd + (1 - q[rows, y]) * pt_nckd, atol=1e-12)
+    # KD is DKD with the per-example nckd_weight 1 - q_c; DKD's constant nckd_weight makes another loss.
+    kd = O.get("kd", kd_weight=1.0, temperature=temperature)(z, y, t)
+    assert not torch.allclose(O.get("dkd", temperature=temperature, ce_weight=0.0, nckd_weight=1.0)(z, y, t), kd)
+    assert torch.allclose(temperature**2 * (tckd + (1 - q[rows, y]) * nckd).mean(), kd.double(), rtol=1e-5)
+
+
+def test_dkd_by_hand():
+    """K = 3, a uniform student, teacher q = (1/2, 3/8, 1/8) on true class 0, tau 1:
+    TCKD = KL((1/2, 1/2) || (1/3, 2/3)) = log(9/8) / 2, NCKD = KL((3/4, 1/4) || (1/2, 1/2)) = log(27/16) / 4."""
+    z = torch.zeros(1, 3, requires_grad=True)
+    t = torch.tensor([[0.5, 0.375, 0.125]]).log()
+    y = torch.tensor([0])
+    loss = O.get("dkd", temperature=1.0, tckd_weight=2.0, nckd_weight=8.0, ce_weight=1.0)(z, y, t)
+    assert loss.item() == pytest.approx(math.log(3) + 2.0 * math.log(9 / 8) / 2 + 8.0 * math.log(27 / 16) / 4, rel=1e-6)
+    (grad,) = torch.autograd.grad(loss, z)
+    # CE: p - y = (-2/3, 1/3, 1/3); TCKD: p_c - q_c = -1/6 on c, p_k (q_c - p_c) / (1 - p_c) = 1/12 on the rest;
+    # NCKD: p_hat - q_hat = (0, -1/4, 1/4).
+    expected = torch.tensor([[-2 / 3 - 2 / 6, 1 / 3 + 2 / 12 - 8 / 4, 1 / 3 + 2 / 12 + 8 / 4]])
+    assert torch.allclose(grad, expected, atol=1e-6)
+
+
+def test_nckd_of_a_target_without_wrong_class_mass_is_zero():
+    log_p = torch.log_softmax(torch.randn(2, 4, dtype=torch.float64), 1)
+    rho = F.one_hot(torch.tensor([1, 3]), 4).double()
+    tckd, nckd = decoupled_terms(rho, log_p, torch.tensor([1, 3]))
+    assert torch.equal(nckd, torch.zeros(2)) and torch.allclose(tckd, -log_p[[0, 1], [1, 3]])
+
+
 def test_sim_targets_are_per_class_and_normalised(batch, sim_matrix):
     _, t, y = batch
     rho = targets.sim(sim_matrix, y)
@@ -192,16 +291,72 @@ def test_teacher_free_objectives_need_no_teacher_and_kd_does(batch):
         O.get("kd")(z, y)
 
 
+SIM = similarity.from_teacher_weights(torch.randn(K, 8, generator=torch.Generator().manual_seed(1)), beta=0.2)
+
+
 @pytest.mark.parametrize("name, params, match", [
     ("kd_foo", {}, r"objective='kd_foo' is not valid; choose one of: ce, ls, kd, kd_pt"),
-    ("kd", {"temperature": 0}, r"objective.temperature=0 is out of range; allowed: \(0, inf\]"),
+    ("kd", {"temperature": 0}, r"objective.temperature=0 is out of range; allowed: \(0, inf\)"),
+    ("kd", {"temperature": math.inf}, r"objective.temperature=inf is out of range; allowed: \(0, inf\)"),
+    ("kd", {"temperature": "4"}, r"objective.temperature='4' is not a number; allowed: \(0, inf\)"),
     ("kd", {"kd_weight": 1.5}, r"objective.kd_weight=1.5 is out of range; allowed: \[0, 1\]"),
+    ("ls", {"eps": None}, r"objective.eps=None is not a number; allowed: \[0, 1\]"),
+    ("dkd", {"ce_weight": None}, r"objective.ce_weight=None is not a number; allowed: \[0, 1\]"),
+    ("kd", {"t2_scale": "no"}, r"objective.t2_scale='no' is not valid; choose one of: True, False"),
+    ("kd", {"t2_scale": 1}, r"objective.t2_scale=1 is not valid; choose one of: True, False"),
     ("kd_topk", {"k": 0}, r"objective.k=0 is out of range"),
     ("kd_topk", {"tail": "x"}, r"objective.tail='x' is not valid; choose one of: uniform, renorm"),
     ("kd", {"eps": 0.1}, r"objective 'kd' takes no parameter 'eps'; valid parameters: temperature"),
-    ("kd_sim", {}, r"needs class_similarity"),
+    ("dkd", {"kd_weight": 0.5}, r"objective 'dkd' takes no parameter 'kd_weight'; valid parameters: temperature, "
+                                r"ce_weight, tckd_weight, nckd_weight, t2_scale"),
+    ("dkd", {"nckd_weight": -1}, r"objective.nckd_weight=-1 is out of range; allowed: \[0, inf\)"),
+    ("kd_sim", {}, r"needs class_similarity, a \(K, K\) tensor whose rows are distributions"),
+    ("kd_sim", {"class_similarity": [[1.0]]}, r"class_similarity is a list; give a \(K, K\) tensor"),
+    ("kd_sim", {"class_similarity": torch.eye(3, dtype=torch.long)}, r"class_similarity is a torch.int64 tensor"),
+    ("kd_pt_sim", {"class_similarity": torch.ones(3, 4) / 4}, r"class_similarity has shape \(3, 4\); give a \(K, K\)"),
+    ("kd_sim", {"class_similarity": torch.ones(3, 3)}, r"rows must be distributions .* row sums range from 3 to 3"),
+    ("kd_sim", {"class_similarity": torch.tensor([[1.5, -0.5], [0.5, 0.5]])}, r"its entries from -0.5 to 1.5"),
 ])
 def test_bad_parameters_are_one_line_user_errors(name, params, match):
     with pytest.raises(UserError, match=match) as info:
         O.get(name, **params)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("temperature", [np.float32(4.0), np.int64(4), torch.tensor(4.0)], ids=["np32", "np_int", "tensor"])
+def test_numpy_and_0d_tensor_parameters_count_as_their_value(batch, temperature):
+    z, t, y = batch
+    assert torch.equal(O.get("kd", temperature=temperature, kd_weight=np.float64(0.7))(z, y, t),
+                       O.get("kd", temperature=4.0, kd_weight=0.7)(z, y, t))
+
+
+@pytest.mark.parametrize("name, call, match", [
+    ("kd", lambda z, y, t: (z, y + K, t), rf"labels must be class indices in \[0, {K - 1}\]; got values from {K} to"),
+    ("ce", lambda z, y, t: (z, y - K, t), rf"labels must be class indices in \[0, {K - 1}\]; got values from -{K}"),
+    ("kd", lambda z, y, t: (z, y.float(), t), r"labels must be integer class indices .* got dtype torch.float32"),
+    ("kd", lambda z, y, t: (z, y[:3], t), rf"labels must be a tensor of shape \({B},\), .* got shape \(3,\)"),
+    ("kd", lambda z, y, t: (z, y.tolist(), t), r"labels must be a tensor .* got a list"),
+    ("kd", lambda z, y, t: (z[0], y, t), rf"student_logits must be a \(B, K\) tensor \(or \(\.\.\., B, K\)\); got shape \({K},\)"),
+    ("kd", lambda z, y, t: (z, y, t[:, :3]), rf"teacher_logits must have the student's shape \({B}, {K}\); got shape"),
+    ("kd", lambda z, y, t: (z, y, None), r"this objective distils from a teacher: pass teacher_logits"),
+    ("kd_sim", lambda z, y, t: (z[:, :4], y % 4, t[:, :4]), rf"class_similarity is {K}x{K}, but the logits have 4 classes"),
+])
+def test_bad_inputs_are_one_line_user_errors(batch, name, call, match):
+    z, t, y = batch
+    loss_fn = O.get(name, **({"class_similarity": SIM} if name in O.NEEDS_SIMILARITY else {}))
+    with pytest.raises(UserError, match=match) as info:
+        loss_fn(*call(z, y, t))
+    assert "\n" not in str(info.value)
+
+
+def test_integer_labels_of_any_width_are_class_indices(batch):
+    z, t, y = batch
+    loss_fn = O.get("kd")
+    assert torch.equal(loss_fn(z, y.int(), t), loss_fn(z, y, t))
+
+
+def test_kd_uniform_needs_no_teacher(batch):
+    z, t, y = batch
+    loss_fn = O.get("kd_uniform", temperature=2.0)
+    assert not O.needs_teacher("kd_uniform")
+    assert torch.equal(loss_fn(z, y), loss_fn(z, y, t))

@@ -1,6 +1,6 @@
 """Scale-out on CPU: a submitit multirun, DDP over two gloo processes, the SLURM launcher config
 (with stand-ins for sbatch and srun; tests/test_slurm.py runs it on a live cluster), W&B groups and
-tags, and aggregation that lists failed and missing jobs."""
+tags, aggregation that lists failed and missing jobs, and Optuna searches."""
 
 import contextlib
 import json
@@ -16,10 +16,11 @@ import lightning as L
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class
+from omegaconf import OmegaConf
 
 from kd import aggregate
 from kd.errors import UserError
-from kd.train import CONFIG_DIR, check_ddp_launch
+from kd.train import CONFIG_DIR, check_ddp_launch, optimized_value
 from tests.conftest import TINY, cluster_down
 
 REPO = Path(__file__).resolve().parent.parent
@@ -180,6 +181,50 @@ def test_slurm_array_task_runs_ddp_over_its_srun_tasks(tmp_path):
     assert record["status"] == "completed" and record["config"]["seed"] == 0
     assert record["data_parallel"]["world_size"] == 2
     assert len(wandb_runs(record_path.parent)) == 1
+
+
+def search(root: Path, *overrides: str) -> tuple[list[dict], dict]:
+    """An Optuna search (hparams_search=kd_optuna) of tiny runs distilling the oracle: the trials'
+    records and the study's optimization_results.yaml."""
+    result = kd_train("hparams_search=kd_optuna", f"hydra.sweep.dir={root}/search", "teacher=oracle", *TINY,
+                      *overrides, root=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in sorted((root / "search").glob("*/results.json"))]
+    return records, OmegaConf.to_container(OmegaConf.load(root / "search" / "optimization_results.yaml"))
+
+
+def trial(record: dict) -> dict:
+    return {f"objective.{k}": record["config"]["objective"][k] for k in ("temperature", "kd_weight")}
+
+
+@pytest.mark.slow
+def test_optuna_search_three_trials_maximise_the_validation_accuracy_each_run_returns(tmp_path):
+    records, study = search(tmp_path, "hydra.sweeper.n_trials=3")
+    assert len(records) == 3 and all(r["status"] == "completed" for r in records)
+    assert len({tuple(trial(r).values()) for r in records}) == 3  # three different draws, inside the space
+    assert all(1.0 <= t["objective.temperature"] <= 8.0 and 0.1 <= t["objective.kd_weight"] <= 0.99
+               for t in map(trial, records))
+    (best,) = [r for r in records if trial(r) == study["best_params"]]
+    assert study["best_value"] == best["metrics"]["val/acc_best"] == max(r["metrics"]["val/acc_best"] for r in records)
+
+
+@pytest.mark.slow
+def test_optuna_search_through_the_submitit_launcher_gets_each_jobs_value(tmp_path):
+    """Two trials at once, each in its own process; minimising a metric no two trials share
+    (train/loss) shows that the sweeper got each job's own value back."""
+    records, study = search(tmp_path, "hydra/launcher=submitit_local", "hydra.sweeper.n_trials=2",
+                            "hydra.sweeper.n_jobs=2", "optimized_metric=train/loss", "hydra.sweeper.direction=minimize")
+    assert len(records) == 2 and all(r["status"] == "completed" for r in records)
+    (best,) = [r for r in records if trial(r) == study["best_params"]]
+    assert study["best_value"] == best["metrics"]["train/loss"] == min(r["metrics"]["train/loss"] for r in records)
+    assert len({r["metrics"]["train/loss"] for r in records}) == 2
+
+
+def test_a_misnamed_optimized_metric_is_a_one_line_error_naming_the_metrics():
+    with pytest.raises(UserError, match=r"^optimized_metric='val/accc' is not a metric of this run; choose one of: "
+                                        r"train/loss, val/acc, val/acc_best$"):
+        optimized_value({"metrics": {"val/acc": 0.5, "val/acc_best": 0.6, "train/loss": 1.0}}, "val/accc")
+    assert optimized_value({"metrics": {"val/acc_best": 0.6}}, "val/acc_best") == 0.6
 
 
 def test_ddp_that_reruns_the_command_line_is_refused_outside_a_single_run():

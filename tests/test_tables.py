@@ -123,11 +123,14 @@ def test_teachers_then_table1_then_fig3_on_fake_cifar100(root, cifar100):
     assert record["config"]["objective"]["temperature"] == 4.0 and record["config"]["seed"] == 1
     assert (teacher_dir / "results.json").stat().st_mtime_ns == stamp  # the students reused it
 
-    out = fig3.main(["--data", "cifar100", "--seeds", "0", "--methods", "kd", "--no-wandb", "--out",
+    out = fig3.main(["--data", "cifar100", "--seeds", "0", "--methods", "kd", "dkd", "--no-wandb", "--out",
                      str(root / "fig3"), "--runs", str(root / "fig3_logs"), *tiny])
     df = pd.read_csv(out / "fig3.csv")
-    assert df.method.tolist() == ["kd"] and df.delta.isna().all() and (df.status == "completed").all()
-    assert "| method | cifar100 |" in (out / "fig3.md").read_text() and (out / "fig3.png").is_file()
+    assert df.method.tolist() == ["kd", "dkd"] and df.delta.isna().all() and (df.status == "completed").all()
+    summary = (out / "fig3.md").read_text()
+    assert "| method | cifar100 |" in summary and "| DKD (peer) |" in summary and (out / "fig3.png").is_file()
+    dkd = json.loads((root / "fig3_logs" / "runs" / "dkd-s0" / "results.json").read_text())["config"]["objective"]
+    assert (dkd["temperature"], dkd["ce_weight"], dkd["tckd_weight"], dkd["nckd_weight"]) == (4.0, 1.0, 1.0, 8.0)
 
     assert set(teachers.main(["--data", "cifar100", *tiny]).values()) == {"done"}
     assert (teacher_dir / "results.json").stat().st_mtime_ns == stamp

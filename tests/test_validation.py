@@ -35,7 +35,7 @@ from tests.conftest import TINY
     ("objective=kd teacher=oracle objective.temperature=nan", "objective.temperature=nan is out of range"),
     ("objective=kd teacher=oracle objective.kd_weight=1.5", "objective.kd_weight=1.5 is out of range; allowed: [0, 1]"),
     ("objective=kd teacher=oracle objective.ce_weight=-1", "objective.ce_weight=-1 is out of range; allowed: [0, 1]"),
-    ("objective=ls objective.eps=true", "objective.eps=True is out of range; allowed: [0, 1]"),
+    ("objective=ls objective.eps=true", "objective.eps=True is not a number; allowed: [0, 1]"),
     ("objective=kd_topk teacher=oracle objective.k=0", "objective.k=0 is out of range; allowed: (0, 1]"),
     ("objective=kd_topk teacher=oracle objective.k=1.5", "objective.k=1.5 is out of range; allowed: (0, 1]"),
     ("objective=kd_sim", "objective=kd_sim distils from a teacher but teacher=none; use teacher=mlp"),
@@ -86,7 +86,7 @@ def test_every_shipped_config_passes(tmp_path, override):
 def test_data_sizes_are_checked_by_the_data_module(tmp_path):
     from kd.data.synthetic import SyntheticDataModule
 
-    with pytest.raises(UserError, match=r"data.train_per_class=0 is out of range; allowed: \[1, inf\]"):
+    with pytest.raises(UserError, match=r"data.train_per_class=0 is out of range; allowed: \[1, inf\)"):
         SyntheticDataModule(train_per_class=0)
 
 
@@ -100,9 +100,9 @@ def test_teacher_on_other_classes_fails_before_it_is_trained(root):
 @pytest.mark.parametrize("overrides, line", [
     ("foo=1", "error: Could not override 'foo'. To append to your config use +foo=1 (Key 'foo' is not in struct)"),
     ("objective.tau=2", "error: Could not override 'objective.tau'. To append to your config use +objective.tau=2"),
-    ("objective=kd_typo", "error: objective=kd_typo is not valid; choose one of: ce, kd, kd_permuted,"),
+    ("objective=kd_typo", "error: objective=kd_typo is not valid; choose one of: ce, dkd, kd, kd_permuted,"),
     ("trainer.max_epochs=[1", "error: cannot parse the override 'trainer.max_epochs=[1': no viable alternative"),
-    ("data.dim=0", "error: data.dim=0 is out of range; allowed: [1, inf]"),  # raised inside Hydra's instantiate
+    ("data.dim=0", "error: data.dim=0 is out of range; allowed: [1, inf)"),  # raised inside Hydra's instantiate
     ("model.dropout=1.5", "error: Error in call to target 'kd.models.get': ValueError('dropout probability has to "
                           "be between 0 and 1, but got 1.5') full_key: model"),
 ])

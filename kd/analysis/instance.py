@@ -4,7 +4,7 @@ At tau = 1 the gradient of the KD loss on the true-class logit is the CE gradien
 w = 1 - kd_weight (1 - rho_c) / (1 - p_c), with rho the soft target (the teacher's q for KD,
 uniform for LS: the same w for every example of equal p_c). For tau != 1 the exact ratio is
 w = (1 - kd_weight) + kd_weight tau (rho_c - p_tau_c) / (1 - p_c) (ce_weight = 1 - kd_weight, tau^2
-scaling on, as in ``kd.objectives.get``).
+scaling on, as in ``kd.objectives.get``); ``gradient_ratio`` finds w of any objective by autograd.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 
 from kd.objectives import targets
 from kd.objectives.targets import true_class_prob
-from kd.predict import probabilities
+from kd.predict import predict, probabilities
 
 
 def rescaling_factor(student_logits: torch.Tensor, teacher_probs: torch.Tensor, labels: torch.Tensor,
@@ -33,10 +33,30 @@ def rescaling_factor(student_logits: torch.Tensor, teacher_probs: torch.Tensor, 
     return w.float()
 
 
+def gradient_ratio(loss_fn: Callable, student_logits: torch.Tensor, labels: torch.Tensor,
+                   teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """(B,) w of any objective (a ``kd.objectives.get`` loss, DKD's too): its gradient on the
+    true-class logit over CE's, -(1 - p_c) / B, by autograd. One backward pass gives every example's:
+    the loss is a mean over examples, and an example's logits enter only its own term."""
+    z = student_logits.detach().float().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(loss_fn(z, labels, teacher_logits), z)
+    wrong_mass = torch.softmax(z.detach().double(), dim=1).scatter(1, labels[:, None], 0.0).sum(1)
+    return (-true_class_prob(grad.double(), labels) * len(z) / wrong_mass).float()
+
+
 def _by_index(out: dict) -> dict:
     """A prediction dict in example-index order, so two models' outputs line up row by row."""
     order = out["index"].argsort()
     return {key: value[order] for key, value in out.items()}
+
+
+def of_objective(loss_fn: Callable, student: nn.Module, teacher: nn.Module, datamodule, split: str = "val") -> dict:
+    """``w`` of the objective ``loss_fn`` (``gradient_ratio``) and the teacher's ``q_c`` at its
+    temperature, for every example of ``split`` in example-index order."""
+    s, t = (_by_index(predict(model, datamodule, split)) for model in (student, teacher))
+    return {"w": gradient_ratio(loss_fn, s["logits"], s["labels"], t["logits"]),
+            "q_c": true_class_prob(loss_fn.teacher_probs(s["logits"], t["logits"]), s["labels"])}
 
 
 def per_example(student: nn.Module, teacher: nn.Module, datamodule, kd_weight: float, split: str = "train",
