@@ -29,18 +29,32 @@ class IndexedTensors(Dataset):
         return self.x[index], self.y[index], index
 
 
+def ranked_by_class(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every position of ``labels`` grouped by class, in a seeded random order within each class, and
+    each one's rank in its class: the first ``n`` of a class are a seeded random draw of ``n``, and a
+    larger ``n`` (same seed) draws a superset."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    by_class = order[torch.sort(labels[order], stable=True).indices]
+    counts = torch.bincount(labels)
+    return by_class, torch.arange(len(labels)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+
+
 class IndexBatchSampler:
     """Batches of indices, reshuffled per epoch from (seed, epoch) and sharded across ranks.
 
     The order depends only on the seed and the epoch, so a run resumed at an epoch boundary sees
     the same batches as an uninterrupted one. It is drawn on the host and sent to ``device`` once
     per epoch: a batch of indices copied on its own would make the host wait for the device.
+    A shuffled epoch draws ``epoch_size`` indices (at least ``size``): a split smaller than that is
+    passed over again, reshuffled, so a tiny training subset still gets that many steps per epoch.
     """
 
-    def __init__(self, size, batch_size, shuffle, seed=0, drop_last=False, rank=0, world_size=1, device="cpu"):
+    def __init__(self, size, batch_size, shuffle, seed=0, drop_last=False, rank=0, world_size=1, device="cpu",
+                 epoch_size=0):
         self.size, self.batch_size, self.shuffle = size, batch_size, shuffle
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
         self.device = device
+        self.epoch_size = max(size, epoch_size) if shuffle else size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -50,9 +64,12 @@ class IndexBatchSampler:
         if not self.shuffle:
             order = torch.arange(self.size)
         else:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
-        per_rank = math.ceil(self.size / self.world_size)
-        order = torch.cat([order, order[: per_rank * self.world_size - self.size]])  # pad to shard evenly
+            generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            passes = -(-self.epoch_size // self.size)
+            order = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(passes)])
+            order = order[: self.epoch_size]
+        per_rank = math.ceil(len(order) / self.world_size)
+        order = torch.cat([order, order[: per_rank * self.world_size - len(order)]])  # pad to shard evenly
         return order[self.rank :: self.world_size]
 
     def __iter__(self):
@@ -60,7 +77,7 @@ class IndexBatchSampler:
         yield from (b for b in batches if not (self.drop_last and len(b) < self.batch_size))
 
     def __len__(self) -> int:
-        n = math.ceil(self.size / self.world_size)
+        n = math.ceil(self.epoch_size / self.world_size)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
 
@@ -92,11 +109,13 @@ class TensorDataModule(SplitDataModule):
 
     Attributes the rest of the toolkit reads: ``num_classes``, ``input_shape`` and
     ``superclass_of`` (a (K,) tensor of superclass ids, or None when the data has no hierarchy).
+    ``min_epoch_size``: the fewest examples a shuffled (training) epoch draws (``IndexBatchSampler``).
     """
 
-    def __init__(self, batch_size: int = 64, eval_batch_size: int = 1024, seed: int = 0):
+    def __init__(self, batch_size: int = 64, eval_batch_size: int = 1024, seed: int = 0, min_epoch_size: int = 0):
         super().__init__()
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
+        self.min_epoch_size = min_epoch_size
         self.splits: dict[str, IndexedTensors] = {}
         self.superclass_of: torch.Tensor | None = None
         self._resident: dict[tuple[str, torch.device], IndexedTensors] = {}
@@ -120,6 +139,7 @@ class TensorDataModule(SplitDataModule):
         sampler = IndexBatchSampler(
             len(data), batch_size or (self.batch_size if shuffle else self.eval_batch_size),
             shuffle=shuffle, seed=self.seed, rank=rank, world_size=world, device=data.x.device,
+            epoch_size=self.min_epoch_size,
         )
         return DataLoader(data, sampler=sampler, batch_size=None)
 
