@@ -163,6 +163,7 @@ def plot(students: pd.DataFrame, teachers: pd.DataFrame, examples: pd.DataFrame,
         row[2].set_ylabel(f"student {metric.replace('_', ' ')} (mean ± std over seeds)")
         for ax in row:
             ax.set_xticks(x, ticks, fontsize=8)
+            ax.set_xlim(-0.5, len(names) - 0.5)
             ax.set_title(f"{family} teachers", fontsize=10)
             ax.grid(alpha=0.3)
         row[1].legend(fontsize=7)
