@@ -254,7 +254,8 @@ def verdicts(gaps: pd.DataFrame, families: dict, base: str) -> list[str]:
             for quantity, sign in predicted.items():
                 for r in gaps[(gaps.teacher == t) & (gaps.quantity == quantity)].itertuples():
                     at = "" if np.isnan(r.tau) else f" at tau {r.tau:g}"
-                    strength = "one seed" if r.n < 2 else ("beyond" if r.exceeds_spread else "within") + " the seed spread"
+                    spread = ("beyond" if r.exceeds_spread else "within") + " the seed spread"
+                    strength = "one seed" if r.n < 2 else spread
                     lines.append(f"- {family}: {t} - {base}, {labels[quantity]}{at}: {gap_text(r)}, "
                                  f"{'as predicted' if np.sign(r.gap) == sign else 'against the prediction'} "
                                  f"({strength}).")

@@ -12,7 +12,7 @@ learning it. Writes results/fig1/{fig1.csv (per example), fig1_binned.csv, fig1.
 
     python -m experiments.fig1                                   # synthetic, delta 1.0, seeds 0 1 2
     python -m experiments.fig1 --delta 0.5 -- trainer.max_epochs=100
-    python -m experiments.fig1 --data fashion_mnist              # 60 images per class (make reproduce-fig1 DATA=fashion_mnist)
+    python -m experiments.fig1 --data fashion_mnist              # 60 images per class (DATA=fashion_mnist)
 """
 
 from __future__ import annotations
