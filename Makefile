@@ -32,7 +32,7 @@ reproduce-table2:
 teachers:  ## train (or find) the teachers a table needs: make teachers DATA=cifar100 (table 1) or DATA=imagenet
 	$(PY) -m experiments.teachers --data $(DATA) $(ARGS)
 
-data:  ## download / prepare a real data set: make data DATA=cifar100, or DATA=imagenet VAL_LABELS=LOC_val_solution.csv
+data:  ## download / prepare a real data set: make data DATA=cifar100 (or fashion_mnist), or DATA=imagenet VAL_LABELS=LOC_val_solution.csv
 	$(PY) scripts/prepare_data.py $(DATA) --root data/$(DATA) $(if $(VAL_LABELS),--val-labels $(VAL_LABELS))
 
 bench:

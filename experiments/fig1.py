@@ -1,6 +1,7 @@
 """Fig. 1: the instance level -- KD rescales each example's gradient by the teacher's confidence.
 
-A KD and an LS student (fig3's synthetic setting at one delta, several seeds). For every example:
+A KD and an LS student (fig3's setting at one point of its axis: one delta on synthetic data, one
+number of training images per class on Fashion-MNIST; several seeds). For every example:
 the teacher's confidence q_c and the factor w by which the student's objective rescales the CE
 gradient on the true-class logit, at the trained student: w = 1 - lam (1 - q_c) / (1 - p_c) for KD,
 w = 1 - eps (1 - 1/K) / (1 - p_c) for LS, where the teacher plays no part (kd.analysis.instance).
@@ -11,6 +12,7 @@ learning it. Writes results/fig1/{fig1.csv (per example), fig1_binned.csv, fig1.
 
     python -m experiments.fig1                                   # synthetic, delta 1.0, seeds 0 1 2
     python -m experiments.fig1 --delta 0.5 -- trainer.max_epochs=100
+    python -m experiments.fig1 --data fashion_mnist              # 60 images per class (DATA=fashion_mnist)
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from kd.analysis import instance
-from kd.drivers import build_jobs, check_data, collect, ending, load_job, parser, run_overrides, sweep
+from kd.drivers import (axis_points, build_jobs, check_data, collect, ending, load_job, parser, require_data, rerun,
+                        run_overrides, sweep, where)
 from kd.objectives import targets
 from kd.report import publish
 
@@ -60,7 +63,7 @@ def per_seed(examples: pd.DataFrame) -> pd.DataFrame:
     return examples.groupby(["method", "split", "seed"])[["w", "q_c"]].apply(stats).reset_index()
 
 
-def plot(examples: pd.DataFrame, curves: pd.DataFrame):
+def plot(examples: pd.DataFrame, curves: pd.DataFrame, at: str):
     fig, axes = plt.subplots(1, len(SPLITS), figsize=(11, 4.2), sharey=True, constrained_layout=True)
     for ax, (split, title) in zip(axes, SPLITS.items()):
         for i, method in enumerate(METHODS):
@@ -78,15 +81,16 @@ def plot(examples: pd.DataFrame, curves: pd.DataFrame):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     axes[0].set_ylabel("gradient rescaling factor w (KD or LS grad / CE grad)")
-    fig.suptitle("Fig. 1: instance-level knowledge at the trained student (synthetic, all seeds)")
+    fig.suptitle(f"Fig. 1: instance-level knowledge at the trained student ({at}, all seeds)")
     return fig
 
 
-def summarise(seeds: pd.DataFrame, curves: pd.DataFrame, runs: pd.DataFrame, delta: float, seconds: float) -> str:
+def summarise(seeds: pd.DataFrame, curves: pd.DataFrame, runs: pd.DataFrame, at: str, seconds: float,
+              rerun: str = "`make reproduce-fig1`") -> str:
     failed = runs[runs.status != "completed"]
     ends = curves.sort_values("q_c").groupby(["method", "split"]).w_median.agg(["first", "last"])
     agg = seeds.groupby(["method", "split"])[["spearman", "median", "iqr", "near_zero"]].agg(["mean", "std"]).fillna(0.0)
-    lines = [f"# Fig. 1: gradient rescaling factor w against the teacher's confidence q_c (delta = {delta:g})", "",
+    lines = [f"# Fig. 1: gradient rescaling factor w against the teacher's confidence q_c ({at})", "",
              f"{len(runs) - len(failed)} runs completed, {len(failed)} failed; {seeds.seed.nunique()} seeds; "
              f"wall time {seconds / 60:.1f} min. Mean ± std over seeds of per-seed statistics.", "",
              "| method | examples | Spearman(w, q_c) | median w | IQR of w | share with abs(w) < 0.1 "
@@ -99,26 +103,29 @@ def summarise(seeds: pd.DataFrame, curves: pd.DataFrame, runs: pd.DataFrame, del
               "correlation of LS's w with q_c comes from the student being confident where the teacher is. A "
               "trained student near its optimum (p_c = 1 - lam (1 - q_c) for KD, 1 - eps (1 - 1/K) for LS) has "
               "w near 0 on the examples it fits; w < 0 where it is more confident than its target."]
-    return ending(lines, failed, "`python -m experiments.fig1` (see README for settings and time).")
+    return ending(lines, failed, f"{rerun} (see README for settings and time).")
 
 
 def main(argv=None) -> Path:
     cli = parser("fig1", __doc__)
-    cli.add_argument("--delta", type=float, default=1.0)
+    cli.add_argument("--delta", type=float, default=1.0, help="synthetic data: the class-relationship strength")
+    cli.add_argument("--per-class", type=int, default=60, help="fashion_mnist: the students' training images per class")
     cli.add_argument("--bins", type=int, default=10, help="equal-width bins of q_c for the curves")
     args = cli.parse_args(argv)
     check_data(args.data, "fig1")
     start = time.time()
-    jobs = build_jobs(args.data, [args.delta], args.seeds, list(METHODS), run_overrides(args))
+    jobs = build_jobs(args.data, axis_points(args), args.seeds, list(METHODS), run_overrides(args))
+    require_data(next(iter(jobs.values())))
     runs = collect(sweep(jobs, args, "fig1")).assign(job=list(jobs))
     if not (runs.status == "completed").any():
         raise SystemExit(f"error: no fig1 run completed; see {args.runs}/runs/*/results.json")
     examples = per_example(runs, jobs, args.runs)
     curves = binned(examples, args.bins)
     seconds = time.time() - start
-    out = publish("fig1", args.out, {"fig1": examples, "fig1_binned": curves}, {"fig1": plot(examples, curves)},
-                  summarise(per_seed(examples), curves, runs, args.delta, seconds), wandb=not args.no_wandb,
-                  config=vars(args))
+    at = where(args.data, axis_points(args))
+    out = publish("fig1", args.out, {"fig1": examples, "fig1_binned": curves}, {"fig1": plot(examples, curves, at)},
+                  summarise(per_seed(examples), curves, runs, at, seconds, rerun("fig1", args.data)),
+                  wandb=not args.no_wandb, config=vars(args))
     print(f"[kd] fig1 written to {out} in {seconds / 60:.1f} min")
     return out
 

@@ -10,6 +10,7 @@ Writes results/fig2/{fig2.csv, fig2_matrices.csv, fig2.png, fig2.pdf, fig2.md}.
 
     python -m experiments.fig2                       # synthetic, delta 0.5 (fig3's teacher), seeds 0 1 2
     python -m experiments.fig2 --tau 8 -- trainer.max_epochs=100
+    python -m experiments.fig2 --data fashion_mnist  # our class hierarchy (make reproduce-fig2 DATA=fashion_mnist)
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import pandas as pd
 import torch
 
 from kd.analysis import domain, universe
-from kd.drivers import build_jobs, check_data, collect, ending, load_job, parser, run_overrides, sweep
+from kd.drivers import (axis_points, build_jobs, check_data, collect, ending, load_job, parser, require_data, rerun,
+                        run_overrides, sweep, where)
 from kd.report import publish
 from kd.stats import paired_gaps
 
@@ -46,7 +48,7 @@ def seed_matrices(loaded: dict, tau: float, split: str):
     return matrices, dm.superclass_of, smoothing
 
 
-def plot(matrices: dict, superclass_of: torch.Tensor, labels: dict, seed: int):
+def plot(matrices: dict, superclass_of: torch.Tensor, labels: dict, seed: int, at: str):
     order = domain.superclass_order(superclass_of)
     bounds = (torch.nonzero(superclass_of[order][1:] != superclass_of[order][:-1]).flatten() + 0.5).tolist()
     fig, axes = plt.subplots(2, 3, figsize=(12, 7.6), constrained_layout=True)
@@ -62,7 +64,7 @@ def plot(matrices: dict, superclass_of: torch.Tensor, labels: dict, seed: int):
     for ax in list(axes.flat)[len(matrices):]:
         ax.axis("off")
     fig.colorbar(image, ax=axes, shrink=0.6, label="correlation / cosine")
-    fig.suptitle(f"Fig. 2: domain knowledge, classes ordered by superclass (synthetic, seed {seed})")
+    fig.suptitle(f"Fig. 2: domain knowledge, classes ordered by superclass ({at}, seed {seed})")
     return fig
 
 
@@ -77,9 +79,9 @@ def long_form(matrices: dict, seed: int) -> pd.DataFrame:
 
 
 def summarise(scores: pd.DataFrame, smoothing: pd.DataFrame, failed: pd.DataFrame, labels: dict, tau: float,
-              split: str, seconds: float) -> str:
+              split: str, seconds: float, at: str = "synthetic", rerun: str = "`make reproduce-fig2`") -> str:
     stats = scores.groupby("matrix", sort=False)[["within", "between", "score"]].agg(["mean", "std"]).fillna(0.0)
-    lines = ["# Fig. 2: domain knowledge (within- vs between-superclass similarity, mean ± std over seeds)", "",
+    lines = [f"# Fig. 2: domain knowledge ({at}; within- vs between-superclass similarity, mean ± std over seeds)", "",
              f"{scores.seed.nunique()} seeds; teacher probabilities on the {split} split; wall time "
              f"{seconds / 60:.1f} min.", "",
              "| matrix | within superclass | between | within - between |", "|---|---|---|---|"]
@@ -97,18 +99,21 @@ def summarise(scores: pd.DataFrame, smoothing: pd.DataFrame, failed: pd.DataFram
     eps = smoothing.groupby("tau").effective_smoothing.agg(["mean", "std"]).fillna(0.0)
     lines += ["", "Universe level: the teacher acts on average like label smoothing with eps = "
               + ", ".join(f"{r['mean']:.3f} ± {r['std']:.3f} at tau = {t:g}" for t, r in eps.iterrows()) + "."]
-    return ending(lines, failed, "`python -m experiments.fig2` (see README for settings and time).")
+    return ending(lines, failed, f"{rerun} (see README for settings and time).")
 
 
 def main(argv=None) -> Path:
     cli = parser("fig2", __doc__)
-    cli.add_argument("--delta", type=float, default=0.5)
+    cli.add_argument("--delta", type=float, default=0.5, help="synthetic data: the class-relationship strength")
+    cli.add_argument("--per-class", type=int, default=60, help="fashion_mnist: the students' training images per class")
     cli.add_argument("--tau", type=float, default=4.0, help="the high temperature")
     cli.add_argument("--split", default="test", help="examples over which the teacher's probabilities correlate")
     args = cli.parse_args(argv)
     check_data(args.data, "fig2")
     start = time.time()
-    jobs = build_jobs(args.data, [args.delta], args.seeds, STUDENTS, run_overrides(args))
+    jobs = build_jobs(args.data, axis_points(args), args.seeds, STUDENTS, run_overrides(args))
+    require_data(next(iter(jobs.values())))
+    at = where(args.data, axis_points(args))
     runs = collect(sweep(jobs, args, "fig2")).assign(job=list(jobs))
     labels = matrix_labels(args.tau)
     scores, matrices, smoothing, figure = [], [], [], None
@@ -120,12 +125,13 @@ def main(argv=None) -> Path:
         scores += [{"seed": seed, "matrix": name, **domain.superclass_score(m, superclass_of)} for name, m in found.items()]
         smoothing += [{"seed": seed, "tau": t, "effective_smoothing": e} for t, e in eps.items()]
         matrices.append(long_form(found, seed))
-        figure = figure or plot(found, superclass_of, labels, seed)
+        figure = figure or plot(found, superclass_of, labels, seed, at)
     if figure is None:
         raise SystemExit(f"error: no fig2 run completed; see {args.runs}/runs/*/results.json")
     scores, smoothing = pd.DataFrame(scores), pd.DataFrame(smoothing)
     seconds = time.time() - start
-    summary = summarise(scores, smoothing, runs[runs.status != "completed"], labels, args.tau, args.split, seconds)
+    summary = summarise(scores, smoothing, runs[runs.status != "completed"], labels, args.tau, args.split, seconds, at,
+                        rerun("fig2", args.data))
     out = publish("fig2", args.out, {"fig2": scores, "fig2_matrices": pd.concat(matrices, ignore_index=True)},
                   {"fig2": figure}, summary, wandb=not args.no_wandb, config=vars(args))
     print(f"[kd] fig2 written to {out} in {seconds / 60:.1f} min")

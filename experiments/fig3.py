@@ -1,11 +1,13 @@
 """Fig. 3: the ablation of the three levels of knowledge.
 
 CE (none), LS (universe), KD-sim (universe + domain), KD-pt (universe + instance), KD-pt+sim
-(all three, synthetic), KD (the real teacher) and KD-topk, over class-relationship strengths
-(delta) and seeds; on a real data set (no delta axis), the methods side by side. Writes
-results/fig3/{fig3.csv, fig3.png, fig3.pdf, fig3.md}.
+(all three, synthetic), KD (the real teacher) and KD-topk, over seeds and along the data set's axis:
+class-relationship strength (delta) on synthetic data, the student's training images per class on
+Fashion-MNIST; on a data set without an axis (CIFAR-100), the methods side by side. Writes
+results/fig3/{fig3.csv, fig3.png, fig3.pdf, fig3.md} (results/fig3_<data>/ on real data).
 
     python -m experiments.fig3                      # synthetic, the default (make reproduce-fig3)
+    python -m experiments.fig3 --data fashion_mnist # real images on a CPU (make reproduce-fig3 DATA=fashion_mnist)
     python -m experiments.fig3 --data cifar100      # resnet56 -> resnet20, CRD recipe (make reproduce-fig3 DATA=cifar100)
     python -m experiments.fig3 --seeds 0 1 2 -- trainer.max_epochs=100   # any override after --
     python -m experiments.fig3 --population off     # every run alone (same results, slower)
@@ -23,8 +25,8 @@ import pandas as pd
 from hydra.utils import instantiate
 
 from kd.analysis.domain import sibling_mass
-from kd.drivers import (DATA, DELTA_AXIS, build_jobs, check_data, collect,
-                        ending, parser, require_data, run_overrides, sweep)
+from kd.drivers import (AXES, DATA, axis_points, build_jobs, check_data, collect, ending, parser,
+                        require_data, rerun, run_overrides, sweep, teacher_accuracy)
 from kd.predict import probabilities
 from kd.report import publish
 from kd.runner import compose_config
@@ -40,13 +42,14 @@ ORDERING = [("kd_pt", "kd_sim"), ("kd_sim", "ls"), ("ls", "ce")]
 
 
 def axis(df: pd.DataFrame) -> str:
-    """What the runs are compared along: delta on synthetic data; on real data, which has no
-    delta (NaN), the data set: one position."""
-    return "delta" if df.delta.notna().any() else "data"
+    """What the runs are compared along: the data set's axis (a column of ``collect``: delta,
+    per_class); on a data set without one, the data set: one position."""
+    return next((a.column for a in AXES.values() if a.column in df), "data")
 
 
 def position(by: str, key) -> str:
-    return f"delta={key:g}" if by == "delta" else str(key)
+    found = next((a for a in AXES.values() if a.column == by), None)
+    return found.label.format(found.kind(key)) if found else str(key)
 
 
 def plot(df: pd.DataFrame, metric: str = "test_acc_last"):
@@ -57,13 +60,13 @@ def plot(df: pd.DataFrame, metric: str = "test_acc_last"):
     methods = [m for m in LABELS if m in set(ok.method)]
     stats = ok.groupby(["method", by])[metric].agg(["mean", "std"]).fillna(0.0)
     fig, (ax, right) = plt.subplots(1, 2, figsize=(12.4, 4.4), constrained_layout=True)
-    if by == "delta":
+    if by != "data":
         for method in methods:
             s = stats.loc[method]
             line = ax.plot(s.index, s["mean"], marker="o", label=LABELS[method])[0]
             ax.fill_between(s.index, s["mean"] - s["std"], s["mean"] + s["std"], color=line.get_color(), alpha=0.15)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("delta (subclass spread; small = strongly related classes)")
+        ax.set_xlabel(next(a.title for a in AXES.values() if a.column == by))
     else:  # no axis to sweep: the methods side by side, one series per data set
         for key, rows in stats.groupby(level=by):
             rows = rows.droplevel(by).reindex(methods)
@@ -132,7 +135,8 @@ def claim_lines(gaps: pd.DataFrame, by: str) -> list[str]:
     return lines
 
 
-def summarise(df: pd.DataFrame, seconds: float, metric: str = "test_acc_last", gen: pd.DataFrame | None = None) -> str:
+def summarise(df: pd.DataFrame, seconds: float, metric: str = "test_acc_last", gen: pd.DataFrame | None = None,
+              teachers: dict[str, float] | None = None, rerun: str = "`make reproduce-fig3`") -> str:
     ok = df[df.status == "completed"]
     failed = df[df.status != "completed"]
     by = axis(df)
@@ -143,7 +147,7 @@ def summarise(df: pd.DataFrame, seconds: float, metric: str = "test_acc_last", g
              f"{ok.seconds.sum() / 60:.1f} min summed over the runs (teacher training included).", ""]
     cells = stats["mean"].map("{:.3f}".format) + " ± " + stats["std"].fillna(0).map("{:.3f}".format)
     pivot = stats.assign(cell=cells).pivot(index="method", columns=by, values="cell")
-    pivot = pivot.reindex([m for m in LABELS if m in set(stats.method)])
+    pivot = pivot.reindex([m for m in LABELS if m in set(stats.method)]).fillna("n/a")  # n/a: every seed failed
     lines += ["| method | " + " | ".join(position(by, d) for d in pivot.columns) + " |",
               "|---|" + "---|" * len(pivot.columns)]
     lines += [f"| {LABELS[m]} | " + " | ".join(pivot.loc[m]) + " |" for m in pivot.index]
@@ -154,27 +158,36 @@ def summarise(df: pd.DataFrame, seconds: float, metric: str = "test_acc_last", g
     lines += claim_lines(paired_gaps(ok, ORDERING, metric, by=by), by)
     if gen is not None:
         lines += generator_lines(gen)
-    return ending(lines, failed, "`make reproduce-fig3` (see README for settings and time).",
+    if teachers:
+        accs = pd.Series(teachers)
+        lines += ["", f"Teacher ({accs.index[0]}): test accuracy {accs.iloc[0]:.3f} (last epoch)." if len(accs) == 1
+                  else f"{len(accs)} teachers: test accuracy {accs.mean():.3f} ± {accs.std():.3f}, "
+                       f"{accs.min():.3f} to {accs.max():.3f} (last epoch)."]
+    return ending(lines, failed, f"{rerun} (see README for settings and time).",
                   describe=lambda r: f"{r.method} {position(by, getattr(r, by))} seed={r.seed}")
 
 
 def main(argv=None) -> Path:
-    cli = parser("fig3", __doc__, seeds=range(10))
-    cli.add_argument("--deltas", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="synthetic data only")
+    cli = parser("fig3", __doc__, seeds={"synthetic": range(10), None: (0, 1, 2)})
+    cli.add_argument("--deltas", dest="delta", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0],
+                     help="synthetic data: the class-relationship strengths")
+    cli.add_argument("--per-class", type=int, nargs="+", default=[20, 60, 200],
+                     help="fashion_mnist: the students' training images per class")
     cli.add_argument("--methods", nargs="+", default=METHODS, choices=list(LABELS))
     args = cli.parse_args(argv)
     check_data(args.data, "fig3", supported=tuple(DATA))
     start = time.time()
-    jobs = build_jobs(args.data, args.deltas, args.seeds, args.methods, run_overrides(args))
+    jobs = build_jobs(args.data, axis_points(args), args.seeds, args.methods, run_overrides(args))
     require_data(next(iter(jobs.values())))
     records = sweep(jobs, args, "fig3")
     df = collect(records).assign(data=args.data)
     seconds = time.time() - start
     tables = {"fig3": df.drop(columns=["objective"])}
-    if args.data in DELTA_AXIS:
+    if args.data == "synthetic":
         tables["fig3_generator"] = generator(jobs)
-    out = publish("fig3", args.out, tables, {"fig3": plot(df)},
-                  summarise(df, seconds, gen=tables.get("fig3_generator")), wandb=not args.no_wandb, config=vars(args))
+    summary = summarise(df, seconds, gen=tables.get("fig3_generator"), teachers=teacher_accuracy(jobs),
+                        rerun=rerun("fig3", args.data))
+    out = publish("fig3", args.out, tables, {"fig3": plot(df)}, summary, wandb=not args.no_wandb, config=vars(args))
     print(f"[kd] fig3 written to {out} in {seconds / 60:.1f} min")
     return out
 

@@ -122,7 +122,7 @@ def main(argv=None) -> Path:
     cli.set_defaults(runs="logs/fig3")  # fig3's runs: its defaults are not trained again
     cli.add_argument("--deltas", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0])
     args = cli.parse_args(argv)
-    check_data(args.data, "sensitivity")
+    check_data(args.data, "sensitivity", supported=("synthetic",))
     start = time.time()
     jobs = build_jobs(args.data, args.deltas, args.seeds, methods(), run_overrides(args))
     require_data(next(iter(jobs.values())))

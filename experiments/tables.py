@@ -169,7 +169,7 @@ def main(table: str, argv=None) -> Path:
     require_data(cell_overrides(table, next(iter(table_cells)), overrides))
     jobs = {f"{cell}-s{seed}": [*cell_overrides(table, cell, overrides), f"seed={seed}"]
             for cell in table_cells for seed in args.seeds}
-    runs = collect(sweep(jobs, args, table)).drop(columns=["objective", "delta"])
+    runs = collect(sweep(jobs, args, table)).drop(columns=["objective"])
     runs[["teacher", "student", "method"]] = [table_cells[cell] for cell in runs.method]
     runs = pd.concat([teacher_rows(table, overrides), runs], ignore_index=True)
     stats = summary_table(table, runs)

@@ -8,48 +8,92 @@ import argparse
 import os
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 from hydra.utils import instantiate
 
 from kd import teachers
 from kd.errors import UserError
+from kd.results import completed_record
 from kd.runner import QUIET, compose_config, run_jobs
 from kd.train import run
 
 # The experiment config each data set runs under.
-DATA = {"synthetic": "fig3_synthetic", "cifar100": "fig3_cifar100"}
-# Data sets with the class-relationship axis data.delta (the generator's); a real data set is one
-# fixed point, so its jobs sweep no delta.
-DELTA_AXIS = ("synthetic",)
+DATA = {"synthetic": "fig3_synthetic", "cifar100": "fig3_cifar100", "fashion_mnist": "fig3_fashion_mnist"}
+
+
+class Axis(NamedTuple):
+    """What fig3 sweeps on a data set, and the other drivers fix at one point (their flag of the same name)."""
+
+    column: str  # the CSV column, the job-name tag and the driver flag's dest
+    key: str  # the override it sets
+    kind: type  # its values' type
+    label: str  # a value in figures and summaries
+    title: str  # the axis of a figure
+
+
+# Synthetic data: the generator's class-relationship strength; Fashion-MNIST: the students' training
+# images per class (data-limited students). A data set without an axis (CIFAR-100) is one point.
+AXES = {"synthetic": Axis("delta", "data.delta", float, "delta={:g}",
+                          "delta (subclass spread; small = strongly related classes)"),
+        "fashion_mnist": Axis("per_class", "data.train_per_class", int, "{:d} per class",
+                              "the student's training images per class")}
 # Data sets whose runs are small one-thread CPU jobs: a driver runs several at once by default
-# (--jobs); on real data one run holds the accelerator, so they run one after another.
-PARALLEL = ("synthetic",)
-# --quick: a few epochs, and small evaluation splits where the data is generated; checks the
-# pipeline, not the science.
+# (--jobs); on the other real data one run holds the accelerator, so they run one after another.
+PARALLEL = ("synthetic", "fashion_mnist")
+# --quick: a few epochs, and small evaluation splits where the data is generated, a small teacher set on
+# real images; checks the pipeline, not the science.
 QUICK = ["trainer.max_epochs=3", "teacher.trainer.max_epochs=2"]
-QUICK_DATA = {"synthetic": ["data.test_per_class=50", "data.val_per_class=10"]}
-# A job's name: <label>[-delta<d>]-s<seed> (see build_jobs).
-JOB_NAME = re.compile(r"(?P<label>.+?)(?:-delta(?P<delta>.+?))?-s(?P<seed>\d+)")
+QUICK_DATA = {"synthetic": ["data.test_per_class=50", "data.val_per_class=10"],
+              "fashion_mnist": ["teacher.data.train_per_class=50", "data.val_size=200"]}
+# A job's name: <label>[-<axis column><value>]-s<seed> (see build_jobs).
+JOB_NAME = re.compile(rf"(?P<label>.+?)(?:-(?P<axis>{'|'.join(a.column for a in AXES.values())})(?P<value>[^-]+))?"
+                      r"-s(?P<seed>\d+)")
+
+
+class DriverParser(argparse.ArgumentParser):
+    """Fills the defaults that depend on the data set: ``--out results/<name>`` and ``--runs logs/<name>``
+    on synthetic data (and for a driver bound to one data set), ``results/<name>_<data>`` and
+    ``logs/<name>_<data>`` on the others, so the data sets never overwrite one another; and the
+    seeds, ``seeds[data]`` (``seeds[None]`` for the others)."""
+
+    def __init__(self, name: str, bound: bool, seeds: dict, **kwargs):
+        super().__init__(**kwargs)
+        self.name, self.bound, self.seeds = name, bound, seeds
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        tag = self.name if self.bound or parsed.data == "synthetic" else f"{self.name}_{parsed.data}"
+        parsed.out = parsed.out or f"results/{tag}"
+        parsed.runs = parsed.runs or f"logs/{tag}"
+        if parsed.seeds is None:
+            parsed.seeds = list(self.seeds.get(parsed.data, self.seeds[None]))
+        return parsed
 
 
 def parser(name: str, doc: str, seeds=(0, 1, 2), data: str | None = None) -> argparse.ArgumentParser:
     """The flags every driver takes; Hydra overrides for every run go after ``--``. A driver
-    bound to one data set passes ``data`` and gets no ``--data`` flag."""
-    p = argparse.ArgumentParser(prog=f"python -m experiments.{name}", description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    bound to one data set passes ``data`` and gets no ``--data`` flag. ``seeds``: the default
+    seeds, or ``{data set: seeds}`` with ``None`` for the others."""
+    defaults = seeds if isinstance(seeds, dict) else {None: seeds}
+    p = DriverParser(name, data is not None, defaults, prog=f"python -m experiments.{name}", description=doc,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     if data is None:
         p.add_argument("--data", default="synthetic", help=f"one of: {', '.join(DATA)}")
     else:
         p.set_defaults(data=data)
-    p.add_argument("--seeds", type=int, nargs="+", default=list(seeds))
-    p.add_argument("--out", default=f"results/{name}")
-    p.add_argument("--runs", default=f"logs/{name}", help="run folders (checkpoints, results.json)")
+    p.add_argument("--seeds", type=int, nargs="+", help="default: " + "; ".join(
+        f"{' '.join(map(str, v))}{f' on {k}' if k else ''}" for k, v in defaults.items()))
+    p.add_argument("--out", help=f"where the figures and tables go (default: results/{name}, "
+                                 f"results/{name}_<data> on real data)")
+    p.add_argument("--runs", help=f"run folders: checkpoints, results.json (default: logs/{name}, "
+                                  f"logs/{name}_<data> on real data)")
     p.add_argument("--quick", action="store_true", help="a few epochs: checks the pipeline, not the science")
     p.add_argument("--no-wandb", action="store_true")
     p.add_argument("--jobs", type=int, default=None,
-                   help="worker processes (default: one per core, at most 8, on synthetic data; 1 on real data); "
-                        "results do not depend on it")
+                   help="worker processes (default: one per core, at most 8, on synthetic data and "
+                        "Fashion-MNIST; 1 on the others); results do not depend on it")
     p.add_argument("--population", choices=("on", "off"), default="on",
                    help="on: runs that share an architecture and data shapes train at once as one stacked model "
                         "(kd.population); off: every run alone")
@@ -57,7 +101,12 @@ def parser(name: str, doc: str, seeds=(0, 1, 2), data: str | None = None) -> arg
     return p
 
 
-def check_data(data: str, name: str, supported=("synthetic",)) -> None:
+def rerun(name: str, data: str) -> str:
+    """The command that re-runs a driver, for its summary."""
+    return f"`make reproduce-{name}{'' if data == 'synthetic' else f' DATA={data}'}`"
+
+
+def check_data(data: str, name: str, supported=tuple(AXES)) -> None:
     """Stop unless the driver ``name`` supports ``data`` (the drivers that run on real data say so)."""
     if data not in supported:
         raise SystemExit(f"error: --data={data} is not supported by {name}; choose one of: {', '.join(supported)}")
@@ -91,32 +140,62 @@ def run_overrides(args) -> list[str]:
     return (QUICK + QUICK_DATA.get(args.data, []) if args.quick else []) + args.overrides
 
 
-def build_jobs(data: str, deltas, seeds, methods, overrides) -> dict[str, list[str]]:
-    """``<method>-delta<d>-s<seed> -> overrides``, or ``<method>-s<seed>`` on data without a delta
-    axis (``deltas`` then unused); ``methods`` are objective names or ``{label: overrides}`` for
-    variants of one objective (e.g. KD-topk at several k)."""
+def axis_points(args) -> list:
+    """The points of the data set's axis a driver runs at: its ``--delta(s)`` or ``--per-class`` values
+    (one or several); [] on a data set without an axis."""
+    if args.data not in AXES:
+        return []
+    value = getattr(args, AXES[args.data].column)
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def where(data: str, points=()) -> str:
+    """A data set and the axis points of its runs, for titles: "synthetic, delta=0.5", "cifar100"."""
+    axis = AXES.get(data)
+    return ", ".join([data, *(axis.label.format(axis.kind(p)) for p in points)] if axis else [data])
+
+
+def build_jobs(data: str, points, seeds, methods, overrides) -> dict[str, list[str]]:
+    """``<method>-<axis><value>-s<seed> -> overrides`` (e.g. ``kd-delta0.5-s0``, ``kd-per_class60-s0``),
+    or ``<method>-s<seed>`` on data without an axis (``points`` then unused); ``methods`` are
+    objective names or ``{label: overrides}`` for variants of one objective (e.g. KD-topk at several k)."""
     variants = methods if isinstance(methods, dict) else {m: [f"objective={m}"] for m in methods}
-    axis = [(f"-delta{d}", [f"data.delta={d}"]) for d in deltas] if data in DELTA_AXIS else [("", [])]
+    axis = [(f"-{AXES[data].column}{p}", [f"{AXES[data].key}={p}"]) for p in points] if data in AXES else [("", [])]
     return {
-        f"{label}{tag}-s{s}": [f"experiment={DATA[data]}", *extra, *delta, f"seed={s}", *overrides]
-        for tag, delta in axis for s in seeds for label, extra in variants.items()
+        f"{label}{tag}-s{s}": [f"experiment={DATA[data]}", *extra, *point, f"seed={s}", *overrides]
+        for tag, point in axis for s in seeds for label, extra in variants.items()
     }
 
 
 def collect(records: dict[str, dict]) -> pd.DataFrame:
-    """One row per job of ``build_jobs``: method, delta (NaN without a delta axis), seed, status,
-    accuracies, time, error."""
+    """One row per job of ``build_jobs``: method, the axis value (a ``delta`` or ``per_class`` column, none
+    without an axis), seed, status, accuracies, time, error."""
+    kinds = {a.column: a.kind for a in AXES.values()}
     rows = []
     for name, rec in records.items():
         cfg = rec.get("config", {})
         metrics = rec.get("metrics", {})
         job = JOB_NAME.fullmatch(name)
-        rows.append({"method": job["label"], "delta": float(job["delta"] or "nan"), "seed": int(job["seed"]),
-                     "status": rec["status"],
+        point = {job["axis"]: kinds[job["axis"]](job["value"])} if job["axis"] else {}
+        rows.append({"method": job["label"], **point, "seed": int(job["seed"]), "status": rec["status"],
                      "test_acc_last": metrics.get("test/acc_last"), "test_acc_best": metrics.get("test/acc_best"),
                      "val_acc_best": metrics.get("val/acc_best"), "seconds": rec.get("seconds"),
                      "error": rec.get("error", ""), "objective": str(cfg.get("objective", ""))})
     return pd.DataFrame(rows)
+
+
+def teacher_accuracy(jobs: dict[str, list[str]]) -> dict[str, float]:
+    """Test accuracy (last epoch) of each trained teacher the jobs distil from, by its cache folder
+    (jobs that differ only in their objective share a teacher)."""
+    found = {}
+    for group in {tuple(o for o in overrides if not o.startswith(("objective=", "objective.")))
+                  for overrides in jobs.values()}:
+        cfg = compose_config(list(group), "unused")  # a run folder: the trainer config refers to one
+        if cfg.teacher.kind == "trained":
+            record = completed_record(teachers.teacher_config(cfg).paths.output_dir)
+            if record is not None:
+                found[Path(record["output_dir"]).name] = record["metrics"]["test/acc_last"]
+    return dict(sorted(found.items()))
 
 
 def load_teacher(overrides: list[str], output_dir):

@@ -1,10 +1,12 @@
 """Put a data set where the data configs look for it (``make data DATA=<name>`` calls this).
 
-  python scripts/prepare_data.py cifar100 --root data/cifar100   # or cifar10, or any torchvision
-                                                                 # data set class name (FashionMNIST)
+  python scripts/prepare_data.py cifar100 --root data/cifar100   # or cifar10, fashion_mnist, or any
+                                                                 # torchvision data set class name (KMNIST)
   python scripts/prepare_data.py imagenet --root data/imagenet --val-labels LOC_val_solution.csv
 
-CIFAR and the other torchvision data sets are downloaded by torchvision, which checks their md5.
+CIFAR, Fashion-MNIST and the other torchvision data sets are downloaded by torchvision, which checks
+their md5; a download that fails (no route to the host) says in one line where to put the files by hand.
+Fashion-MNIST needs no download where its four IDX files already are: data.root=<their folder>.
 
 ImageNet (ILSVRC-2012) needs its terms accepted, so it must be downloaded by hand: either the
 tars ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar from https://image-net.org/download.php,
@@ -27,7 +29,7 @@ from torchvision.datasets.utils import check_integrity, extract_archive
 from kd.data.folder import torchvision_dataset
 from kd.errors import UserError
 
-TORCHVISION_NAMES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+TORCHVISION_NAMES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "fashion_mnist": "FashionMNIST"}
 
 
 def download(name: str, root: Path) -> None:
@@ -82,7 +84,7 @@ def imagenet(root: Path, val_labels: Path | None) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("name", help="cifar10, cifar100, imagenet or a torchvision data set class name")
+    parser.add_argument("name", help="cifar10, cifar100, fashion_mnist, imagenet or a torchvision data set class name")
     parser.add_argument("--root", type=Path, help="where to put it (default: data/<name>)")
     parser.add_argument("--val-labels", type=Path, help="ImageNet only: ground truth of the val images")
     args = parser.parse_args(argv)

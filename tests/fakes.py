@@ -1,10 +1,11 @@
 """Tiny stand-ins for the real data sets, written in their real on-disk layouts.
 
 The CIFAR files are pickled exactly as the originals are laid out; torchvision still runs its md5
-integrity check on them, against these files' own md5 sums patched into its tables. A test module
-uses the fixtures by importing them.
+integrity check on them, against these files' own md5 sums patched into its tables. Fashion-MNIST's
+are IDX files, gzipped or not. A test module uses the fixtures by importing them.
 """
 
+import gzip
 import hashlib
 import pickle
 from pathlib import Path
@@ -77,3 +78,33 @@ def write_png_folder(folder: Path, per_class: int, seed: int, classes=("ant", "b
         for i in range(per_class):
             pixels = torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8, generator=g).numpy()
             Image.fromarray(pixels).save(folder / name / f"{name}_{i}.png")
+
+
+def write_idx(path: Path, tensor: torch.Tensor) -> None:
+    """A uint8 tensor as an IDX file (big-endian header: 0, 0, type 0x08, ndim; then each dimension),
+    gzipped when ``path`` ends in .gz, as Fashion-MNIST ships."""
+    header = bytes([0, 0, 0x08, tensor.dim()]) + b"".join(n.to_bytes(4, "big") for n in tensor.shape)
+    data = header + tensor.numpy().tobytes()
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+FASHION_TRAIN_PER_CLASS, FASHION_TEST_PER_CLASS = 12, 2
+
+
+def write_fashion_mnist(folder: Path, gz: bool) -> None:
+    """Fashion-MNIST's four files, 12 training and 2 test images per class, in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    suffix = ".gz" if gz else ""
+    for prefix, per_class, seed in (("train", FASHION_TRAIN_PER_CLASS, 0), ("t10k", FASHION_TEST_PER_CLASS, 1)):
+        labels = torch.arange(10).repeat(per_class).to(torch.uint8)
+        images = torch.randint(0, 256, (len(labels), 28, 28), dtype=torch.uint8,
+                               generator=torch.Generator().manual_seed(seed))
+        write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
+
+
+@pytest.fixture
+def fashion_mnist(tmp_path):
+    """A flat folder of the four gzipped files, as Debian's dataset-fashion-mnist installs them."""
+    write_fashion_mnist(tmp_path / "fashion", gz=True)
+    return tmp_path / "fashion"

@@ -18,6 +18,8 @@ def test_every_option_composes_and_resolves(group, option, tmp_path):
     overrides = [f"{group}={option}"]
     if group == "teacher" and option == "checkpoint":
         overrides.append("teacher.path=/nonexistent.ckpt")
+    if group == "teacher" and option == "cnn":  # Fashion-MNIST's teacher: every training image (no train_per_class)
+        overrides.append("data=fashion_mnist")
     if group == "objective" and objectives.needs_teacher(option):
         overrides.append("teacher=oracle")
     if group == "data" and option != "synthetic":

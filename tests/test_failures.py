@@ -1,8 +1,9 @@
 """The failures driver in --quick mode, ``python -m kd.diagnose`` on its teachers, and
 ``kd.analysis.diagnose`` on a hand-made label-smoothing teacher whose answers are known.
 
-The driver runs two teachers (fig3's and its label-smoothed twin) and one KD student of each, plus
-the CE student; the kd.diagnose tests reuse the teacher it trained, so nothing trains twice.
+The driver runs two teachers (fig3's and its label-smoothed twin) and a KD student of each at two
+temperatures, plus the CE student; the kd.diagnose tests reuse the teacher it trained, so nothing
+trains twice.
 """
 
 import pandas as pd
@@ -26,7 +27,7 @@ SMALL = ["teacher.data.train_per_class=50", "data.train_per_class=10"]
 def published(tmp_path_factory):
     root = tmp_path_factory.mktemp("failures")
     out = failures.main(["--quick", "--seeds", "0", "--teachers", "mlp256x2", "mlp256x2-ls0.1", "--methods", "kd",
-                         "--out", str(root / "out"), "--runs", str(root / "logs"), "--no-wandb",
+                         "--temperatures", "1", "4", "--out", str(root / "out"), "--runs", str(root / "logs"), "--no-wandb",
                          "--", f"paths.root_dir={root}", *SMALL])
     return root, out
 
@@ -38,7 +39,8 @@ def test_driver_publishes_students_teachers_and_examples(published):
         assert (out / f"failures.{suffix}").stat().st_size > 0
     runs = pd.read_csv(out / "failures.csv")
     assert (runs.status == "completed").all()
-    assert set(runs.method) == {"ce", "kd@mlp256x2", "kd@mlp256x2-ls0.1"}
+    assert set(runs.method) == {"ce", *(f"kd-tau{t}@{teacher}" for t in (1, 4) for teacher in ("mlp256x2", "mlp256x2-ls0.1"))}
+    assert set(runs.tau.dropna()) == {1, 4} and runs[runs.method == "ce"].tau.isna().all()
     teachers = pd.read_csv(out / "failures_teachers.csv")
     assert set(teachers.teacher) == {"mlp256x2", "mlp256x2-ls0.1"} and teachers.teacher_run.nunique() == 2
     assert teachers[["acc", "ece", "q_c_q50", "effective_smoothing", "superclass_high_tau_score"]].notna().all().all()
@@ -48,6 +50,7 @@ def test_driver_publishes_students_teachers_and_examples(published):
     summary = (out / "failures.md").read_text()
     assert "Each teacher minus fig3's teacher (mlp256x2)" in summary
     assert "- label smoothing: mlp256x2-ls0.1 - mlp256x2, score, probabilities, tau 4: " in summary
+    assert "### tau = 4" in summary and "mlp256x2-ls0.1 - mlp256x2, KD student accuracy at tau 4: " in summary
 
 
 def quick_teacher(root) -> list[str]:
@@ -128,12 +131,14 @@ def test_a_confident_teacher_starts_kd_at_w_one_and_uniform_at_one_minus_kd_weig
 
 
 def test_cifar100_jobs_vary_the_teacher_as_configured():
-    jobs = build_jobs("cifar100", [], [0], failures.variants(failures.TEACHERS["cifar100"], ["kd"]), [])
-    assert DATA["cifar100"] in jobs["kd@resnet110-s0"][0]
+    jobs = build_jobs("cifar100", [], [0], failures.variants(failures.TEACHERS["cifar100"], ["kd"], [4.0]), [])
+    assert DATA["cifar100"] in jobs["kd-tau4@resnet110-s0"][0]
     teachers = {name: compose_config(overrides, "/unused").teacher for name, overrides in jobs.items()}
-    assert teachers["kd@resnet110-s0"].model.name == "resnet110" and teachers["kd@resnet20-s0"].model.name == "resnet20"
-    assert teachers["kd@resnet56-ls0.2-s0"].objective == {"name": "ls", "eps": 0.2}
-    assert teachers["kd@resnet56-s0"].objective.name == "ce" and teachers["kd@resnet56-s0"].model.name == "resnet56"
+    assert teachers["kd-tau4@resnet110-s0"].model.name == "resnet110"
+    assert teachers["kd-tau4@resnet20-s0"].model.name == "resnet20"
+    assert teachers["kd-tau4@resnet56-ls0.2-s0"].objective == {"name": "ls", "eps": 0.2}
+    assert teachers["kd-tau4@resnet56-s0"].objective.name == "ce"
+    assert teachers["kd-tau4@resnet56-s0"].model.name == "resnet56"
 
 
 def test_unknown_teacher_is_refused_in_one_line(tmp_path):

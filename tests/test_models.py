@@ -15,6 +15,7 @@ STANDARD_PARAMS_M = {
     "resnet56": 0.86, "resnet110": 1.73, "resnet8x4": 1.23, "resnet32x4": 7.43,
     "wrn_16_2": 0.70, "wrn_40_1": 0.57, "wrn_40_2": 2.25, "vgg8": 3.96, "vgg13": 9.46,
     "resnet18": 11.23, "resnet34": 21.34, "resnet50": 23.71,
+    "cnn": 0.0303,  # ours (kd.models.cifar.cnn, widths 16, 32, 64): no published figure
 }
 IMAGE_MODELS = sorted(set(models.REGISTRY) - {"mlp"})
 # The most compute-hungry nets run forward only, to keep the file fast on CPU; their blocks are the

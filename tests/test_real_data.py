@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from kd.data.cifar import CIFARDataModule, augment_batch
+from kd.data.cifar import CIFARDataModule
+from kd.data.images import augment_batch
 from kd.data.folder import ImageFolderDataModule, TorchvisionDataModule
 from kd.errors import UserError
 from tests.fakes import SUPERCLASS_OF, cifar10, cifar100, images, write_png_folder  # noqa: F401 (fixtures)

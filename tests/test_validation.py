@@ -20,7 +20,7 @@ from tests.conftest import TINY
     # every key of a component is one its signature takes, of a type its annotation allows
     ("+data.foo=1", "data.foo is not an option of SyntheticDataModule; valid: superclasses, subclasses, dim,"),
     ("+model.foo=1", "model.foo is not an option of mlp; valid: name, num_classes, input_shape, in_channels, hidden"),
-    ("model.name=nope", "model.name='nope' is not valid; choose one of: mlp,"),
+    ("model.name=nope", "model.name='nope' is not valid; choose one of: cnn, mlp,"),
     ("model.hidden=abc", "model.hidden='abc' has the wrong type for mlp; expected list"),
     ("+trainer.foo=1", "trainer.foo is not an option of Trainer; valid: accelerator,"),
     ("trainer.precision=33", "trainer.precision=33 has the wrong type for Trainer; expected Union[Literal[64, 32, 16]"),
@@ -76,7 +76,9 @@ def _options(group: str) -> list[str]:
     *(f"{group}={option}" for group in ("data", "model", "optimizer", "scheduler", "trainer", "logger", "callbacks",
                                         "experiment", "recipe") for option in _options(group)),
     *(f"objective={option} teacher=oracle" for option in _options("objective")),
-    *(f"teacher={option} objective=kd" for option in _options("teacher") if option not in ("checkpoint", "none")),
+    *(f"teacher={option} objective=kd" for option in _options("teacher")
+      if option not in ("checkpoint", "none", "cnn")),
+    "teacher=cnn objective=kd data=fashion_mnist",  # Fashion-MNIST's teacher: every training image (no train_per_class)
 ])
 def test_every_shipped_config_passes(tmp_path, override):
     """The checks know every component the configs use: no valid config is refused."""

@@ -29,6 +29,16 @@ class IndexedTensors(Dataset):
         return self.x[index], self.y[index], index
 
 
+def ranked_by_class(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every position of ``labels`` grouped by class, in a seeded random order within each class, and
+    each one's rank in its class: the first ``n`` of a class are a seeded random draw of ``n``, and a
+    larger ``n`` (same seed) draws a superset."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    by_class = order[torch.sort(labels[order], stable=True).indices]
+    counts = torch.bincount(labels)
+    return by_class, torch.arange(len(labels)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
+
+
 class IndexBatchSampler:
     """Batches of indices, reshuffled per epoch from (seed, epoch) and sharded across ranks.
 
@@ -36,13 +46,17 @@ class IndexBatchSampler:
     given out this epoch (its ``state_dict``), so a run resumed from a mid-epoch checkpoint goes on
     with the next batch of the same order, as an uninterrupted run would. It is drawn on the host
     and sent to ``device`` once per epoch: a batch of indices copied on its own would make the host
-    wait for the device.
+    wait for the device. A shuffled epoch draws ``epoch_size`` indices (at least ``size``): a split
+    smaller than that is passed over again, reshuffled, so a tiny training subset still gets that
+    many steps per epoch.
     """
 
-    def __init__(self, size, batch_size, shuffle, seed=0, drop_last=False, rank=0, world_size=1, device="cpu"):
+    def __init__(self, size, batch_size, shuffle, seed=0, drop_last=False, rank=0, world_size=1, device="cpu",
+                 epoch_size=0):
         self.size, self.batch_size, self.shuffle = size, batch_size, shuffle
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
         self.device = device
+        self.epoch_size = max(size, epoch_size) if shuffle else size
         self.epoch = 0
         self.given = 0  # batches of this epoch given out (skipped ones included)
         self._resume = (-1, 0)  # (epoch, batches): from a restored checkpoint, skipped by that epoch's pass
@@ -60,9 +74,12 @@ class IndexBatchSampler:
         if not self.shuffle:
             order = torch.arange(self.size)
         else:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 100003 + self.epoch))
-        per_rank = math.ceil(self.size / self.world_size)
-        order = torch.cat([order, order[: per_rank * self.world_size - self.size]])  # pad to shard evenly
+            generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            passes = -(-self.epoch_size // self.size)
+            order = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(passes)])
+            order = order[: self.epoch_size]
+        per_rank = math.ceil(len(order) / self.world_size)
+        order = torch.cat([order, order[: per_rank * self.world_size - len(order)]])  # pad to shard evenly
         return order[self.rank :: self.world_size]
 
     def __iter__(self):
@@ -75,7 +92,7 @@ class IndexBatchSampler:
             yield batch
 
     def __len__(self) -> int:
-        n = math.ceil(self.size / self.world_size)
+        n = math.ceil(self.epoch_size / self.world_size)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
 
@@ -126,6 +143,7 @@ class TensorDataModule(SplitDataModule):
 
     Attributes the rest of the toolkit reads: ``num_classes``, ``input_shape`` and
     ``superclass_of`` (a (K,) tensor of superclass ids, or None when the data has no hierarchy).
+    ``min_epoch_size``: the fewest examples a shuffled (training) epoch draws (``IndexBatchSampler``).
 
     ``POPULATION_KEYS``: the config keys that change the values of the data but not its shapes
     (nor the batches' sizes); runs whose data configs differ only in them can train as one
@@ -135,9 +153,10 @@ class TensorDataModule(SplitDataModule):
 
     POPULATION_KEYS: tuple[str, ...] = ()
 
-    def __init__(self, batch_size: int = 64, eval_batch_size: int = 1024, seed: int = 0):
+    def __init__(self, batch_size: int = 64, eval_batch_size: int = 1024, seed: int = 0, min_epoch_size: int = 0):
         super().__init__()
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
+        self.min_epoch_size = min_epoch_size
         self.splits: dict[str, IndexedTensors] = {}
         self.superclass_of: torch.Tensor | None = None
         self._resident: dict[tuple[str, torch.device], IndexedTensors] = {}
@@ -167,6 +186,7 @@ class TensorDataModule(SplitDataModule):
         return IndexBatchSampler(
             len(self.splits[split]), batch_size or (self.batch_size if shuffle else self.eval_batch_size),
             shuffle=shuffle, seed=self.seed, rank=rank, world_size=world, device=device,
+            epoch_size=self.min_epoch_size,
         )
 
     def on_device(self, split: str, device: torch.device) -> IndexedTensors:

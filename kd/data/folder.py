@@ -17,7 +17,7 @@ import torchvision
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
-from kd.data.base import SplitDataModule
+from kd.data.base import SplitDataModule, ranked_by_class
 from kd.errors import UserError, check_range
 
 IMAGENET_MEAN_STD = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -45,10 +45,8 @@ class Split(Dataset):
 def carve(labels: torch.Tensor, seed: int, val_per_class: int = 0, val_fraction: float = 0.0):
     """(train, val) indices: per class, a seeded random ``val_per_class`` examples (or the nearest
     whole number to ``val_fraction`` of them) go to validation."""
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    by_class = order[torch.sort(labels[order], stable=True).indices]  # grouped by class, random within
+    by_class, rank = ranked_by_class(labels, seed)
     counts = torch.bincount(labels)
-    rank = torch.arange(len(labels)) - torch.repeat_interleave(counts.cumsum(0) - counts, counts)
     n_val = torch.full_like(counts, val_per_class) if val_per_class else (counts * val_fraction).round().long()
     if bool(((n_val >= counts) & (counts > 0)).any()):
         raise UserError(f"data.val_per_class={val_per_class} / data.val_fraction={val_fraction} leaves a class "
@@ -176,9 +174,28 @@ def torchvision_dataset(name: str, root: str, train: bool, download: bool = Fals
         raise UserError(f"torchvision's {name} has no train/test splits; use data=imagefolder instead")
     try:
         return cls(root, download=download, **kwargs)
-    except RuntimeError:  # torchvision: missing, or failing its integrity check
+    except (OSError, RuntimeError) as err:  # a failed download (URLError is an OSError); missing or corrupt files
+        if download:
+            raise UserError(download_failed(cls, root, err)) from None
+        if not isinstance(err, RuntimeError):  # not torchvision's "not found": the system's own error says more
+            raise
         raise UserError(f"{name} not found or corrupted in {root}; fetch it with "
                         f"`make data DATA={name}` or set data.download=true") from None
+
+
+def download_failed(cls: type, root: str, err: BaseException) -> str:
+    """One line for a torchvision download that failed: why, the address tried, and where to put the
+    files by hand (torchvision then checks and unpacks them instead of downloading)."""
+    reason = next((line.strip() for line in reversed(str(err).splitlines()) if line.strip()), type(err).__name__)
+    if isinstance(getattr(cls, "url", None), str):  # one archive: CIFAR
+        files, url, where = cls.filename, cls.url, root
+    elif getattr(cls, "mirrors", None) and isinstance(getattr(cls, "resources", None), list):  # MNIST and kin
+        files, url = ", ".join(name for name, _ in cls.resources), f"{cls.mirrors[0]}{cls.resources[0][0]}"
+        where = str(Path(root) / cls.__name__ / "raw")
+    else:
+        return f"downloading {cls.__name__} into {root} failed ({reason}); see torchvision's {cls.__name__} for its source"
+    return (f"downloading {cls.__name__} failed ({reason}); tried {url}; if this machine cannot reach it, "
+            f"download {files} by hand into {where} and run again")
 
 
 def labels_of(dataset) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The CIFAR model zoo of the KD literature (RepDistiller / CRD definitions), for any input size.
 
 ResNets are 3-stage basic-block nets of depth 6n+2; ``x4`` variants are 4x wider with a 32-wide
-stem. WRN-d-k is the pre-activation wide ResNet; VGG-8/13 have batch norm. One difference from
-RepDistiller: every net ends in adaptive average pooling, so images of any size and channel
-count work (it equals RepDistiller's fixed pooling on 32x32 inputs).
+stem. WRN-d-k is the pre-activation wide ResNet; VGG-8/13 have batch norm; ``cnn`` is a small VGG-like
+net of ours, for CPU budgets. One difference from RepDistiller: every net ends in adaptive average
+pooling, so images of any size and channel count work (it equals RepDistiller's fixed pooling on
+32x32 inputs).
 """
 
 from __future__ import annotations
@@ -98,10 +99,10 @@ def wide_resnet(num_classes: int, input_shape, depth: int, widen: int) -> Pooled
 VGG_STAGES = {8: [[64], [128], [256], [512], [512]], 13: [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]]}
 
 
-def vgg(num_classes: int, input_shape, depth: int) -> PooledNet:
-    """VGG-``depth`` with batch norm: five conv stages, 2x2 max pools between the first four."""
+def plain(num_classes: int, input_shape, stages) -> PooledNet:
+    """Stages of 3x3 conv + batch norm + ReLU layers (one per width in a stage), 2x2 max pools between."""
     layers, width = [], image_channels(input_shape)
-    for stage, stage_widths in enumerate(VGG_STAGES[depth]):
+    for stage, stage_widths in enumerate(stages):
         if stage:
             layers.append(nn.MaxPool2d(2))
         for planes in stage_widths:
@@ -110,9 +111,21 @@ def vgg(num_classes: int, input_shape, depth: int) -> PooledNet:
     return PooledNet(nn.Sequential(*layers), width, num_classes)
 
 
+def vgg(num_classes: int, input_shape, depth: int) -> PooledNet:
+    """VGG-``depth`` with batch norm: five conv stages, 2x2 max pools between the first four."""
+    return plain(num_classes, input_shape, VGG_STAGES[depth])
+
+
+def cnn(num_classes: int, input_shape, widths: tuple[int, ...] = (16, 32, 64)) -> PooledNet:
+    """The VGG pattern at the scale of a CPU: one conv layer per stage, ``widths`` channels (ours; the
+    zoo's nets are too slow for Fashion-MNIST on a laptop, configs/experiment/fig3_fashion_mnist.yaml)."""
+    return plain(num_classes, input_shape, [[w] for w in widths])
+
+
 MODELS = {
     **{f"resnet{d}": partial(resnet, depth=d) for d in (8, 14, 20, 32, 44, 56, 110)},
     **{f"resnet{d}x4": partial(resnet, depth=d, widths=(32, 64, 128, 256)) for d in (8, 32)},
     **{f"wrn_{d}_{k}": partial(wide_resnet, depth=d, widen=k) for d, k in ((16, 2), (40, 1), (40, 2))},
     **{f"vgg{d}": partial(vgg, depth=d) for d in VGG_STAGES},
+    "cnn": cnn,
 }
