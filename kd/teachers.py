@@ -79,26 +79,27 @@ def teacher_id(tcfg: DictConfig) -> str:
 
 def ensure_trained(cfg: DictConfig, train: Train) -> Path:
     """Train the configured teacher unless its run already completed; return its run folder."""
-    return train_missing([cfg], train)[0]
+    tcfg = teacher_config(cfg)
+    train_missing([tcfg], train)
+    return Path(tcfg.paths.output_dir)
 
 
-def train_missing(cfgs: list[DictConfig], train: Train) -> list[Path]:
-    """The run folders of the trained teachers ``cfgs`` name, training those not yet in the cache:
-    teachers that share a population key (kd.population) together, as one population."""
-    wanted = [teacher_config(cfg) for cfg in cfgs if cfg.teacher.kind == "trained"]
-    tcfgs = {tcfg.paths.output_dir: tcfg for tcfg in wanted}
-    folders = sorted(tcfgs)
+def train_missing(tcfgs: list[DictConfig], train: Train) -> None:
+    """Train the teachers (their run configs, ``teacher_config``) not yet in the cache: those that
+    share a population key (kd.population) together, as one population."""
+    unique = {tcfg.paths.output_dir: tcfg for tcfg in tcfgs}
+    folders = sorted(unique)
     with ExitStack() as held:
         for folder in folders:  # in one order everywhere, so two processes never wait on each other
             Path(folder).mkdir(parents=True, exist_ok=True)
             held.enter_context(lock(Path(folder) / ".lock"))
-        missing = [tcfgs[f] for f in folders if completed_record(f) is None]
+        missing = [unique[f] for f in folders if completed_record(f) is None]
         for group in population.groups(missing):
-            names = ", ".join(Path(missing[i].paths.output_dir).name for i in group)
-            print(f"[kd] training teacher{'s' if len(group) > 1 else ''} {names} (cached for later students) ...",
-                  flush=True)
+            names = [Path(missing[i].paths.output_dir).name for i in group]
+            shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]}"
+            print(f"[kd] training {len(names)} teacher{'s as one population' if len(names) > 1 else ''} "
+                  f"({shown}), cached for later students ...", flush=True)
             train([missing[i] for i in group] if len(group) > 1 else missing[group[0]])
-    return [Path(tcfg.paths.output_dir) for tcfg in wanted]
 
 
 def checkpoint_in(run_dir: Path, which: str) -> Path:
@@ -143,13 +144,12 @@ def check_spec(spec: DictConfig) -> None:
                         f"valid: {', '.join(('kind', *KEYS[spec.kind]))}")
 
 
-def check_same_classes(cfg: DictConfig, datamodule) -> None:
+def check_same_classes(cfg: DictConfig, tcfg: DictConfig, datamodule) -> None:
     """A teacher trained on other classes cannot teach this student: fail before training it (a
     teacher already trained is checked when its checkpoint loads)."""
-    tcfg = teacher_config(cfg)
     if not cfg.teacher.get("data") or completed_record(tcfg.paths.output_dir) is not None:
         return
-    if tcfg.data == cfg.data or completed_record(tcfg.paths.output_dir) is not None:
+    if tcfg.data == cfg.data:
         return
     k = instantiate(tcfg.data).num_classes
     if k != datamodule.num_classes:
@@ -157,8 +157,11 @@ def check_same_classes(cfg: DictConfig, datamodule) -> None:
                         f"{datamodule.num_classes}; drop the teacher.data override that changes the classes")
 
 
-def resolve(cfg: DictConfig, datamodule, train: Train) -> nn.Module | None:
-    """The frozen teacher network this run distils from, or None (``train`` trains a missing one)."""
+def resolve(cfg: DictConfig, datamodule, train: Train, tcfg: DictConfig | None = None,
+            loaded: dict | None = None) -> nn.Module | None:
+    """The frozen teacher network this run distils from, or None (``train`` trains a missing one;
+    ``tcfg``: its ``teacher_config`` if already built; ``loaded``: checkpoint path -> network, for
+    the members of a population that share a teacher)."""
     kind = cfg.teacher.kind
     check_choice("teacher.kind", kind, KINDS)
     if kind == "none":
@@ -170,6 +173,11 @@ def resolve(cfg: DictConfig, datamodule, train: Train) -> nn.Module | None:
     if kind == "checkpoint":
         path = cfg.teacher.path
     else:
-        check_same_classes(cfg, datamodule)
-        path = checkpoint_in(ensure_trained(cfg, train), cfg.teacher.checkpoint)
-    return load_checkpoint(path, datamodule.num_classes, datamodule.input_shape)
+        tcfg = tcfg or teacher_config(cfg)
+        check_same_classes(cfg, tcfg, datamodule)
+        train_missing([tcfg], train)
+        path = checkpoint_in(Path(tcfg.paths.output_dir), cfg.teacher.checkpoint)
+    loaded = {} if loaded is None else loaded
+    if str(path) not in loaded:
+        loaded[str(path)] = load_checkpoint(path, datamodule.num_classes, datamodule.input_shape)
+    return loaded[str(path)]

@@ -44,8 +44,11 @@ REPORTED = (UserError, TrainingDiverged, HydraException, OmegaConfBaseException)
 LR_SCALING = {"none": lambda world: 1.0, "linear": lambda world: float(world), "sqrt": lambda world: world**0.5}
 
 
-def validate(cfg: DictConfig) -> None:
-    """Fail before any work on a config that cannot run; every message is one line."""
+def validate(cfg: DictConfig, teachers_checked: dict | None = None) -> DictConfig | None:
+    """Fail before any work on a config that cannot run; every message is one line. Returns the
+    run config of its trained teacher (``teachers.teacher_config``), if it has one: checked too,
+    once per teacher folder in ``teachers_checked`` (folder -> checked config), which the members of
+    a population share."""
     schema.check(cfg)
     objective = OmegaConf.to_container(cfg.objective, resolve=True)
     name = objective.pop("name", None)
@@ -64,11 +67,17 @@ def validate(cfg: DictConfig) -> None:
     if objectives.needs_teacher(name) and cfg.teacher.kind == "none":
         raise UserError(f"objective={name} distils from a teacher but teacher=none; use teacher=mlp (trained and "
                         "cached on first use), teacher=oracle (synthetic data) or teacher=checkpoint teacher.path=...")
-    if cfg.teacher.kind == "trained":
+    if cfg.teacher.kind != "trained":
+        return None
+    tcfg = teachers.teacher_config(cfg)
+    checked = {} if teachers_checked is None else teachers_checked
+    if tcfg.paths.output_dir not in checked:
         try:
-            validate(teachers.teacher_config(cfg))
+            validate(tcfg)
         except UserError as err:
             raise UserError(f"in the teacher's config (teacher.*): {err}") from None
+        checked[tcfg.paths.output_dir] = tcfg
+    return tcfg
 
 
 def class_similarity(cfg: DictConfig, teacher, datamodule) -> torch.Tensor | None:
@@ -106,9 +115,10 @@ def run(cfg: DictConfig | list[DictConfig], callbacks=()) -> dict | list[dict]:
     return records[0] if isinstance(cfg, DictConfig) else records
 
 
-def _prepare(cfg: DictConfig, datamodules: dict):
-    """A run's data (shared with the members whose data configs agree) and its frozen teacher; the
-    model is built once on the meta device, so a bad one fails before a teacher trains."""
+def _prepare(cfg: DictConfig, tcfg: DictConfig | None, datamodules: dict, loaded: dict):
+    """A run's data (shared with the members whose data configs agree) and its frozen teacher (shared
+    too: ``loaded``); the model is built once on the meta device, so a bad one fails before a
+    teacher trains."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True, default=str)
     if key not in datamodules:
@@ -117,7 +127,7 @@ def _prepare(cfg: DictConfig, datamodules: dict):
     datamodule = datamodules[key]
     with torch.device("meta"):  # a dry build: no memory, no random draws
         instantiate(cfg.model, num_classes=datamodule.num_classes, input_shape=datamodule.input_shape)
-    return datamodule, teachers.resolve(cfg, datamodule, train=run)
+    return datamodule, teachers.resolve(cfg, datamodule, train=run, tcfg=tcfg, loaded=loaded)
 
 
 def _member_checkpoints(module: DistillationModule, g: int, last: dict, cfg: DictConfig, trainer) -> dict:
@@ -156,10 +166,10 @@ def record_invalid(cfg: DictConfig, err: Exception) -> dict | None:
 
 
 def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
-    invalid = {}
+    invalid, tcfgs, checked = {}, [], {}
     for g, cfg in enumerate(cfgs):
         try:
-            validate(cfg)
+            tcfgs.append(validate(cfg, checked))
         except Exception as err:
             invalid[g] = record_invalid(cfg, err)
             if len(cfgs) == 1:
@@ -184,9 +194,9 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
     # instead of writing the same files at once; the other ranks of a data-parallel run share it.
     held = [lock(out / ".run.lock") for out in sorted(outs)] if rank_zero_only.rank == 0 else []
     if not single:  # the teachers the members need, trained as populations before any is loaded
-        teachers.train_missing(cfgs, train=run)
-    datamodules: dict = {}
-    members = [_prepare(cfg, datamodules) for cfg in cfgs]
+        teachers.train_missing([t for t in tcfgs if t is not None], train=run)
+    datamodules, loaded = {}, {}
+    members = [_prepare(cfg, tcfg, datamodules, loaded) for cfg, tcfg in zip(cfgs, tcfgs)]
     datamodule = members[0][0] if single else population.Data([dm for dm, _ in members])
     pcfg = cfgs[0] if single else population.config(cfgs[0], folder)  # the trainer's and callbacks' config
     loggers = build_loggers(pcfg, folder)
