@@ -32,6 +32,26 @@ def mid_epoch(trainer, batch_idx: int) -> bool:
     return batch_idx + 1 < trainer.num_training_batches
 
 
+class EpochClock(L.Callback):
+    """A line every ``every_s`` seconds (and at the last epoch) with the epoch and the time left, for a
+    run trained outside a sweep's progress bar: the teachers a driver's students wait for."""
+
+    def __init__(self, label: str, every_s: float = 30.0):
+        self.label, self.every_s = label, every_s
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = self.shown = time.monotonic()
+        self.first = trainer.current_epoch  # a resumed run counts from where it resumed
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        now, done, total = time.monotonic(), trainer.current_epoch + 1, trainer.max_epochs
+        if now - self.shown < self.every_s and done < total:
+            return
+        self.shown = now
+        left = (now - self.start) / max(done - self.first, 1) * (total - done)
+        print(f"[kd] {self.label}: epoch {done}/{total}, about {left / 60:.1f} min left", flush=True)
+
+
 class LastCheckpoint(ModelCheckpoint):
     """``<dirpath>/last.ckpt``, what a relaunched run resumes from: rewritten at the end of an epoch
     once ``every_s`` seconds have passed since the last write, so a killed run loses at most about

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from kd import population
+from kd.callbacks import EpochClock
 from kd.errors import UserError, check_choice
 from kd.results import completed_record, lock
 
@@ -99,7 +100,8 @@ def train_missing(tcfgs: list[DictConfig], train: Train) -> None:
             shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]}"
             print(f"[kd] training {len(names)} teacher{'s as one population' if len(names) > 1 else ''} "
                   f"({shown}), cached for later students ...", flush=True)
-            train([missing[i] for i in group] if len(group) > 1 else missing[group[0]])
+            clock = EpochClock(f"{len(names)} teacher{'s' if len(names) > 1 else ''} ({shown})")
+            train([missing[i] for i in group] if len(group) > 1 else missing[group[0]], callbacks=[clock])
 
 
 def checkpoint_in(run_dir: Path, which: str) -> Path:

@@ -1,6 +1,7 @@
 """End to end on synthetic data: teacher -> student, the run record, W&B offline, bad input."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,9 +17,11 @@ from tests.conftest import TINY, TINY_TEACHER
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_teacher_then_student_end_to_end(root):
+def test_teacher_then_student_end_to_end(root, capsys):
     record = run(compose_config([*TINY, *TINY_TEACHER, "objective=kd_pt_sim"], root / "student"))
     assert record["status"] == "completed"
+    # The teacher, trained outside any progress bar, said how far it was and how long it had left.
+    assert re.search(r"\[kd\] 1 teacher \(mlp-ce-\w+\): epoch (\d+)/\1, about 0\.0 min left", capsys.readouterr().out)
     saved = json.loads((root / "student" / "results.json").read_text())
     for key in ("test/acc_last", "test/acc_best", "val/acc_best", "test/agreement_last", "test/ece_last"):
         assert 0.0 <= saved["metrics"][key] <= 1.0
