@@ -33,7 +33,10 @@ from kd.report import publish
 METHODS = {"kd": ("kd_weight", targets.teacher), "ls": ("eps", targets.uniform)}
 LABELS = {"kd": "KD", "ls": "LS"}
 SPLITS = {"train": "training examples", "val": "held-out examples (validation)"}
-W_RANGE = (-1.0, 1.05)  # w is unbounded below (students more confident than their target): plots clip
+# w is unbounded below (students more confident than their target) and, at tau > 1, above (a student
+# confident at tau 1 has a tiny CE gradient while its tempered distribution is far from the teacher's):
+# the plots clip to the range the paper reads, [0, 1] and a margin, and count what they clip.
+W_RANGE = (-1.0, 1.05)
 
 
 def per_example(runs: pd.DataFrame, jobs: dict, root: str) -> pd.DataFrame:
@@ -69,10 +72,11 @@ def plot(examples: pd.DataFrame, curves: pd.DataFrame, at: str):
         for i, method in enumerate(METHODS):
             rows = examples[(examples.split == split) & (examples.method == method)]
             curve = curves[(curves.split == split) & (curves.method == method)]
-            clipped = (rows.w < W_RANGE[0]).sum()
+            below, above = (rows.w < W_RANGE[0]).sum(), (rows.w > W_RANGE[1]).sum()
+            clipped = f"{below} points below {W_RANGE[0]:g}" + (f", {above} above {W_RANGE[1]:g}" if above else "")
             ax.scatter(rows.q_c, rows.w.clip(*W_RANGE), s=4, alpha=0.25, color=f"C{i}")
             ax.plot(curve.q_c, curve.w_median, color=f"C{i}", marker="o",
-                    label=f"{LABELS[method]} (median per bin; {clipped} points below {W_RANGE[0]:g} drawn at it)")
+                    label=f"{LABELS[method]} (median per bin; {clipped} drawn at the edge)")
             ax.fill_between(curve.q_c, curve.w_q25, curve.w_q75, color=f"C{i}", alpha=0.2)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_ylim(W_RANGE[0] - 0.05, W_RANGE[1])

@@ -78,8 +78,9 @@ def plot(gaps: pd.DataFrame):
             rows = gaps[(gaps.a == a) & (gaps.b == b) & (gaps.variant == variant)]
             x = [deltas.index(d) + 0.1 * (i - (len(shown) - 1) / 2) for d in rows.delta]
             label = "fig3's settings" if variant == DEFAULT else VARIANTS[variant][0]
+            color = "k" if variant == DEFAULT else f"C{list(VARIANTS).index(variant)}"  # the same in every panel
             ax.errorbar(x, rows.gap, yerr=[rows.gap - rows.ci_low, rows.ci_high - rows.gap], fmt="o", capsize=3,
-                        label=label, color="k" if variant == DEFAULT else None)
+                        label=label, color=color)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(range(len(deltas)), [position("delta", d) for d in deltas])
         ax.set_title(f"{LABELS[a]} − {LABELS[b]}", fontsize=10)

@@ -144,3 +144,19 @@ def test_cifar100_jobs_vary_the_teacher_as_configured():
 def test_unknown_teacher_is_refused_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="--teachers resnet56 is not a teacher of --data=synthetic"):
         failures.main(["--teachers", "resnet56", "--out", str(tmp_path), "--runs", str(tmp_path)])
+
+
+def test_a_label_smoothed_teacher_is_predicted_harmless_at_tau_1_and_harmful_above():
+    def row(tau, gap, exceeds):
+        return {"teacher": "t-ls0.1", "quantity": "kd", "tau": tau, "gap": gap, "spread": 0.001,
+                "exceeds_spread": exceeds, "n": 3}
+
+    gaps = pd.DataFrame([row(1.0, +0.010, True), row(1.0, -0.001, False), row(2.0, -0.001, False),
+                         row(4.0, -0.010, True), row(1.0, -0.010, True)])
+    lines = failures.verdicts(gaps, {"label smoothing": ["t", "t-ls0.1"]}, "t")
+    assert [line.split(", ", 2)[-1].split(" (")[0] for line in lines] == [
+        "as predicted: no harm at tau 1",  # better at tau 1 is no harm
+        "as predicted: no harm at tau 1",  # within the seed spread
+        "as predicted",  # worse above tau 1, even within the spread: the sign of the prediction
+        "as predicted",
+        "against the prediction of no harm at tau 1"]  # worse beyond the seed spread at tau 1
