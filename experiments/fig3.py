@@ -66,7 +66,8 @@ def plot(df: pd.DataFrame, metric: str = "test_acc_last"):
             line = ax.plot(s.index, s["mean"], marker="o", label=LABELS[method])[0]
             ax.fill_between(s.index, s["mean"] - s["std"], s["mean"] + s["std"], color=line.get_color(), alpha=0.15)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(ok[by].unique()), [f"{v:g}" for v in sorted(ok[by].unique())])  # the swept values
+        swept = sorted(ok[by].unique())
+        ax.set_xticks(swept, [f"{v:g}" for v in swept])
         ax.minorticks_off()
         ax.set_xlabel(next(a.title for a in AXES.values() if a.column == by))
     else:  # no axis to sweep: the methods side by side, one series per data set
