@@ -398,15 +398,18 @@ def population_configs(root: Path, tag: str, members: int, extra: list[str]) -> 
                             f"paths.root_dir={root}", *extra], root / f"pop-{tag}" / str(g)) for g in range(members)]
 
 
-def gemm_rate(n: int = 512, repeats: int = 10) -> float:
-    """FLOP/s of an n x n x n fp32 matrix product on this process's threads: the compute floor's rate."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def gemm_rate(n: int = 512, repeats: int = 10, members: int = 0, rows: int | None = None) -> float:
+    """FLOP/s of an n x n x n fp32 matrix product on this process's threads: the compute floor's
+    rate; with ``members``, of a batched product of that many (rows x n) @ (n x n), the shape of a
+    population's hidden layer."""
+    shape = (members,) if members else ()
+    a, b = torch.randn(*shape, rows or n, n), torch.randn(*shape, n, n)
     for _ in range(3):
         a @ b
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    return 2 * n**3 * repeats / (time.perf_counter() - start)
+    return 2 * max(members, 1) * (rows or n) * n * n * repeats / (time.perf_counter() - start)
 
 
 def flops_per_example(net: torch.nn.Module, shape, num_classes: int) -> tuple[float, float]:
@@ -426,7 +429,7 @@ def flops_per_example(net: torch.nn.Module, shape, num_classes: int) -> tuple[fl
 def fig3_flops(seeds: int = 10, deltas: int = 4) -> float:
     """The matrix FLOPs of ``make reproduce-fig3``: every teacher and student, trained and evaluated
     as kd.train.run does (validation every epoch, test of the last and the best weights, each
-    teacher once over each of its students' splits, then looked up)."""
+    teacher once over each split of its students' data, which they share, then looked up)."""
     cfg = compose_config(["experiment=fig3_synthetic"], "/unused")
     data = instantiate(cfg.data)
     k, shape = data.num_classes, data.input_shape
@@ -435,9 +438,9 @@ def fig3_flops(seeds: int = 10, deltas: int = 4) -> float:
     (s_fwd, s_train), (t_fwd, t_train) = (flops_per_example(nets[w], shape, k) for w in ("student", "teacher"))
     n = {split: cfg.data[f"{split}_per_class"] * k for split in ("train", "val", "test")}
     n_teacher = cfg.teacher.data.train_per_class * k
-    teacher = (n_teacher * t_train + n["val"] * t_fwd) * cfg.teacher.trainer.max_epochs + 2 * n["test"] * t_fwd
-    student = ((n["train"] * s_train + n["val"] * s_fwd) * cfg.trainer.max_epochs + 2 * n["test"] * s_fwd
+    teacher = ((n_teacher * t_train + n["val"] * t_fwd) * cfg.teacher.trainer.max_epochs + 2 * n["test"] * t_fwd
                + (n["train"] + n["val"] + n["test"]) * t_fwd)
+    student = (n["train"] * s_train + n["val"] * s_fwd) * cfg.trainer.max_epochs + 2 * n["test"] * s_fwd
     return seeds * deltas * (teacher + 7 * student)
 
 
@@ -515,7 +518,10 @@ def fig3(args, root: Path) -> dict:
     seconds, source = fig3_wall(args.fig3, root / "fig3")
     rate, flops, cores = gemm_rate(), fig3_flops(), os.cpu_count() or 1
     floor = flops / (rate * cores)
+    # fig3's own hidden layers, for comparison: 20 teachers' 256 x 256 at batch 256, 140 students' 128 x 128 at 64.
+    shapes = {"teachers": gemm_rate(256, members=20, rows=256), "students": gemm_rate(128, 40, members=140, rows=64)}
     return {"fig3.wall_s": seconds, "fig3.source": source, "fig3.flops": flops, "fig3.gemm_flop_s_per_core": rate,
+            **{f"fig3.gemm_{who}_flop_s": r for who, r in shapes.items()},
             "fig3.cores": cores, "fig3.floor_s": floor, **({"fig3.wall_over_floor": seconds / floor} if seconds else {})}
 
 
@@ -595,10 +601,15 @@ def report(result: dict) -> str:
         wall = "n/a" if result["fig3.wall_s"] is None else f"{result['fig3.wall_s'] / 60:.1f} min"
         f["fig3.wall"] = f"{wall} ({result['fig3.source']})"
         f["fig3.flops"] = f"{result['fig3.flops']:.3g}"
-        f["fig3.gemm"] = f"{result['fig3.gemm_flop_s_per_core'] / 1e9:.1f}"
+        for key in ("gemm_flop_s_per_core", "gemm_teachers_flop_s", "gemm_students_flop_s"):
+            f[f"fig3.{key}"] = f"{result[f'fig3.{key}'] / 1e9:.1f}"
         rows["fig3"] = [("fig3: make reproduce-fig3 wall time", "fig3.wall"),
                         ("fig3: matrix FLOPs (teachers and students, training and evaluation)", "fig3.flops"),
-                        ("fig3: GEMM rate per core, fp32 512^3 (GFLOP/s)", "fig3.gemm"),
+                        ("fig3: GEMM rate per core, fp32 512^3 (GFLOP/s)", "fig3.gemm_flop_s_per_core"),
+                        ("fig3: its teachers' hidden layer, 20 x (256 x 256 @ 256 x 256) (GFLOP/s)",
+                         "fig3.gemm_teachers_flop_s"),
+                        ("fig3: its students' hidden layer, 140 x (64 x 128 @ 128 x 128) (GFLOP/s)",
+                         "fig3.gemm_students_flop_s"),
                         (f"fig3: compute floor on {result['fig3.cores']} cores (s)", "fig3.floor_s"),
                         *([("fig3: wall time / compute floor", "fig3.wall_over_floor")]
                           if "fig3.wall_over_floor" in result else [])]

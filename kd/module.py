@@ -189,11 +189,23 @@ class DistillationModule(L.LightningModule):
             return None
 
         @torch.no_grad()  # not inference_mode: the student's backward keeps the teacher's outputs
-        def run_teachers():
-            return torch.stack([self.teachers[t](self._input(x[g])) for g, t in zip(self.taught, self.teacher_of)])
+        def run_teachers(share: bool = False):
+            """Each taught member's teacher on its inputs; with ``share``, members whose teacher and
+            inputs are the same (fig3: the objectives at one data seed) share one pass."""
+            passes: dict[int, list] = {}  # teacher -> [(member, its logits)]
+            logits = []
+            for g, t in zip(self.taught, self.teacher_of):
+                found = next((out for h, out in passes.get(t, ()) if share and torch.equal(x[h], x[g])), None)
+                if found is None:
+                    found = self.teachers[t](self._input(x[g]))
+                    passes.setdefault(t, []).append((g, found))
+                logits.append(found)
+            return torch.stack(logits)
 
         outputs = self.teacher_outputs.get(stage)
-        logits = run_teachers() if outputs is None else outputs(run_teachers, index[self.taught_index])
+        # Sharing compares inputs (a wait for the device): only on the first pass over fixed inputs.
+        logits = run_teachers() if outputs is None else outputs(lambda: run_teachers(share=True),
+                                                                index[self.taught_index])
         if len(self.taught) == self.members:
             return logits
         return logits.new_zeros((self.members, *logits.shape[1:])).index_copy(0, self.taught_index, logits)

@@ -29,6 +29,10 @@ from torch.utils.data import DataLoader, Dataset
 from kd.data.base import SplitDataModule, TensorDataModule, resumable
 from kd.errors import UserError
 
+# The most rows (members x examples) of a population's evaluation batch: its activations grow with
+# the members, and a larger batch spills the caches (140 fig3 students: 19 GFLOP/s at 256 examples
+# a member, 14 at 1000 and more; docs/performance.md). Evaluation gives the same results in any batches.
+EVAL_ROWS = 32768
 # Top-level config keys every member has its own of; all other keys must agree.
 MEMBER_KEYS = ("seed", "objective", "teacher", "paths", "task_name", "tags")
 
@@ -55,10 +59,16 @@ def key(cfg: DictConfig) -> str | None:
     plain = OmegaConf.to_container(cfg, resolve=False)
     shared = {k: v for k, v in plain.items() if k not in MEMBER_KEYS}
     shared["data"] = {k: v for k, v in plain["data"].items() if k not in data_cls.POPULATION_KEYS}
-    data = instantiate(cfg.data)
-    with torch.device("meta"):
-        net = instantiate(cfg.model, num_classes=data.num_classes, input_shape=data.input_shape)
-    return json.dumps(shared, sort_keys=True, default=str) if stackable(net) else None
+    found = json.dumps(shared, sort_keys=True, default=str)
+    if found not in _STACKABLE:  # a sweep asks for each of its jobs: build the network once per key
+        data = instantiate(cfg.data)
+        with torch.device("meta"):
+            _STACKABLE[found] = stackable(instantiate(cfg.model, num_classes=data.num_classes,
+                                                      input_shape=data.input_shape))
+    return found if _STACKABLE[found] else None
+
+
+_STACKABLE: dict[str, bool] = {}  # population key -> whether its network can be stacked
 
 
 def groups(cfgs: list[DictConfig]) -> list[list[int]]:
@@ -216,5 +226,7 @@ class Data(SplitDataModule):
         if (split, device) not in self._resident:
             data = self.splits[split]
             self._resident[split, device] = StackedTensors(data.x.to(device), data.y.to(device), data.data_of.to(device))
+        if not shuffle and batch_size is None:  # members x examples within EVAL_ROWS
+            batch_size = max(1, min(self.unique[0].eval_batch_size, EVAL_ROWS // len(self.members)))
         sampler = StackedSampler([m.sampler(split, shuffle, batch_size, device) for m in self.members])
         return resumable(self._resident[split, device], sampler, self.unique[0].seed)

@@ -19,10 +19,12 @@ import copy
 import functools
 import logging
 import multiprocessing
+import queue
 import threading
 import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.managers import BaseManager
 from pathlib import Path
 
 import lightning as L
@@ -165,13 +167,33 @@ class Progress(L.Callback):
         self.report(pl_module.members / trainer.max_epochs)
 
 
-_QUEUE = None  # in a worker: where its progress goes (the parent's bar), as (unit, fraction of jobs done)
+class _Reports(BaseManager):
+    """The workers' progress, ``(unit, fraction of jobs done)``, to the parent's queue ``_REPORTS``:
+    each worker puts through a connection of its own to a server in a thread of the parent (one
+    the OS kills mid-message breaks no other's), not a manager process, which would import the
+    driver again (seconds of every sweep's start)."""
 
 
-def _start_worker(queue) -> None:
+_REPORTS: queue.Queue = queue.Queue()  # in the parent: what its workers put, read by _run_in_pool
+_Reports.register("reports", callable=lambda: _REPORTS)
+_QUEUE = None  # in a worker: its proxy of the parent's _REPORTS
+
+
+@functools.cache
+def _reports_address():
+    """Where this process serves ``_REPORTS``: a server started on first use that lives as long as
+    the process (a daemon thread)."""
+    server = _Reports().get_server()
+    threading.Thread(target=server.serve_forever, daemon=True, name="kd-reports").start()
+    return server.address
+
+
+def _start_worker(address) -> None:
     global _QUEUE
     quiet_lightning()
-    _QUEUE = queue
+    client = _Reports(address=address)
+    client.connect()
+    _QUEUE = client.reports()
 
 
 def run_unit(names: list[str], jobs: dict[str, list[str]], outs: dict[str, Path], report=None) -> dict[str, dict]:
@@ -274,46 +296,45 @@ def _run_in_pool(plan, jobs, outs, workers, bar, size, done) -> None:
     def sync() -> None:
         """Wait until the messages the workers sent before the pool closed are read."""
         synced.clear()
-        queue.put((None, None))
+        _REPORTS.put((None, None))
         synced.wait(timeout=10)
 
-    with context.Manager() as manager:
-        queue = manager.Queue()
-        reader = threading.Thread(target=lambda: [advance(*message) for message in iter(queue.get, None)],
-                                  daemon=True)
-        reader.start()
-        try:
-            pending, suspects = list(plan), []
-            while pending or suspects:
-                alone = bool(suspects)  # suspects run in a pool of one worker, one after another
-                batch = suspects if alone else pending
-                broken = _pool(batch, jobs, outs, 1 if alone else workers, done, context, queue)
-                sync()
-                rest = [names for names in batch if names in broken]
-                if alone:
-                    for names in rest:
-                        if names[0] in started:  # it broke a pool it had to itself
-                            error = RuntimeError("its worker process died while it ran alone (killed by the OS, "
-                                                 "e.g. out of memory)")
-                            done(names, {name: failed(error, outs[name]) for name in names})
-                    suspects = [names for names in rest if names[0] not in started]
-                else:
-                    suspects = [names for names in rest if names[0] in started]
-                    pending = [names for names in rest if names[0] not in started]
-                    if rest:
-                        tqdm.write(f"[kd] a worker process died (killed by the OS?): {len(suspects)} job group(s) "
-                                   "that were running then run again one at a time; the other "
-                                   f"{sum(map(len, pending))} jobs go on in a fresh pool")
-                started.clear()
-        finally:
-            queue.put(None)
-            reader.join()
+    address = _reports_address()
+    reader = threading.Thread(target=lambda: [advance(*message) for message in iter(_REPORTS.get, None)],
+                              daemon=True)
+    reader.start()
+    try:
+        pending, suspects = list(plan), []
+        while pending or suspects:
+            alone = bool(suspects)  # suspects run in a pool of one worker, one after another
+            batch = suspects if alone else pending
+            broken = _pool(batch, jobs, outs, 1 if alone else workers, done, context, address)
+            sync()
+            rest = [names for names in batch if names in broken]
+            if alone:
+                for names in rest:
+                    if names[0] in started:  # it broke a pool it had to itself
+                        error = RuntimeError("its worker process died while it ran alone (killed by the OS, "
+                                             "e.g. out of memory)")
+                        done(names, {name: failed(error, outs[name]) for name in names})
+                suspects = [names for names in rest if names[0] not in started]
+            else:
+                suspects = [names for names in rest if names[0] in started]
+                pending = [names for names in rest if names[0] not in started]
+                if rest:
+                    tqdm.write(f"[kd] a worker process died (killed by the OS?): {len(suspects)} job group(s) "
+                               "that were running then run again one at a time; the other "
+                               f"{sum(map(len, pending))} jobs go on in a fresh pool")
+            started.clear()
+    finally:
+        _REPORTS.put(None)
+        reader.join()
 
 
-def _pool(batch, jobs, outs, workers, done, context, queue) -> list[list[str]]:
+def _pool(batch, jobs, outs, workers, done, context, address) -> list[list[str]]:
     """The units of ``batch`` in one pool of ``workers``; returns those a broken pool did not finish."""
     broken = []
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(queue,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(address,)) as pool:
         futures = {pool.submit(run_unit, names, jobs, outs): names for names in batch}
         try:
             for future in as_completed(futures):

@@ -10,6 +10,7 @@ the optimizer and scheduler once on a dummy parameter.
 from __future__ import annotations
 
 import collections.abc
+import functools
 import inspect
 import types
 import typing
@@ -25,10 +26,11 @@ _HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 _SCALARS = {bool: (bool,), int: (int,), float: (int, float), str: (str,), type(None): (type(None),)}
 _SEQUENCES = (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence)
 _MAPPINGS = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
+_NO_NAME = object()  # a node without a ``name`` key
 
 
-def check(cfg: DictConfig) -> None:
-    """The checks every run config must pass, whatever its components."""
+def check(cfg: DictConfig) -> dict:
+    """The checks every run config must pass, whatever its components; returns it resolved."""
     plain = resolved(cfg)
     seed = plain.get("seed")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
@@ -36,6 +38,7 @@ def check(cfg: DictConfig) -> None:
     check_choice("deterministic", plain.get("deterministic"), (True, False, "warn"))
     check_targets(plain, OmegaConf.to_container(cfg, resolve=False))
     check_optimizer(cfg)
+    return plain
 
 
 def resolved(cfg: DictConfig) -> dict:
@@ -62,34 +65,45 @@ def check_targets(node, raw, path: str = "") -> None:
 
 
 def check_target(path: str, node: dict, raw: dict) -> None:
+    name = node.get("name", _NO_NAME)
+    options = _options(path, node["_target_"], name if isinstance(name, collections.abc.Hashable) else str(name))
+    if options is None:
+        return  # a builtin without a signature: it judges its own arguments
+    callee, params, any_keyword = options
+    for key, value in node.items():
+        if key in _HYDRA_KEYS or (key not in params and any_keyword):
+            continue
+        if key not in params:
+            raise UserError(f"{path}.{key} is not an option of {callee}; valid: {', '.join(params)}")
+        if not _accepts(params[key], value):
+            origin = f" (from {raw[key]})" if "${" in str(raw.get(key)) else ""
+            raise UserError(f"{path}.{key}={value!r}{origin} has the wrong type for {callee}; "
+                            f"expected {inspect.formatannotation(params[key])}")
+
+
+@functools.lru_cache(maxsize=None)  # a sweep checks many configs of a few targets: inspect each once
+def _options(path: str, target_name: str, name) -> tuple[str, dict, bool] | None:
+    """What the node at ``path`` with this ``_target_`` (and registry ``name``) takes: the callable's
+    name, its parameters' types, whether it takes any keyword; None if it has no signature."""
     try:
-        target = get_object(node["_target_"])
+        target = get_object(target_name)
     except Exception as err:  # noqa: BLE001  (import errors of every kind)
-        raise UserError(f"{path}._target_={node['_target_']!r} cannot be imported "
+        raise UserError(f"{path}._target_={target_name!r} cannot be imported "
                         f"({type(err).__name__}: {err})") from None
     chain = [target]
     registry = getattr(inspect.getmodule(target), "REGISTRY", None)
-    if _takes_any_keyword(target) and isinstance(registry, dict) and "name" in node:
-        check_choice(f"{path}.name", node["name"], sorted(registry))
-        chain.append(registry[node["name"]])
+    if _takes_any_keyword(target) and isinstance(registry, dict) and name is not _NO_NAME:
+        check_choice(f"{path}.name", name, sorted(registry))
+        chain.append(registry[name])
     if any(_signature(fn) is None for fn in chain):
-        return  # a builtin without a signature: it judges its own arguments
+        return None
     params = {}
     for fn in chain:
         hints = _hints(fn)
         for p in _signature(fn).parameters.values():
             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 params[p.name] = hints.get(p.name, _from_default(p.default))
-    name = getattr(chain[-1], "__qualname__", str(chain[-1]))
-    for key, value in node.items():
-        if key in _HYDRA_KEYS or (key not in params and _takes_any_keyword(chain[-1])):
-            continue
-        if key not in params:
-            raise UserError(f"{path}.{key} is not an option of {name}; valid: {', '.join(params)}")
-        if not _accepts(params[key], value):
-            origin = f" (from {raw[key]})" if "${" in str(raw.get(key)) else ""
-            raise UserError(f"{path}.{key}={value!r}{origin} has the wrong type for {name}; "
-                            f"expected {inspect.formatannotation(params[key])}")
+    return getattr(chain[-1], "__qualname__", str(chain[-1])), params, _takes_any_keyword(chain[-1])
 
 
 def check_optimizer(cfg: DictConfig) -> None:

@@ -44,13 +44,13 @@ REPORTED = (UserError, TrainingDiverged, HydraException, OmegaConfBaseException)
 LR_SCALING = {"none": lambda world: 1.0, "linear": lambda world: float(world), "sqrt": lambda world: world**0.5}
 
 
-def validate(cfg: DictConfig, teachers_checked: dict | None = None) -> DictConfig | None:
+def validate(cfg: DictConfig, teachers_checked: dict | None = None) -> tuple[dict, DictConfig | None]:
     """Fail before any work on a config that cannot run; every message is one line. Returns the
-    run config of its trained teacher (``teachers.teacher_config``), if it has one: checked too,
-    once per teacher folder in ``teachers_checked`` (folder -> checked config), which the members of
-    a population share."""
-    schema.check(cfg)
-    objective = OmegaConf.to_container(cfg.objective, resolve=True)
+    config resolved (plain data) and the run config of its trained teacher
+    (``teachers.teacher_config``), if it has one: checked too, once in ``teachers_checked``, which
+    the members of a population share."""
+    plain = schema.check(cfg)
+    objective = dict(plain["objective"])
     name = objective.pop("name", None)
     check_choice("objective", name, objectives.NAMES)
     if name in objectives.NEEDS_SIMILARITY:
@@ -68,16 +68,22 @@ def validate(cfg: DictConfig, teachers_checked: dict | None = None) -> DictConfi
         raise UserError(f"objective={name} distils from a teacher but teacher=none; use teacher=mlp (trained and "
                         "cached on first use), teacher=oracle (synthetic data) or teacher=checkpoint teacher.path=...")
     if cfg.teacher.kind != "trained":
-        return None
-    tcfg = teachers.teacher_config(cfg)
+        return plain, None
+    # What the teacher's config reads of the student's: all but its objective, names and folders (what
+    # follows the student's folder follows the teacher's own there). The members of a population that
+    # differ in nothing else share their teacher's config, built once.
+    reads = {k: v for k, v in plain.items() if k not in ("objective", "task_name", "tags", "paths")}
+    same = json.dumps([reads, plain["paths"]["teacher_dir"]], sort_keys=True, default=str).replace(
+        json.dumps(plain["paths"]["output_dir"])[1:-1], "${paths.output_dir}")
     checked = {} if teachers_checked is None else teachers_checked
-    if tcfg.paths.output_dir not in checked:
+    if same not in checked:
+        tcfg = teachers.teacher_config(cfg)
         try:
             validate(tcfg)
         except UserError as err:
             raise UserError(f"in the teacher's config (teacher.*): {err}") from None
-        checked[tcfg.paths.output_dir] = tcfg
-    return tcfg
+        checked[same] = tcfg
+    return plain, checked[same]
 
 
 def class_similarity(cfg: DictConfig, teacher, datamodule) -> torch.Tensor | None:
@@ -115,12 +121,12 @@ def run(cfg: DictConfig | list[DictConfig], callbacks=()) -> dict | list[dict]:
     return records[0] if isinstance(cfg, DictConfig) else records
 
 
-def _prepare(cfg: DictConfig, tcfg: DictConfig | None, datamodules: dict, loaded: dict):
+def _prepare(cfg: DictConfig, plain: dict, tcfg: DictConfig | None, datamodules: dict, loaded: dict):
     """A run's data (shared with the members whose data configs agree) and its frozen teacher (shared
     too: ``loaded``); the model is built once on the meta device, so a bad one fails before a
     teacher trains."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    key = json.dumps(OmegaConf.to_container(cfg.data, resolve=True), sort_keys=True, default=str)
+    key = json.dumps(plain["data"], sort_keys=True, default=str)
     if key not in datamodules:
         datamodules[key] = instantiate(cfg.data)
         datamodules[key].setup()
@@ -166,10 +172,12 @@ def record_invalid(cfg: DictConfig, err: Exception) -> dict | None:
 
 
 def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
-    invalid, tcfgs, checked = {}, [], {}
+    invalid, plains, tcfgs, checked = {}, [], [], {}
     for g, cfg in enumerate(cfgs):
         try:
-            tcfgs.append(validate(cfg, checked))
+            plain, tcfg = validate(cfg, checked)
+            plains.append(plain)
+            tcfgs.append(tcfg)
         except Exception as err:
             invalid[g] = record_invalid(cfg, err)
             if len(cfgs) == 1:
@@ -196,7 +204,7 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
     if not single:  # the teachers the members need, trained as populations before any is loaded
         teachers.train_missing([t for t in tcfgs if t is not None], train=run)
     datamodules, loaded = {}, {}
-    members = [_prepare(cfg, tcfg, datamodules, loaded) for cfg, tcfg in zip(cfgs, tcfgs)]
+    members = [_prepare(*found, datamodules, loaded) for found in zip(cfgs, plains, tcfgs)]
     datamodule = members[0][0] if single else population.Data([dm for dm, _ in members])
     pcfg = cfgs[0] if single else population.config(cfgs[0], folder)  # the trainer's and callbacks' config
     loggers = build_loggers(pcfg, folder)
@@ -234,8 +242,7 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
               "data_parallel": {"world_size": world, "global_batch": pcfg.data.get("batch_size", 0) * world, "lr": lr,
                                 # how the ranks met: LightningEnvironment (ours), SLURMEnvironment, ...
                                 "environment": type(trainer._accelerator_connector.cluster_environment).__name__}}
-    records = [{**common, "config": OmegaConf.to_container(cfg, resolve=True), "output_dir": str(out)}
-               for cfg, out in zip(cfgs, outs)]
+    records = [{**common, "config": plain, "output_dir": str(out)} for plain, out in zip(plains, outs)]
     if not single:
         for g, record in enumerate(records):
             record["population"] = {"members": len(cfgs), "member": g, "folder": str(folder)}

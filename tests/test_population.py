@@ -71,6 +71,43 @@ def test_population_data_serves_each_member_its_own_batches_in_its_own_order():
     assert data.num_classes == 4 and data.input_shape == (4,)
 
 
+def test_a_populations_evaluation_batches_hold_at_most_eval_rows_and_the_same_examples(monkeypatch):
+    members = [SyntheticDataModule(superclasses=2, subclasses=2, dim=4, train_per_class=5, seed=s, eval_batch_size=8)
+               for s in (0, 1, 2)]
+    data = population.Data(members)
+    monkeypatch.setattr(population, "EVAL_ROWS", 9)  # 3 members: 3 examples each a batch, not 8
+    batches = list(data.loader("val"))
+    assert {index.shape for index in (b[2] for b in batches[:-1])} == {(3, 3)}
+    for g, member in enumerate(members):
+        alone = list(member.loader("val"))
+        assert len(alone[0][2]) == 8
+        assert torch.equal(torch.cat([b[0][g] for b in batches]), torch.cat([b[0] for b in alone]))
+        assert torch.equal(torch.cat([b[2][g] for b in batches]), torch.cat([b[2] for b in alone]))
+
+
+def test_members_with_one_teacher_and_the_same_inputs_share_its_pass():
+    from omegaconf import OmegaConf
+
+    from kd.module import DistillationModule, TeacherOutputs
+
+    teacher = get_model("mlp", num_classes=5, input_shape=(8,), hidden=[16])
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    kd = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "objective" / "kd.yaml"))
+    nets = [get_model("mlp", num_classes=5, input_shape=(8,), hidden=[16]) for _ in range(3)]
+    module = DistillationModule(population.Stack(nets), objective=[kd] * 3, optimizer=None, teacher=teacher)
+    module.teacher_outputs["val"] = TeacherOutputs(6)
+    x, index = torch.randn(3, 6, 8), torch.arange(6).repeat(3, 1)
+    x[2] = x[0]  # members 0 and 2: the same inputs; member 1: others
+    logits = module._teacher_logits("val", x, index)
+    assert len(calls) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(logits, torch.stack([teacher(x[g]) for g in range(3)]), rtol=0, atol=0)
+    module.teacher_outputs["val"].end_of_pass()
+    torch.testing.assert_close(module._teacher_logits("val", x, index), logits, rtol=0, atol=0)
+    assert len(calls) == 5  # the check above ran it 3 times; the second pass looked the logits up
+
+
 def test_population_key_pools_what_can_share_and_keeps_the_rest_alone():
     base = compose_config([*TINY, "objective=kd", "teacher=oracle"], "/a")
     same = [compose_config([*TINY, f"objective={o}", f"seed={s}", "data.delta=2.0", "teacher=oracle"], f"/b{s}{o}")

@@ -114,3 +114,20 @@ def test_command_line_errors_are_one_line(root, monkeypatch, overrides, line):
         main()
     assert str(exit_.value.code).startswith(line), exit_.value.code
     assert "\n" not in str(exit_.value.code)
+
+
+def test_students_that_differ_only_in_objective_share_one_teacher_config(tmp_path):
+    """validate builds a teacher's config once for the members of a population that can share it,
+    and it is the config each of them would build alone."""
+    from omegaconf import OmegaConf
+
+    from kd.teachers import teacher_config
+    from tests.conftest import TINY_TEACHER
+
+    cfgs = [compose_config([*TINY, *TINY_TEACHER, f"objective={o}", f"seed={s}"], tmp_path / f"{o}{s}")
+            for o, s in (("kd", 0), ("kd_pt", 0), ("kd", 1))]
+    shared = {}
+    (_, first), (_, second), (_, other) = (validate(cfg, shared) for cfg in cfgs)
+    assert first is second and other is not first and len(shared) == 2
+    for cfg, found in zip(cfgs, (first, second, other)):
+        assert OmegaConf.to_container(found, resolve=True) == OmegaConf.to_container(teacher_config(cfg), resolve=True)
