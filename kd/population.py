@@ -31,7 +31,8 @@ from kd.errors import UserError
 
 # The most rows (members x examples) of a population's evaluation batch: its activations grow with
 # the members, and a larger batch spills the caches (140 fig3 students: 19 GFLOP/s at 256 examples
-# a member, 14 at 1000 and more; docs/performance.md). Evaluation gives the same results in any batches.
+# a member, 14 at 1000 and more; docs/performance.md). The batches change no metric (fig3's 280
+# accuracies are bit for bit those of whole-split batches).
 EVAL_ROWS = 32768
 # Top-level config keys every member has its own of; all other keys must agree.
 MEMBER_KEYS = ("seed", "objective", "teacher", "paths", "task_name", "tags")
