@@ -50,10 +50,10 @@ def check_cublas(plain: dict) -> None:
     value = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     if (plain.get("deterministic") is True and plain.get("trainer", {}).get("accelerator") != "cpu"
             and torch.cuda.is_initialized() and value not in CUBLAS_DETERMINISTIC):
-        raise UserError(f"deterministic=true needs CUBLAS_WORKSPACE_CONFIG={CUBLAS_DETERMINISTIC[0]} before torch's "
-                        f"first CUDA matrix product, and CUDA started in this process with it {value or 'unset'}; "
-                        f"export CUBLAS_WORKSPACE_CONFIG={CUBLAS_DETERMINISTIC[0]} before starting Python, or import kd "
-                        "before using CUDA")
+        good = CUBLAS_DETERMINISTIC[0]
+        raise UserError(f"deterministic=true needs CUBLAS_WORKSPACE_CONFIG={good} before torch's first CUDA matrix "
+                        f"product, and CUDA started in this process with it {value or 'unset'}; export "
+                        f"CUBLAS_WORKSPACE_CONFIG={good} before starting Python, or import kd before using CUDA")
 
 
 def resolved(cfg: DictConfig) -> dict:

@@ -13,8 +13,6 @@ from importlib import metadata
 
 import torch
 
-import kd
-
 # CUDA versions PyTorch publishes wheels for (https://download.pytorch.org/whl/cuXYZ), oldest first.
 TORCH_CUDA = ("11.8", "12.6", "12.8", "13.0")
 
@@ -43,7 +41,7 @@ def warning(cuda: str) -> str:
 
 
 def main() -> None:
-    print("kd", kd.__version__, "| torch", torch.__version__, "| lightning", metadata.version("lightning"))
+    print("kd", metadata.version("kd"), "| torch", torch.__version__, "| lightning", metadata.version("lightning"))
     cuda = driver_cuda()
     if cuda is not None and not torch.cuda.is_available():
         print(warning(cuda), file=sys.stderr)

@@ -61,6 +61,7 @@ def test_the_gpu_check_rehearsed_on_the_cpu_passes_and_writes_its_results(bare, 
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert result["measured"] == ["epoch", "kd_step", "parity"]  # the headline (the projection) first
     assert result["kd_step.ratio"] > 0 and result["epoch.projected_min"] > 0 and result["parity.seeds"] == 2
+    assert result["parity.kd_tau"] == 4 and result["parity.kd_grad_rel_err"] >= 0  # KD from bf16 teacher logits
     assert result["cpu"]["capability"] and "| epoch: 240-epoch run, projected (min) |" in (tmp_path / "gpu_check.md").read_text()
 
 
