@@ -25,7 +25,9 @@
     ``EpochTimer``; the wall time of the 240-epoch run is projected from them.
 (e) ``parity``: test accuracy of fp32 (32-true) against the fast path in bf16-mixed (no compile),
     a few seeds each, the same epochs, on ``RandomCIFAR(noise=...)``: class textures under pixel
-    noise, which a net learns gradually, so that accuracy means something.
+    noise, which a net learns gradually, so that accuracy means something. Then KD at tau 4 with
+    the trained nets (the fp32 one teaching the bf16 one): how far its loss and gradient move when
+    the teacher's logits come from bf16 autocast, as on the fast path's augmented training inputs.
 
 The paths alternate round after round and each figure is the median over rounds, so a ratio
 compares paths under the same load. This module, not the script, holds the pieces so that
@@ -361,19 +363,21 @@ def epoch_times(root: Path, mode: list[str], size: int, eval_size: int, epochs: 
 
 
 def parity(root: Path, modes: dict[str, list[str]], seeds: list[int], size: int, eval_size: int, epochs: int,
-           noise: float, extra: list[str]) -> dict:
+           noise: float, extra: list[str], device: torch.device) -> dict:
     """Test accuracy (last epoch) of a CE student per mode and seed on class textures under pixel
     noise (``RandomCIFAR(noise=...)``), the same data and epochs for every mode, and how far the
-    bf16 mean is from the fp32 mean, in fp32 seed spreads (sample std)."""
+    bf16 mean is from the fp32 mean, in fp32 seed spreads (sample std); then KD at tau 4 from the
+    fp32 net to the bf16 one with the teacher's logits in bf16 (``bf16_teacher_kd_error``)."""
     base = [*QUIET, "recipe=crd_cifar100", "model=resnet20", "objective=ce", "logger=none", "callbacks=none",
             "data._target_=kd.bench.RandomCIFAR", f"+data.size={size}", f"+data.eval_size={eval_size}",
             f"+data.noise={noise}", "scheduler=cosine", f"trainer.max_epochs={epochs}",
             f"paths.root_dir={root}", *extra]
-    acc = {name: [] for name in modes}
+    acc, trained = {name: [] for name in modes}, {}
     for seed in seeds:
         for name, mode in modes.items():
             out = tempfile.mkdtemp(prefix=f"kd-parity-{name}-", dir=root)
-            record = run(compose_config([*base, *mode, f"seed={seed}"], out))
+            trained.setdefault(name, Trained())
+            record = run(compose_config([*base, *mode, f"seed={seed}"], out), callbacks=[trained[name]])
             acc[name].append(record["metrics"]["test/acc_last"])
     fp32, bf16 = acc["fp32"], acc["bf16"]
     spread = statistics.stdev(fp32) if len(fp32) > 1 else float("nan")
@@ -384,7 +388,40 @@ def parity(root: Path, modes: dict[str, list[str]], seeds: list[int], size: int,
             "parity.gap": gap, "parity.gap_over_fp32_spread": abs(gap) / spread if spread > 0 else float("nan"),
             "parity.model": record["config"]["model"]["name"], "parity.seeds": len(seeds), "parity.epochs": epochs,
             "parity.train_images": size, "parity.noise": noise,
-            **{f"samples.parity.{k}_acc": v for k, v in acc.items()}}
+            **{f"samples.parity.{k}_acc": v for k, v in acc.items()},
+            **bf16_teacher_kd_error(trained["fp32"].module.net, trained["bf16"].module.net, trained["fp32"].data,
+                                    device)}
+
+
+class Trained(L.Callback):
+    """Keeps the module and the data of the last run it was handed to."""
+
+    def on_fit_end(self, trainer, pl_module):
+        self.module, self.data = pl_module, trainer.datamodule
+
+
+def bf16_teacher_kd_error(teacher: torch.nn.Module, student: torch.nn.Module, data, device: torch.device,
+                          tau: float = 4.0) -> dict:
+    """KD's loss at ``tau`` (CE weight 0) on the test split, and its gradient in the student's
+    logits, from the teacher's logits under bf16 autocast against fp32: relative errors. The
+    student's logits are the same fp32 for both, so the errors are the teacher's bf16 alone."""
+    x = data.prepare_eval_batch(data.splits["test"].x.to(device))
+    y = data.splits["test"].y.to(device)
+    teacher, student = teacher.to(device).eval(), student.to(device).eval()
+    with torch.no_grad():
+        logits, exact = student(x).float(), teacher(x).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            rounded = teacher(x).float()
+    loss_fn = objectives.get("kd", temperature=tau, kd_weight=1.0)
+    losses, grads = [], []
+    for targets in (exact, rounded):
+        z = logits.clone().requires_grad_()
+        loss = loss_fn(z, y, targets)
+        losses.append(loss.item())
+        grads.append(torch.autograd.grad(loss, z)[0])
+    return {"parity.kd_tau": tau, "parity.kd_loss_rel_err": abs(losses[1] - losses[0]) / abs(losses[0]),
+            "parity.kd_grad_rel_err": ((grads[1] - grads[0]).norm() / grads[0].norm()).item(),
+            "parity.kd_teacher_logit_err": (rounded - exact).abs().max().item()}
 
 
 # ---- (f) populations and fig3's compute floor ------------------------------------------------------
@@ -536,7 +573,7 @@ def epoch(args, root: Path) -> dict:
 def parity_fp32_bf16(args, root: Path) -> dict:
     modes = {"fp32": args.fp32, "bf16": [*args.fast, "compile=false", "trainer.precision=bf16-mixed"]}
     return parity(root, modes, args.seeds, *args.parity_size, args.parity_epochs, args.parity_noise,
-                  args.parity_overrides)
+                  args.parity_overrides, args.device)
 
 
 MEASURE = {"kd_step": kd_step, "mlp": mlp, "fig3": fig3, "epoch": epoch, "parity": parity_fp32_bf16}
@@ -596,8 +633,14 @@ def report(result: dict) -> str:
         "parity": [
             ("parity: test accuracy, fp32, mean (std)", "parity.fp32_acc"),
             ("parity: test accuracy, bf16-mixed, mean (std)", "parity.bf16_acc"),
-            ("parity: bf16 - fp32 (mean) / fp32 seed std", "parity.gap_over_fp32_spread")],
+            ("parity: bf16 - fp32 (mean) / fp32 seed std", "parity.gap_over_fp32_spread"),
+            ("parity: KD loss at tau 4, teacher logits in bf16, relative error", "parity.kd_loss_rel_err"),
+            ("parity: its gradient in the student's logits, relative error", "parity.kd_grad_rel_err"),
+            ("parity: the teacher's logits, largest bf16 error", "parity.kd_teacher_logit_err")],
     }
+    for key in ("parity.kd_loss_rel_err", "parity.kd_grad_rel_err", "parity.kd_teacher_logit_err"):
+        if key in result:
+            f[key] = f"{result[key]:.2g}"
     for key, std in (("parity.fp32_acc", "parity.fp32_std"), ("parity.bf16_acc", "parity.bf16_std")):
         if key in result:
             f[key] = f"{result[key]:.4f} ({result[std]:.4f})"

@@ -24,6 +24,7 @@ member has.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 
@@ -44,7 +45,9 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode",
 class TeacherOutputs:
     """The frozen teachers' logits on one split of fixed inputs, for the P members that have a
     teacher: stored while the teachers run on the first complete pass, then read by example index
-    instead of running the teachers again."""
+    instead of running the teachers again. Under mixed precision the teachers run in fp32 for this
+    pass (``_teacher_logits``): once per example costs little, and a soft target at tau 4 from
+    bf16-rounded logits would otherwise stay rounded for the whole run."""
 
     def __init__(self, size: int):
         self.size, self.complete = size, False
@@ -189,22 +192,24 @@ class DistillationModule(L.LightningModule):
             return None
 
         @torch.no_grad()  # not inference_mode: the student's backward keeps the teacher's outputs
-        def run_teachers(share: bool = False):
-            """Each taught member's teacher on its inputs; with ``share``, members whose teacher and
-            inputs are the same (fig3: the objectives at one data seed) share one pass."""
+        def run_teachers(fixed: bool = False):
+            """Each taught member's teacher on its inputs. On the first pass over ``fixed`` inputs,
+            in fp32 (no autocast: see TeacherOutputs), and members whose teacher and inputs are the
+            same (fig3: the objectives at one data seed) share one pass."""
             passes: dict[int, list] = {}  # teacher -> [(member, its logits)]
             logits = []
-            for g, t in zip(self.taught, self.teacher_of):
-                found = next((out for h, out in passes.get(t, ()) if share and torch.equal(x[h], x[g])), None)
-                if found is None:
-                    found = self.teachers[t](self._input(x[g]))
-                    passes.setdefault(t, []).append((g, found))
-                logits.append(found)
+            with torch.autocast(x.device.type, enabled=False) if fixed else contextlib.nullcontext():
+                for g, t in zip(self.taught, self.teacher_of):
+                    found = next((out for h, out in passes.get(t, ()) if fixed and torch.equal(x[h], x[g])), None)
+                    if found is None:
+                        found = self.teachers[t](self._input(x[g]))
+                        passes.setdefault(t, []).append((g, found))
+                    logits.append(found)
             return torch.stack(logits)
 
         outputs = self.teacher_outputs.get(stage)
         # Sharing compares inputs (a wait for the device): only on the first pass over fixed inputs.
-        logits = run_teachers() if outputs is None else outputs(lambda: run_teachers(share=True),
+        logits = run_teachers() if outputs is None else outputs(lambda: run_teachers(fixed=True),
                                                                 index[self.taught_index])
         if len(self.taught) == self.members:
             return logits

@@ -83,9 +83,17 @@ def _cpu_model() -> str:
     return names[0] if names else platform.processor() or platform.machine()
 
 
+def tf32() -> dict:
+    """Whether fp32 convolutions (cuDNN) and matrix products (cuBLAS) may run in TF32 (10-bit
+    mantissa), as torch is set: on an Ampere or newer GPU they then do, under 32-true too. torch's
+    default: convolutions yes, matrix products no (docs/determinism.md)."""
+    return {"convolutions": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
+
+
 def hardware() -> dict:
     info = {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "cpu": cpu_features(), "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda, "gpus": []}
+            "cpu": cpu_features(), "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda, "gpus": [],
+            "tf32": tf32()}
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections.abc
 import functools
 import inspect
+import os
 import types
 import typing
 
@@ -20,6 +21,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from kd import CUBLAS_DETERMINISTIC
 from kd.errors import UserError, check_choice
 
 _HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
@@ -36,9 +38,22 @@ def check(cfg: DictConfig) -> dict:
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
         raise UserError(f"seed={seed!r} is not valid; give an integer in [0, 2**32 - 1]")
     check_choice("deterministic", plain.get("deterministic"), (True, False, "warn"))
+    check_cublas(plain)
     check_targets(plain, OmegaConf.to_container(cfg, resolve=False))
     check_optimizer(cfg)
     return plain
+
+
+def check_cublas(plain: dict) -> None:
+    """deterministic=true on CUDA fails at its first matrix product where torch's CUDA started
+    without a deterministic CUBLAS_WORKSPACE_CONFIG, which torch reads once (kd/__init__.py)."""
+    value = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if (plain.get("deterministic") is True and plain.get("trainer", {}).get("accelerator") != "cpu"
+            and torch.cuda.is_initialized() and value not in CUBLAS_DETERMINISTIC):
+        good = CUBLAS_DETERMINISTIC[0]
+        raise UserError(f"deterministic=true needs CUBLAS_WORKSPACE_CONFIG={good} before torch's first CUDA matrix "
+                        f"product, and CUDA started in this process with it {value or 'unset'}; export "
+                        f"CUBLAS_WORKSPACE_CONFIG={good} before starting Python, or import kd before using CUDA")
 
 
 def resolved(cfg: DictConfig) -> dict:

@@ -7,7 +7,8 @@ five students.
 
 import pandas as pd
 import pytest
-import wandb
+
+wandb = pytest.importorskip("wandb")  # what the drivers publish is read back from W&B
 
 from experiments import fig1, fig2, fig4
 from tests.conftest import assert_published_to_wandb

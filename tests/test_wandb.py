@@ -7,6 +7,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
+pytest.importorskip("wandb")
+
 from kd.analysis import instance
 from kd.report import publish
 from kd.runner import compose_config
