@@ -103,8 +103,9 @@ def test_a_sweep_is_one_job_array_with_a_record_and_a_wandb_run_per_job_grouped_
     assert len(job_ids(sweep)) == 4, job_ids(sweep)  # one array, four elements
     script = (sweep / ".submitit" / array / f"{array}_submission.sh").read_text()
     for flag in ("--array=0-3%4", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
-                 "--signal=USR1@120", "--requeue"):
+                 "--signal=USR1@120", "--requeue", "--export=ALL,SLURM_KILL_BAD_EXIT=1"):
         assert f"#SBATCH {flag}\n" in script, script
+    assert "--gpus-per-node" not in script and "--gres" not in script  # a CPU trainer on a cluster without GPUs
     jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
     assert len(jobs) == 4, job_logs(sweep)
     for job in jobs:

@@ -160,9 +160,10 @@ def test_slurm_array_task_runs_ddp_over_its_srun_tasks(tmp_path):
             launcher.kill()
             launcher.wait()
     script = (bin_dir / "submitted.sh").read_text()
-    for flag in ("--array=0-1%1", "--partition=test", "--nodes=1", "--gpus-per-node=2", "--ntasks-per-node=2",
+    for flag in ("--array=0-1%1", "--partition=test", "--nodes=1", "--ntasks-per-node=2",
                  "--signal=USR1@120", "--requeue"):
         assert f"#SBATCH {flag}\n" in script, script
+    assert "--gpus-per-node" not in script  # a CPU trainer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
