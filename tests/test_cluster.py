@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from submitit.slurm.slurm import _make_sbatch_string
 
+from kd import teachers
 from kd.errors import UserError
 from kd.runner import compose_config
 from kd.train import CONFIG_DIR, device_batch, run
@@ -127,3 +128,11 @@ def test_sync_batchnorm_reaches_the_trainer(root, monkeypatch):
     monkeypatch.setattr(L.Trainer, "__init__", lambda self, *a, **kw: given.append(kw) or init(self, *a, **kw))
     run(compose_config([*TINY, "trainer.sync_batchnorm=true"], root))
     assert given[-1]["sync_batchnorm"] is True
+
+
+def test_sync_batchnorm_leaves_the_teachers_cache_key(tmp_path):
+    """A teacher trains on one device, where sync_batchnorm changes nothing: one cached teacher for both."""
+    folders = {teachers.teacher_config(compose_config(["objective=kd", "teacher=mlp", "trainer=ddp",
+                                                       f"trainer.sync_batchnorm={on}"], tmp_path)).paths.output_dir
+               for on in ("true", "false")}
+    assert len(folders) == 1, folders
