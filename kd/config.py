@@ -36,8 +36,17 @@ def fast_precision(accelerator: str) -> str:
     return "bf16-mixed" if native else "32-true"
 
 
+def slurm_gpus(accelerator: str, devices, gres: str | None) -> int | None:
+    """``--gpus-per-node`` of a SLURM job (configs/hydra/launcher/slurm.yaml): the trainer's devices
+    for a GPU trainer, none otherwise (a CPU job asking for GPUs fails on a cluster without them, and
+    waits for GPUs it never uses on one with them), and none when ``gres`` asks for them: one way of
+    asking, as a script with both asks twice."""
+    return devices if accelerator in ("gpu", "cuda") and gres is None else None
+
+
 def register() -> None:
-    for name, resolver in (("run_name", run_name), ("fast_precision", fast_precision), ("not", lambda x: not x)):
+    for name, resolver in (("run_name", run_name), ("fast_precision", fast_precision), ("not", lambda x: not x),
+                           ("slurm_gpus", slurm_gpus)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 

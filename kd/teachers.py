@@ -39,7 +39,7 @@ KEYS = {"none": (), "oracle": (), "checkpoint": ("path",),
 KINDS = tuple(KEYS)
 CHECKPOINTS = ("last", "best")
 # Trainer keys that do not change what a teacher learns; left out of its hash.
-_NOT_HASHED = ("accelerator", "devices", "num_nodes", "strategy", "enable_progress_bar",
+_NOT_HASHED = ("accelerator", "devices", "num_nodes", "strategy", "sync_batchnorm", "enable_progress_bar",
                "enable_model_summary", "log_every_n_steps", "default_root_dir")
 # A teacher trains in one process on one device, before a data-parallel student's ranks meet (they
 # wait on its lock); a DDP teacher would wait for ranks that are themselves waiting on the lock.

@@ -30,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 from kd import config as _resolvers  # noqa: F401  (registers run_name)
 from kd import objectives, population, schema, teachers
 from kd.callbacks import resume_checkpoint
-from kd.errors import TrainingDiverged, UserError, check_choice, check_range, one_line
+from kd.errors import TrainingDiverged, UserError, check_bool, check_choice, check_range, one_line
 from kd.logging import build_loggers, finish_loggers, summarise
 from kd.module import DistillationModule
 from kd.objectives import similarity
@@ -40,8 +40,26 @@ from kd.results import completed_record, hardware, lock, versions, write_atomic,
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 # Errors the command line reports in one line: bad input (ours, Hydra's, OmegaConf's) and divergence.
 REPORTED = (UserError, TrainingDiverged, HydraException, OmegaConfBaseException)
-# How optimizer.lr (tuned for one device's batch, data.batch_size) follows the number of devices.
+# How optimizer.lr (tuned for a batch of data.batch_size) follows the number of devices (global_batch false).
 LR_SCALING = {"none": lambda world: 1.0, "linear": lambda world: float(world), "sqrt": lambda world: world**0.5}
+
+
+def device_batch(plain: dict) -> int:
+    """One device's batch: ``data.batch_size``, or with ``global_batch`` that global batch split evenly
+    over the devices of every node, so that a recipe trains at its batch on any number of devices."""
+    batch = plain["data"]["batch_size"]
+    if not plain.get("global_batch", False):
+        return batch
+    devices = plain["trainer"]["devices"]
+    count = len(devices) if isinstance(devices, list) else devices
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise UserError(f"global_batch=true splits data.batch_size over the devices, but trainer.devices={devices!r} "
+                        "does not count them; give their number")
+    world = count * plain["trainer"]["num_nodes"]
+    if batch % world:
+        raise UserError(f"data.batch_size={batch} (global_batch=true) does not split evenly over {world} devices "
+                        f"(trainer.devices x trainer.num_nodes); give a multiple of {world}")
+    return batch // world
 
 
 def validate(cfg: DictConfig, teachers_checked: dict | None = None) -> tuple[dict, DictConfig | None]:
@@ -60,6 +78,12 @@ def validate(cfg: DictConfig, teachers_checked: dict | None = None) -> tuple[dic
     objectives.get(name, **objective)
     teachers.check_spec(cfg.teacher)
     check_choice("lr_scaling", cfg.get("lr_scaling", "none"), LR_SCALING)
+    check_bool("global_batch", cfg.get("global_batch", False))
+    if cfg.get("global_batch", False) and cfg.get("lr_scaling", "none") != "none":
+        raise UserError(f"lr_scaling={cfg.lr_scaling} follows a global batch that grows with the devices, but with "
+                        "global_batch=true it is data.batch_size on any number of them; set lr_scaling=none (and "
+                        "optimizer.lr for that batch) or global_batch=false")
+    device_batch(plain)
     for switch in ("channels_last", "compile"):
         check_choice(switch, cfg.get(switch, False), (True, False))
     if cfg.get("threads") is not None:
@@ -128,7 +152,7 @@ def _prepare(cfg: DictConfig, plain: dict, tcfg: DictConfig | None, datamodules:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     key = json.dumps(plain["data"], sort_keys=True, default=str)
     if key not in datamodules:
-        datamodules[key] = instantiate(cfg.data)
+        datamodules[key] = instantiate(cfg.data, batch_size=device_batch(plain))
         datamodules[key].setup()
     datamodule = datamodules[key]
     with torch.device("meta"):  # a dry build: no memory, no random draws
@@ -216,7 +240,7 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
     trainer = instantiate(pcfg.trainer, logger=loggers or False, callbacks=callbacks, enable_checkpointing=checkpointing)
     check_ddp_launch(trainer)
-    world = trainer.num_nodes * trainer.num_devices  # data.batch_size is per device
+    world, batch = trainer.num_nodes * trainer.num_devices, device_batch(plains[0])
     lr = pcfg.optimizer.lr * LR_SCALING[pcfg.get("lr_scaling", "none")](world)
     shape = {"num_classes": members[0][0].num_classes, "input_shape": members[0][0].input_shape}
     nets = []
@@ -239,7 +263,7 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
     threads = torch.get_num_threads()  # the caller's, restored when the run ends
     torch.set_num_threads(pcfg.get("threads") or threads)
     common = {"status": "failed", "versions": versions(), "hardware": hardware(),
-              "data_parallel": {"world_size": world, "global_batch": pcfg.data.get("batch_size", 0) * world, "lr": lr,
+              "data_parallel": {"world_size": world, "global_batch": batch * world, "device_batch": batch, "lr": lr,
                                 # how the ranks met: LightningEnvironment (ours), SLURMEnvironment, ...
                                 "environment": type(trainer._accelerator_connector.cluster_environment).__name__}}
     records = [{**common, "config": plain, "output_dir": str(out)} for plain, out in zip(plains, outs)]

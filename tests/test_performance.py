@@ -285,8 +285,8 @@ def test_a_one_device_ddp_run_completes(root, device):
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((root / "run" / "results.json").read_text())
     assert record["status"] == "completed"
-    assert record["data_parallel"] == {"world_size": 1, "global_batch": 8, "lr": pytest.approx(0.003),
-                                       "environment": "LightningEnvironment"}
+    assert record["data_parallel"] == {"world_size": 1, "global_batch": 8, "device_batch": 8,
+                                       "lr": pytest.approx(0.003), "environment": "LightningEnvironment"}
     assert "wandb imports attempted: []\n[test] and blocked" in result.stdout
 
 

@@ -19,11 +19,13 @@ from kd import aggregate
 from kd.runner import compose_config
 from kd.train import run
 from tests.conftest import SLURM_CONF, TINY, cluster_down
+from tests.test_cluster import sbatch_script
 from tests.test_sweeps import REPO, WITH_WANDB, job_env, wandb_runs
 
 pytestmark = pytest.mark.slurm
 # What the one local node has room for: no GPU, 2 cores; short jobs.
-LOCAL = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=0", "hydra.launcher.cpus_per_task=1",
+# A CPU trainer asks for no GPU (tests/test_cluster.py): nothing to set for a cluster without any.
+LOCAL = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1",
          "hydra.launcher.timeout_min=10", "threads=1"]
 LAUNCH_TIMEOUT_S = 240
 
@@ -101,8 +103,9 @@ def test_a_sweep_is_one_job_array_with_a_record_and_a_wandb_run_per_job_grouped_
     assert len(job_ids(sweep)) == 4, job_ids(sweep)  # one array, four elements
     script = (sweep / ".submitit" / array / f"{array}_submission.sh").read_text()
     for flag in ("--array=0-3%4", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
-                 "--signal=USR1@120", "--requeue"):
+                 "--signal=USR1@120", "--requeue", "--export=ALL,SLURM_KILL_BAD_EXIT=1"):
         assert f"#SBATCH {flag}\n" in script, script
+    assert "--gpus-per-node" not in script and "--gres" not in script  # a CPU trainer on a cluster without GPUs
     jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
     assert len(jobs) == 4, job_logs(sweep)
     for job in jobs:
@@ -148,9 +151,34 @@ def test_a_two_task_job_runs_ddp_over_srun_with_lightnings_slurm_environment(slu
     (record_path,) = sweep.rglob("results.json")
     record = json.loads(record_path.read_text())
     assert record["status"] == "completed", record.get("error")
-    assert record["data_parallel"] == {"world_size": 2, "global_batch": 32, "lr": pytest.approx(0.003),
-                                       "environment": "SLURMEnvironment"}
+    assert record["data_parallel"] == {"world_size": 2, "global_batch": 32, "device_batch": 16,
+                                       "lr": pytest.approx(0.003), "environment": "SLURMEnvironment"}
     assert len(wandb_runs(record_path.parent)) == 1  # rank 0's only
+
+
+def test_a_rank_that_fails_ends_its_jobs_other_ranks_at_once(slurm_env, tmp_path):
+    """The launcher's script for a two-task job (tests/test_cluster.py renders it), submitted with a
+    command whose task 1 fails at once while task 0 would run a minute (a rank waiting in a collective)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    command = "bash -c 'if [ $SLURM_PROCID = 1 ]; then exit 3; fi; sleep 60; echo survived'"
+    script = tmp_path / "job.sh"
+    script.write_text(sbatch_script("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                                    "hydra.launcher.cpus_per_task=1", f"hydra.launcher.submitit_folder={logs}",
+                                    sweep=tmp_path, command=command))
+    env = {**os.environ, **slurm_env}
+    array = subprocess.run(["sbatch", "--parsable", str(script)], env=env, capture_output=True, text=True,
+                           check=True).stdout.strip()
+    try:
+        until(lambda: not squeue_state(array), 45, f"end of job array {array} (a task waited for the failed one)",
+              tmp_path)
+    finally:
+        subprocess.run(["scancel", array], env=env, capture_output=True)
+    errors = sorted(logs.glob("*_0_log.err"))  # srun's messages, one file per array element
+    assert len(errors) == 2, sorted(logs.iterdir())
+    for log in errors:
+        text = log.read_text()
+        assert "task 1: Exited with exit code 3" in text and "task 0: Terminated" in text, text
 
 
 class PauseAt(L.Callback):

@@ -112,8 +112,8 @@ def test_ddp_two_cpu_processes_write_one_folder_one_record_one_run(tmp_path):
     assert len(wandb_runs(tmp_path)) == 1
     record = json.loads(record_path.read_text())
     assert record["status"] == "completed"
-    assert record["data_parallel"] == {"world_size": 2, "global_batch": 32, "lr": pytest.approx(0.02),
-                                       "environment": "LightningEnvironment"}
+    assert record["data_parallel"] == {"world_size": 2, "global_batch": 32, "device_batch": 16,
+                                       "lr": pytest.approx(0.02), "environment": "LightningEnvironment"}
 
 
 def test_slurm_launcher_config_resolves_from_the_trainer():
@@ -126,7 +126,8 @@ def test_slurm_launcher_config_resolves_from_the_trainer():
     assert (launcher.partition, launcher.timeout_min, launcher.array_parallelism) == ("gpu", 600, 8)
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)  # one task per GPU
     # Before the time limit SLURM sends Lightning's requeue signal: it checkpoints and requeues the job.
-    assert launcher.additional_parameters == {"signal": f"USR1@{launcher.signal_delay_s}", "requeue": True}
+    assert launcher.additional_parameters == {"signal": f"USR1@{launcher.signal_delay_s}", "requeue": True,
+                                              "export": "ALL,SLURM_KILL_BAD_EXIT=1"}  # a failing rank ends the job
 
 
 @pytest.mark.slow
@@ -159,9 +160,10 @@ def test_slurm_array_task_runs_ddp_over_its_srun_tasks(tmp_path):
             launcher.kill()
             launcher.wait()
     script = (bin_dir / "submitted.sh").read_text()
-    for flag in ("--array=0-1%1", "--partition=test", "--nodes=1", "--gpus-per-node=2", "--ntasks-per-node=2",
+    for flag in ("--array=0-1%1", "--partition=test", "--nodes=1", "--ntasks-per-node=2",
                  "--signal=USR1@120", "--requeue"):
         assert f"#SBATCH {flag}\n" in script, script
+    assert "--gpus-per-node" not in script  # a CPU trainer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

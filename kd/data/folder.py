@@ -9,6 +9,7 @@ and shards batches across ranks itself (the trainer runs with ``use_distributed_
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,7 @@ class LoaderDataModule(SplitDataModule):
     """
 
     superclass_of = None
+    WORKERS = 8  # data.num_workers null outside a SLURM job
 
     def __init__(self, batch_size, eval_batch_size, num_workers, pin_memory, seed, val_per_class, val_fraction):
         super().__init__()
@@ -72,7 +74,12 @@ class LoaderDataModule(SplitDataModule):
         if val_per_class and val_fraction:
             raise UserError("set only one of data.val_per_class and data.val_fraction (the other to 0)")
         self.batch_size, self.eval_batch_size, self.seed = batch_size, eval_batch_size, seed
-        self.num_workers, self.pin_memory = num_workers, pin_memory
+        # null: a worker per CPU SLURM grants the task (--cpus-per-task) but the one the rank runs on, so a
+        # job's loaders use what it asked for; outside a SLURM job, WORKERS.
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if num_workers is None:
+            num_workers = max(int(cpus) - 1, 0) if cpus else self.WORKERS
+        self.num_workers, self.pin_memory = check_range("data.num_workers", num_workers, 0, None), pin_memory
         self.val_per_class, self.val_fraction = val_per_class, val_fraction
         self.splits: dict[str, Split] = {}
 
@@ -122,7 +129,7 @@ class ImageFolderDataModule(LoaderDataModule):
         image_size: int = 224,
         batch_size: int = 256,
         eval_batch_size: int = 512,
-        num_workers: int = 8,
+        num_workers: int | None = None,
         pin_memory: bool = True,
         val_per_class: int = 0,
         val_fraction: float = 0.01,
@@ -213,6 +220,8 @@ class TorchvisionDataModule(LoaderDataModule):
     ``dataset_kwargs`` go to the data set class (e.g. ``{split: balanced}`` for EMNIST).
     """
 
+    WORKERS = 2  # small images: few workers keep up
+
     def __init__(
         self,
         name: str = "FashionMNIST",
@@ -221,7 +230,7 @@ class TorchvisionDataModule(LoaderDataModule):
         image_size: int | None = None,
         batch_size: int = 128,
         eval_batch_size: int = 1024,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         pin_memory: bool = True,
         val_per_class: int = 0,
         val_fraction: float = 0.1,
