@@ -266,3 +266,31 @@ def test_through_srun_a_requeue_signal_checkpoints_both_ranks_at_one_step_and_th
     record = json.loads((run_dir / "results.json").read_text())
     assert record["status"] == "completed", record.get("error")
     assert record["metrics"] == reference["metrics"]
+
+
+@pytest.mark.slurm
+def test_through_srun_sigterm_stops_both_ranks_at_one_checkpoint(tmp_path):
+    """``scancel --signal=TERM`` (a preemption's first signal) reaches rank 1 inside epoch 2's step 1
+    and rank 0 waiting at that step's end: both save last.ckpt there and stop, nothing hangs."""
+    env = {"SLURM_CONF": SLURM_CONF}
+    if reason := cluster_down():
+        pytest.skip(reason)
+    sweep = tmp_path / "sweep"
+    command = [*RANKED, "trainer.devices=2", *SAVED, *callback("wait", WaitInStep, epoch=2, batch=1, rank=1)]
+    with open(tmp_path / "launcher.log", "w") as log:
+        launcher = launch(*command, sweep=sweep, root=tmp_path, slurm_env=env, wait=False, stdout=log)
+    try:
+        run_dir = until(lambda: next(sweep.glob("*/paused"), None), 180, "paused run", sweep).parent
+        (job,) = job_ids(sweep)
+        subprocess.run(["scancel", "--signal=TERM", job], env={**os.environ, **env}, check=True)
+        # Its tasks exit with status 1 and no result for submitit, which without sacct (the local
+        # cluster) would wait on: the job leaving the queue is the end.
+        until(lambda: not squeue_state(job), TIMEOUT_S, "end of the job", sweep)
+    finally:
+        launcher.kill()
+        cancel(sweep)
+    first, second = saves(run_dir)
+    assert first == second and first[-1] == 12, job_logs(sweep)
+    assert job_logs(sweep).count("error: stopped by SIGTERM at step 12") == 2  # one line from each rank
+    record = json.loads((run_dir / "results.json").read_text())
+    assert record["status"] == "interrupted" and record["global_step"] == 12
