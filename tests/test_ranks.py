@@ -20,8 +20,8 @@ import pytest
 import torch
 
 from kd import callbacks
-from tests.conftest import SLURM_CONF, TINY, cluster_down
-from tests.test_slurm import cancel, job_ids, job_logs, launch, squeue_state, until
+from tests.conftest import TINY
+from tests.test_slurm import cancel, job_ids, job_logs, launch, slurm_env, squeue_state, until  # noqa: F401
 
 REPO = Path(__file__).resolve().parent.parent
 # Four epochs of five batches per rank (40 examples, 2 ranks, batches of 4), dropout: a resume must
@@ -235,27 +235,25 @@ class WaitInStep(L.Callback):
 
 @pytest.mark.slurm
 def test_through_srun_a_requeue_signal_checkpoints_both_ranks_at_one_step_and_the_job_resumes_exactly(
-        reference, tmp_path):
+        slurm_env, reference, tmp_path):
     """The same through the live cluster: ``scancel --signal=USR1`` reaches rank 1 inside epoch 2's
     step 1 and rank 0 waiting at that step's end; SLURM requeues the job once and it ends as the
     uninterrupted run does."""
-    env = {"SLURM_CONF": SLURM_CONF}
-    if reason := cluster_down():
-        pytest.skip(reason)
     sweep = tmp_path / "sweep"
     command = [*RANKED, "trainer.devices=2", *SAVED, *callback("wait", WaitInStep, epoch=2, batch=1, rank=1)]
     with open(tmp_path / "launcher.log", "w") as log:
-        launcher = launch(*command, sweep=sweep, root=tmp_path, slurm_env=env, wait=False, stdout=log)
+        launcher = launch(*command, sweep=sweep, root=tmp_path, slurm_env=slurm_env, wait=False, stdout=log)
     try:
         run_dir = until(lambda: next(sweep.glob("*/paused"), None), 180, "paused run", sweep).parent
         (job,) = job_ids(sweep)
-        subprocess.run(["scancel", "--signal=USR1", job], env={**os.environ, **env}, check=True)
+        subprocess.run(["scancel", "--signal=USR1", job], env={**os.environ, **slurm_env}, check=True)
         until(lambda: squeue_state(job) == "PENDING", 60, "requeued job", sweep)
         hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=False)
         assert (hpc["epoch"], hpc["global_step"]) == (2, 12)
         first, second = saves(run_dir)
         assert first == second and 12 in first, job_logs(sweep)  # both ranks saved it (and any later one) alike
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env={**os.environ, **env}, check=True)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env={**os.environ, **slurm_env},
+                       check=True)
         launcher.wait(timeout=TIMEOUT_S * 2)
     finally:
         launcher.kill()
@@ -269,20 +267,17 @@ def test_through_srun_a_requeue_signal_checkpoints_both_ranks_at_one_step_and_th
 
 
 @pytest.mark.slurm
-def test_through_srun_sigterm_stops_both_ranks_at_one_checkpoint(tmp_path):
+def test_through_srun_sigterm_stops_both_ranks_at_one_checkpoint(slurm_env, tmp_path):
     """``scancel --signal=TERM`` (a preemption's first signal) reaches rank 1 inside epoch 2's step 1
     and rank 0 waiting at that step's end: both save last.ckpt there and stop, nothing hangs."""
-    env = {"SLURM_CONF": SLURM_CONF}
-    if reason := cluster_down():
-        pytest.skip(reason)
     sweep = tmp_path / "sweep"
     command = [*RANKED, "trainer.devices=2", *SAVED, *callback("wait", WaitInStep, epoch=2, batch=1, rank=1)]
     with open(tmp_path / "launcher.log", "w") as log:
-        launcher = launch(*command, sweep=sweep, root=tmp_path, slurm_env=env, wait=False, stdout=log)
+        launcher = launch(*command, sweep=sweep, root=tmp_path, slurm_env=slurm_env, wait=False, stdout=log)
     try:
         run_dir = until(lambda: next(sweep.glob("*/paused"), None), 180, "paused run", sweep).parent
         (job,) = job_ids(sweep)
-        subprocess.run(["scancel", "--signal=TERM", job], env={**os.environ, **env}, check=True)
+        subprocess.run(["scancel", "--signal=TERM", job], env={**os.environ, **slurm_env}, check=True)
         # Its tasks exit with status 1 and no result for submitit, which without sacct (the local
         # cluster) would wait on: the job leaving the queue is the end.
         until(lambda: not squeue_state(job), TIMEOUT_S, "end of the job", sweep)
