@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from kd import callbacks
+from kd.callbacks import LastCheckpoint
 from tests.conftest import TINY
 from tests.test_slurm import cancel, job_ids, job_logs, launch, slurm_env, squeue_state, until  # noqa: F401
 
@@ -63,6 +64,20 @@ class NonFiniteAt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if (trainer.current_epoch, batch_idx, trainer.global_rank) == (self.epoch, self.batch, self.rank):
             batch[0].fill_(float("nan"))
+
+
+class ClockAhead(L.Callback):
+    """Makes rank ``rank``'s clock of last.ckpt an hour ahead of the others': a rank that, alone,
+    finds a checkpoint due at an epoch's end."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def on_train_epoch_start(self, trainer, pl_module):  # after LastCheckpoint has started its clock
+        if trainer.global_rank == self.rank and trainer.current_epoch == 0:
+            for checkpoint in trainer.checkpoint_callbacks:
+                if isinstance(checkpoint, LastCheckpoint):
+                    checkpoint._written -= 3600
 
 
 def callback(name: str, cls, **kwargs) -> list[str]:
@@ -182,6 +197,17 @@ def test_sigterm_on_one_rank_stops_every_rank_at_one_checkpoint_and_one_rank_res
     record = json.loads((run_dir / "results.json").read_text())
     assert record["status"] == "completed" and record["data_parallel"]["world_size"] == 1
     assert (record["epochs"], record["global_step"]) == (4, 30)  # epoch 2 goes on at one rank's pace: 10 steps
+
+
+def test_last_checkpoints_clock_is_rank_zeros_for_every_rank(tmp_path):
+    """every_s=60 on a run of seconds: no last.ckpt before the final one, though rank 1's clock says
+    one is due at every epoch's end (alone, it would wait in the save's barrier)."""
+    run_dir = tmp_path / "run"
+    ended = finish(start_tasks(*SAVED, *callback("clock", ClockAhead, rank=1), "callbacks.last_checkpoint.every_s=60",
+                               run_dir=run_dir))
+    assert [code for code, _ in ended] == [0, 0], ended
+    first, second = saves(run_dir)
+    assert first == second
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank_with_the_one_line_error(tmp_path):
