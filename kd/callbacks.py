@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -60,7 +61,8 @@ class LastCheckpoint(ModelCheckpoint):
 
     On SIGTERM, where Lightning stops the run, it is written then: at the end of the batch (the
     relaunch goes on from the next one; the data's samplers resume mid-epoch), or after the last
-    batch's validation at the end of the epoch (a checkpoint between them would skip it)."""
+    batch's validation at the end of the epoch (a checkpoint between them would skip it). Under DDP
+    the ranks agree on SIGTERM (``ResumeState``) and on the clock (rank 0's), so they save together."""
 
     def __init__(self, dirpath: str, every_s: float = 0.0):
         super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
@@ -72,7 +74,8 @@ class LastCheckpoint(ModelCheckpoint):
         self._written = time.monotonic()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.received_sigterm or time.monotonic() - self._written >= self.every_s:
+        due = trainer.received_sigterm or time.monotonic() - self._written >= self.every_s
+        if trainer.strategy.broadcast(due):  # rank 0's clock decides: a rank saving alone would wait in its barrier
             super().on_train_epoch_end(trainer, pl_module)
             self._written = time.monotonic()
 
@@ -83,6 +86,26 @@ class LastCheckpoint(ModelCheckpoint):
             self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
+# Signals received and not yet acted on in this process: SIGUSR1 outside training (``defer_requeue_signal``),
+# SIGUSR1 and SIGTERM inside it (``ResumeState``), until the ranks act on them together.
+_received: set[int] = set()
+
+
+def defer_requeue_signal() -> None:
+    """SIGUSR1 (SLURM's requeue signal, sent before the time limit) would end the process outside
+    training, where no handler of Lightning's is set: waiting on a teacher's lock, testing. Record it
+    instead: a training that follows in this process checkpoints and requeues at its first step
+    (``ResumeState``); otherwise the job goes on to its end, its finished training kept in last.ckpt."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, _defer)
+
+
+def _defer(signum, frame) -> None:
+    _received.add(signum)
+    print("[kd] SIGUSR1 (SLURM's requeue signal) outside training: deferred; a training that follows in this job "
+          "checkpoints and requeues at its first step, else the job goes on to its end", file=sys.stderr, flush=True)
+
+
 class ResumeState(L.Callback):
     """What a checkpoint needs beyond Lightning's own state for a resumed run to end exactly where an
     uninterrupted one would, and a guard that no checkpoint holds non-finite weights.
@@ -90,19 +113,25 @@ class ResumeState(L.Callback):
     Lightning restores weights, optimizer, scheduler, loop counters, callback states and the
     position of stateful loaders, and the module its metrics (kd.module); this adds torch's random
     state (dropout, augmentation; the batch order is seeded per epoch by the data, and nothing draws
-    from numpy's or Python's generators while training).
+    from numpy's or Python's generators while training). Rank 0's state is every rank's: the ranks
+    are seeded alike and draw alike (equal shards), each on its own device.
 
-    On SLURM, Lightning's requeue handler (``SIGUSR1``: ``hpc_ckpt_<n>.ckpt``, then ``scontrol
-    requeue``) saves wherever the signal lands; inside a training step that is half a step (this
-    batch's random draws and data position, the previous batch's weights). The signal is held
-    here until the step ends (after the epoch's last step: until the epoch ends, see ``mid_epoch``).
+    Signals: SIGTERM (preemption) and, on SLURM, the requeue signal (SIGUSR1: Lightning saves
+    ``hpc_ckpt_<n>.ckpt``, then ``scontrol requeue``) are held to the next point a run resumes from
+    exactly (a step's end; after the epoch's last step, the epoch's end, see ``mid_epoch``): saved
+    inside a step, a checkpoint would hold half of it. Under DDP they are held there wherever they
+    land, and the ranks first agree on what any of them received (one all-reduce), then each hands
+    it to Lightning's handler: every rank writes the same checkpoint at the same step and meets the
+    others in its barrier, also when a signal reached the ranks a step apart or reached one only.
+    A lone process acts at once on a signal that lands between steps.
     """
 
     KEY = "kd_resume_state"
 
     def __init__(self):
         self._restored: dict | None = None
-        self._in_step, self._held = False, None
+        self._handlers: dict = {}  # signal -> Lightning's handler, while training
+        self._in_step = False
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
         """Refuse to write non-finite weights (the last good checkpoint stays the one to resume from);
@@ -112,9 +141,10 @@ class ResumeState(L.Callback):
                 raise TrainingDiverged(
                     f"weights {name} are not finite at step {trainer.global_step} (epoch {trainer.current_epoch}); "
                     "they were not saved; lower the learning rate")
+        device = trainer.strategy.root_device  # the rank's own GPU: get_rng_state_all would wake every GPU
         checkpoint[self.KEY] = {
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -125,44 +155,56 @@ class ResumeState(L.Callback):
         if self._restored is None:
             return
         torch.set_rng_state(self._restored["torch_rng"])
-        if self._restored["cuda_rng"] and len(self._restored["cuda_rng"]) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(self._restored["cuda_rng"])
+        device = trainer.strategy.root_device
+        if isinstance(self._restored["cuda_rng"], torch.Tensor) and device.type == "cuda":
+            torch.cuda.set_rng_state(self._restored["cuda_rng"], device)
         self._restored = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        """Put a holder in front of Lightning's requeue handler (registered just before training)."""
+        """Hold the signals, in front of Lightning's handlers (registered just before training; it puts
+        the previous ones back after fit)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
         env = trainer._accelerator_connector.cluster_environment
-        if not (isinstance(env, SLURMEnvironment) and env.auto_requeue
-                and threading.current_thread() is threading.main_thread()):
-            return
-        handler = signal.getsignal(env.requeue_signal)
-        if not callable(handler):
-            return
+        self._handlers = {signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
+        if isinstance(env, SLURMEnvironment) and env.auto_requeue:
+            # Lightning's requeue, also where it set no handler (defer_requeue_signal's was there first).
+            self._handlers[env.requeue_signal] = trainer._signal_connector._slurm_sigusr_handler_fn
 
         def hold(signum, frame):
-            if self._in_step:
-                self._held = (handler, signum, frame)
-            else:
-                handler(signum, frame)
+            _received.add(signum)
+            if trainer.world_size == 1 and not self._in_step:
+                self._act(trainer)
 
-        signal.signal(env.requeue_signal, hold)  # Lightning puts the previous handlers back after fit
+        for signum in self._handlers:
+            signal.signal(signum, hold)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._in_step = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if mid_epoch(trainer, batch_idx):
-            self._release()
+            self._act(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._release()
+        self._act(trainer)
 
-    def _release(self) -> None:
+    def _act(self, trainer) -> None:
+        """Every rank hands Lightning the signals any rank received, in the same order. Under DDP this
+        costs one all-reduce of a few integers and a read of it on the host per step (Lightning's
+        own broadcast of its SIGTERM flag at each step's start already makes the host wait so)."""
         self._in_step = False
-        if self._held is not None:
-            handler, signum, frame = self._held
-            self._held = None
-            handler(signum, frame)
+        if not self._handlers:
+            return
+        seen = torch.tensor([signum in _received for signum in self._handlers], dtype=torch.int32)
+        if trainer.world_size > 1:
+            seen = seen.to(trainer.strategy.root_device)
+            torch.distributed.all_reduce(seen, op=torch.distributed.ReduceOp.MAX)
+        for (signum, handler), flag in zip(self._handlers.items(), seen.tolist()):
+            if flag:
+                _received.discard(signum)
+                handler(signum, None)
+
 
 class InstanceHistograms(L.Callback):
     """The instance level of a distillation run, in W&B: histograms ``val/w`` of the rescaling factor

@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from kd import config as _resolvers  # noqa: F401  (registers run_name)
 from kd import objectives, population, schema, teachers
-from kd.callbacks import resume_checkpoint
+from kd.callbacks import defer_requeue_signal, resume_checkpoint
 from kd.errors import TrainingDiverged, UserError, check_bool, check_choice, check_range, one_line
 from kd.logging import build_loggers, finish_loggers, summarise
 from kd.module import DistillationModule
@@ -355,6 +355,7 @@ def optimized_value(record: dict, metric: str) -> float:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
     """One run; returns the value of ``optimized_metric`` (when set) to the sweeper (hparams_search)."""
+    defer_requeue_signal()  # here, not in main: a SLURM job of a sweep calls this function only
     try:
         record = run(cfg)
         value = optimized_value(record, cfg.optimized_metric) if cfg.get("optimized_metric") else None
