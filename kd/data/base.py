@@ -48,7 +48,9 @@ class IndexBatchSampler:
     and sent to ``device`` once per epoch: a batch of indices copied on its own would make the host
     wait for the device. A shuffled epoch draws ``epoch_size`` indices (at least ``size``): a split
     smaller than that is passed over again, reshuffled, so a tiny training subset still gets that
-    many steps per epoch.
+    many steps per epoch. A shuffled (training) epoch is padded with repeated indices to shard
+    evenly across ranks; an evaluation pass is not, so that it counts each example once (the ranks'
+    metric states are summed at the end of the epoch, whatever their sizes).
     """
 
     def __init__(self, size, batch_size, shuffle, seed=0, drop_last=False, rank=0, world_size=1, device="cpu",
@@ -78,8 +80,9 @@ class IndexBatchSampler:
             passes = -(-self.epoch_size // self.size)
             order = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(passes)])
             order = order[: self.epoch_size]
-        per_rank = math.ceil(len(order) / self.world_size)
-        order = torch.cat([order, order[: per_rank * self.world_size - len(order)]])  # pad to shard evenly
+        if self.shuffle:  # training: padded, so that every rank takes as many steps
+            per_rank = math.ceil(len(order) / self.world_size)
+            order = torch.cat([order, order[: per_rank * self.world_size - len(order)]])
         return order[self.rank :: self.world_size]
 
     def __iter__(self):
@@ -92,7 +95,8 @@ class IndexBatchSampler:
             yield batch
 
     def __len__(self) -> int:
-        n = math.ceil(self.epoch_size / self.world_size)
+        per_rank = math.ceil(self.epoch_size / self.world_size)  # padded in training
+        n = per_rank if self.shuffle else len(range(self.rank, self.size, self.world_size))
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
 
