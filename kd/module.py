@@ -173,6 +173,11 @@ class DistillationModule(L.LightningModule):
         return built
 
     @property
+    def data_parallel(self) -> bool:
+        """Whether this module runs on several ranks (a process group left by an earlier run does not count)."""
+        return torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1
+
+    @property
     def teacher(self) -> nn.Module | None:
         """The teacher every member distils from (a single run's teacher), else None."""
         return self.teachers[0] if len(self.teachers) == 1 and len(self.taught) == self.members else None
@@ -292,7 +297,7 @@ class DistillationModule(L.LightningModule):
         the device); note which members have stopped. Every rank runs it at the same steps and first
         takes the lowest rank's record, so a loss gone non-finite on one rank stops them all at once,
         with one message, instead of leaving the others waiting for it."""
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if self.data_parallel:
             at, loss = self.all_gather(self.nonfinite_at), self.all_gather(self.nonfinite_loss)  # (ranks, G, ...)
             first = (at[..., 0] >= 0).int().argmax(0)  # per member, the first rank with a record (else 0)
             members = torch.arange(self.members, device=at.device)
@@ -378,7 +383,7 @@ class DistillationModule(L.LightningModule):
         checkpoint["kd_members"] = {"epoch_values": _on_host(self.epoch_values),
                                     "best_state": _on_host(self.best_state), "best_epoch": self.best_epoch}
         for name, metric in self.metrics.items():  # every rank's counts, summed: the whole job's epoch so far
-            with metric.sync_context():
+            with metric.sync_context(should_sync=self.data_parallel):
                 checkpoint["state_dict"].update({f"metrics.{name}.{k}": v.clone()
                                                  for k, v in metric.metric_state.items()})
 
