@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 
 from kd import models, population
+from kd.data.base import IndexBatchSampler
 from kd.data.folder import ImageFolderDataModule, Split
 from kd.data.synthetic import SyntheticDataModule
 from kd.errors import UserError
@@ -142,6 +143,25 @@ def test_two_ranks_evaluate_each_example_once_and_train_on_shards_of_one_size(ki
             assert sorted(torch.cat(shards).tolist()) == list(range(21)), split
 
 
+def test_a_sampler_resumed_mid_epoch_goes_on_with_the_rest_of_its_epoch_on_any_number_of_ranks():
+    def ranks(world: int, state: dict | None = None) -> list[IndexBatchSampler]:
+        samplers = [IndexBatchSampler(40, 4, shuffle=True, seed=1, rank=r, world_size=world) for r in range(world)]
+        for sampler in samplers:
+            sampler.set_epoch(3)
+            if state:
+                sampler.load_state_dict(state)
+        return samplers
+
+    whole = [list(sampler) for sampler in ranks(2)]
+    first = ranks(2)
+    taken = [batch for sampler in first for _, batch in zip(range(2), sampler)]  # 2 steps on each rank
+    assert first[0].state_dict() == {"epoch": 3, "taken": 16}
+    again = [list(sampler) for sampler in ranks(2, first[0].state_dict())]
+    assert all(torch.equal(torch.cat(a), torch.cat(w[2:])) for a, w in zip(again, whole))  # the next batches
+    (alone,) = [list(sampler) for sampler in ranks(1, first[0].state_dict())]
+    assert sorted(torch.cat([*taken, *alone]).tolist()) == list(range(40))  # the rest, once
+
+
 @pytest.mark.slow
 def test_two_ranks_test_each_example_once(tmp_path):
     """Two ranks' test accuracy is that of one process on the same weights: 21 examples, none twice."""
@@ -181,6 +201,17 @@ def test_a_non_finite_loss_on_one_rank_stops_every_rank_in_one_line(tmp_path):
     assert record(tmp_path)["status"] == "failed"
 
 
+class Seen(L.Callback):
+    """Appends each training batch's example indices to ``path``, one line per batch: rank, epoch, indices."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(self.path, "a") as file:
+            file.write(json.dumps([trainer.global_rank, trainer.current_epoch, batch[2].tolist()]) + "\n")
+
+
 class StopAfter(L.Callback):
     """Writes last.ckpt on every rank after training step ``step``, then ends the job (a preemption
     at a known step, as a requeued job resumes from)."""
@@ -210,3 +241,20 @@ def test_a_mid_epoch_resume_on_two_ranks_ends_the_epoch_with_every_ranks_counts(
     expected, got = record(tmp_path / "whole")["metrics"], record(tmp_path / "resumed")["metrics"]
     assert got["train/acc"] == expected["train/acc"]
     assert got == pytest.approx(expected, rel=1e-6)  # sums added in another order
+
+
+@pytest.mark.slow
+def test_a_mid_epoch_resume_on_fewer_ranks_trains_the_rest_of_the_epoch_once(tmp_path):
+    """Stopped after 2 of 5 steps on two ranks (16 of 40 examples), resumed on one: the 24 others, each once."""
+    seen = tmp_path / "seen.jsonl"
+    run = [*TINY, "trainer=ddp", "trainer.accelerator=cpu", "data.batch_size=4", "trainer.max_epochs=1",
+           "callbacks=none", "+callbacks.seen._target_=tests.test_ddp.Seen", f"+callbacks.seen.path={seen}"]
+    stop = ["+callbacks.stop._target_=tests.test_ddp.StopAfter", "+callbacks.stop.step=2"]
+    stopped = kd_train(*run, "trainer.devices=2", *stop, root=tmp_path)
+    assert stopped.returncode == 3, stopped.stderr[-3000:]
+    resumed = kd_train(*run, "trainer.devices=1", root=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    batches = [json.loads(line) for line in seen.read_text().splitlines()]
+    assert sorted(rank for rank, _, _ in batches) == [0] * 8 + [1] * 2  # 2 + 6 steps, then 2
+    assert sorted(i for _, epoch, index in batches for i in index) == list(range(40))  # all in epoch 0
+    assert record(tmp_path)["global_step"] == 8
