@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import signal
 import sys
 import threading
@@ -226,13 +227,14 @@ class InstanceHistograms(L.Callback):
         loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
         if not loggers or pl_module.members != 1:  # a population has no logger (kd.population.key)
             return
-        ((_, loss_fn, distils),) = pl_module.loss_groups
+        (group,) = pl_module.loss_groups
         last = trainer.max_epochs - 1 if trainer.max_epochs and trainer.max_epochs > 0 else 0
-        if (trainer.sanity_checking or not distils or pl_module.teacher is None or not trainer.is_global_zero
+        if (trainer.sanity_checking or not group.needs_teacher or pl_module.teacher is None or not trainer.is_global_zero
                 or trainer.current_epoch not in {0, last // 2, last}):
             return
         import wandb  # here: a run without W&B does not pay for importing it
 
+        loss_fn = copy.deepcopy(group.loss).cpu()  # beside predict's outputs, which are on the host
         values = {k: v.numpy() for k, v in instance.of_objective(loss_fn, pl_module.net, pl_module.teacher,
                                                                   trainer.datamodule).items()}
         values["w"] = values["w"].clip(*np.percentile(values["w"], [1, 99]))

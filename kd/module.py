@@ -74,6 +74,22 @@ class TeacherOutputs:
             self.complete = bool(self.seen.all())
 
 
+class LossGroup(nn.Module):
+    """The members that share one objective, and its loss. A module, so that the member indices and
+    the loss's tensors (KD-sim's class similarities) live on the model's device: moved with it once,
+    not copied to the device at every step."""
+
+    def __init__(self, members: list[int], loss: objectives.KDLoss):
+        super().__init__()
+        self.register_buffer("members", torch.tensor(members), persistent=False)
+        self.loss, self.needs_teacher = loss, loss.needs_teacher
+
+
+def _on_host(tensors: dict | None) -> dict | None:
+    """For a checkpoint: tensors on the host load on any machine."""
+    return None if tensors is None else {k: v.cpu() for k, v in tensors.items()}
+
+
 def _as_members(value, members: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * members
 
@@ -119,6 +135,8 @@ class DistillationModule(L.LightningModule):
             if compile:
                 model.compile()  # in place: the state_dict keys, hence checkpoints, stay the same
         self.loss_groups = self._loss_groups(objective_list, _as_members(class_similarity, self.members))
+        self.register_buffer("grouped_order", torch.cat([group.members for group in self.loss_groups]),
+                             persistent=False)  # the members in the order of the groups' losses
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.test_tag = "last"
         self.teacher_outputs: dict[str, TeacherOutputs] = {}  # by stage, for the data's fixed-input splits
@@ -142,21 +160,25 @@ class DistillationModule(L.LightningModule):
         self.stopped: torch.Tensor | None = None  # (G,) bool, once the check has seen a member stop
 
     @staticmethod
-    def _loss_groups(objective_list: list[dict], similarities: list) -> list:
+    def _loss_groups(objective_list: list[dict], similarities: list) -> nn.ModuleList:
         """Members with the same objective and parameters share one loss call per step, on their
-        stacked logits (KD-sim's class similarities stacked too): ``(members, loss, needs_teacher)``."""
+        stacked logits (KD-sim's class similarities stacked too)."""
         groups: dict[str, list[int]] = {}
         for g, objective in enumerate(objective_list):
             groups.setdefault(json.dumps(objective, sort_keys=True, default=str), []).append(g)
-        built = []
+        built = nn.ModuleList()
         for members in groups.values():
             objective = objective_list[members[0]]
             params = {k: v for k, v in objective.items() if k not in ("name", "beta", "similarity_source")}
             if objective["name"] in objectives.NEEDS_SIMILARITY:
                 params["class_similarity"] = torch.stack([similarities[g] for g in members])
-            built.append((torch.tensor(members), objectives.get(objective["name"], **params),
-                          objectives.needs_teacher(objective["name"])))
+            built.append(LossGroup(members, objectives.get(objective["name"], **params)))
         return built
+
+    @property
+    def data_parallel(self) -> bool:
+        """Whether this module runs on several ranks (a process group left by an earlier run does not count)."""
+        return torch.distributed.is_available() and torch.distributed.is_initialized() and self.trainer.world_size > 1
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -230,14 +252,12 @@ class DistillationModule(L.LightningModule):
     def _losses(self, logits, y, teacher_logits) -> torch.Tensor:
         """(G,) the loss of each member under its own objective."""
         if len(self.loss_groups) == 1:
-            _, loss_fn, needs_teacher = self.loss_groups[0]
-            return loss_fn(logits, y, teacher_logits if needs_teacher else None)
-        parts, order = [], []
-        for members, loss_fn, needs_teacher in self.loss_groups:
-            members = members.to(logits.device)
-            parts.append(loss_fn(logits[members], y[members], teacher_logits[members] if needs_teacher else None))
-            order.append(members)
-        return logits.new_zeros(self.members).index_copy(0, torch.cat(order), torch.cat(parts))
+            group = self.loss_groups[0]
+            return group.loss(logits, y, teacher_logits if group.needs_teacher else None)
+        parts = [group.loss(logits[group.members], y[group.members],
+                            teacher_logits[group.members] if group.needs_teacher else None)
+                 for group in self.loss_groups]
+        return logits.new_zeros(self.members).index_copy(0, self.grouped_order, torch.cat(parts))
 
     def training_step(self, batch, batch_idx):
         losses = self._step(batch, "train")
@@ -279,7 +299,15 @@ class DistillationModule(L.LightningModule):
 
     def _raise_if_diverged(self) -> None:
         """Stop the run once every member's loss has gone non-finite (it reads the record back from
-        the device); note which members have stopped."""
+        the device); note which members have stopped. Every rank runs it at the same steps and first
+        takes the lowest rank's record, so a loss gone non-finite on one rank stops them all at once,
+        with one message, instead of leaving the others waiting for it."""
+        if self.data_parallel:
+            at, loss = self.all_gather(self.nonfinite_at), self.all_gather(self.nonfinite_loss)  # (ranks, G, ...)
+            first = (at[..., 0] >= 0).int().argmax(0)  # per member, the first rank with a record (else 0)
+            members = torch.arange(self.members, device=at.device)
+            self.nonfinite_at.copy_(at[first, members])
+            self.nonfinite_loss.copy_(loss[first, members])
         stopped = self.nonfinite_at[:, 0] >= 0
         if bool(stopped.all()):
             raise TrainingDiverged(self.diverged(0))
@@ -357,12 +385,28 @@ class DistillationModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teachers.")}
-        checkpoint["kd_members"] = {"epoch_values": {k: v.cpu() for k, v in self.epoch_values.items()},
-                                    "best_state": self.best_state, "best_epoch": self.best_epoch}
+        checkpoint["kd_members"] = {"epoch_values": _on_host(self.epoch_values),
+                                    "best_state": _on_host(self.best_state), "best_epoch": self.best_epoch}
+        for name, metric in self.metrics.items():  # every rank's counts, summed: the whole job's epoch so far
+            with metric.sync_context(should_sync=self.data_parallel):
+                checkpoint["state_dict"].update({f"metrics.{name}.{k}": v.clone()
+                                                 for k, v in metric.metric_state.items()})
 
     def on_load_checkpoint(self, checkpoint):
         checkpoint["state_dict"].update({f"teachers.{k}": v for k, v in self.teachers.state_dict().items()})
+        if self.global_rank > 0:  # the job's counts so far are rank 0's to carry on (on_save_checkpoint)
+            checkpoint["state_dict"].update({k: torch.zeros_like(v) for k, v in checkpoint["state_dict"].items()
+                                             if k.startswith("metrics.")})
         kept = checkpoint.get("kd_members")
         if kept is not None:
             self.epoch_values = {k: v.to(self.device) for k, v in kept["epoch_values"].items()}
-            self.best_state, self.best_epoch = kept["best_state"], kept["best_epoch"]
+            best, self.best_epoch = kept["best_state"], kept["best_epoch"]
+            self.best_state = None if best is None else {k: v.to(self.device) for k, v in best.items()}
+
+    def _apply(self, fn, recurse: bool = True):
+        """``best_state`` moves with the module, as a buffer would (Lightning restores a checkpoint
+        before it moves the module to its device); it is not one, as checkpoints keep it apart."""
+        super()._apply(fn, recurse)
+        if self.best_state is not None:
+            self.best_state = {k: fn(v) for k, v in self.best_state.items()}
+        return self

@@ -122,15 +122,23 @@ def class_similarity(cfg: DictConfig, teacher, datamodule) -> torch.Tensor | Non
 
 
 def check_ddp_launch(trainer) -> None:
-    """Lightning's ``ddp`` starts ranks > 0 by re-running this process's command line with
-    ``hydra.run.dir`` pinned to ours: right for one ``python -m kd.train`` run, but in a multirun
-    (or a Python driver) the children would start the whole sweep (or driver) again."""
-    relaunches = (isinstance(trainer.strategy.launcher, _SubprocessScriptLauncher)
+    """The ranks must run ``kd.train`` itself. Lightning's ``ddp`` starts ranks > 0 by re-running
+    this process's command line with ``hydra.run.dir`` pinned to ours: right for one ``python -m
+    kd.train`` run, but in a multirun (or a Python driver) the children would start the whole sweep
+    (or driver) again. ``ddp_spawn`` (and any launcher that hands the fit to child processes) gives
+    back only the weights: the epochs' metrics, the loops' state and the children's errors stay
+    behind, so the run's record and its last.ckpt would be wrong."""
+    launcher = trainer.strategy.launcher
+    instead = ("run each data-parallel job as its own `python -m kd.train trainer=ddp ...`, or on SLURM "
+               "with hydra/launcher=slurm (one task per device)")
+    if launcher is not None and not isinstance(launcher, _SubprocessScriptLauncher):
+        raise UserError(f"trainer.strategy=ddp_spawn (or ddp_fork, ddp_notebook) runs the fit in child processes "
+                        f"whose metrics, checkpoint and errors do not come back; {instead}")
+    relaunches = (isinstance(launcher, _SubprocessScriptLauncher)
                   and not trainer.strategy.cluster_environment.creates_processes_externally)
     if relaunches and not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN):
-        raise UserError("trainer.strategy=ddp re-runs the command line for each extra device, which only works "
-                        "for a single run; in a local multirun or from Python use trainer.strategy=ddp_spawn, on "
-                        "SLURM hydra/launcher=slurm (one task per device)")
+        raise UserError(f"trainer.strategy=ddp re-runs the command line for each extra device, which only works "
+                        f"for a single run; {instead}")
 
 
 def run(cfg: DictConfig | list[DictConfig], callbacks=()) -> dict | list[dict]:

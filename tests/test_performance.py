@@ -144,12 +144,14 @@ class Precision(L.Callback):
         pl_module._losses = recorded
 
 
-@pytest.mark.parametrize("device, compile", [("cpu", False), pytest.param("gpu", False, marks=pytest.mark.gpu),
-                                             pytest.param("gpu", True, marks=pytest.mark.gpu)], indirect=["device"])
-def test_the_fast_path_runs_without_waiting_for_the_device(root, monkeypatch, device, compile):
-    """trainer=gpu_fast, a KD student: bf16 autocast where the device computes bf16 natively, else
-    fp32; channels_last; compile. On CUDA no training step waits for the device. Rehearsed on the
-    CPU, the compile goes through dynamo with the eager backend (inductor takes minutes on a CPU)."""
+@pytest.mark.parametrize("device, compile, objective", [
+    ("cpu", False, "kd"), *[pytest.param("gpu", False, name, marks=pytest.mark.gpu) for name in ("kd", "kd_sim", "kd_pt_sim")],
+    pytest.param("gpu", True, "kd", marks=pytest.mark.gpu)], indirect=["device"])
+def test_the_fast_path_runs_without_waiting_for_the_device(root, monkeypatch, device, compile, objective):
+    """trainer=gpu_fast, a KD student (or KD-sim, KD-pt+sim: their class similarities stay on the
+    device): bf16 autocast where the device computes bf16 natively, else fp32; channels_last;
+    compile. On CUDA no training step waits for the device. Rehearsed on the CPU, the compile goes
+    through dynamo with the eager backend (inductor takes minutes on a CPU)."""
     if compile and device.type == "cpu":
         monkeypatch.setattr(torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile, backend="eager"))
     torch._dynamo.reset()
@@ -158,7 +160,7 @@ def test_the_fast_path_runs_without_waiting_for_the_device(root, monkeypatch, de
     module.NoHostSync.found, module.Precision.seen = [], []
     callbacks = [f"+callbacks.{name.lower()}._target_=tests.test_performance.{name}" for name in ("NoHostSync", "Precision")]
     teacher_checkpoint(root / "teacher.ckpt", "resnet8")
-    overrides = [*CIFAR, "data.size=64", "callbacks=none", "objective=kd", "teacher=checkpoint",
+    overrides = [*CIFAR, "data.size=64", "callbacks=none", f"objective={objective}", "teacher=checkpoint",
                  f"teacher.path={root / 'teacher.ckpt'}", "trainer=gpu_fast", *on(device), f"compile={compile}", *callbacks]
     record = run(compose_config(overrides, root / "run"))
     precision = config.fast_precision(on(device)[0].split("=")[1])
@@ -169,6 +171,23 @@ def test_the_fast_path_runs_without_waiting_for_the_device(root, monkeypatch, de
     assert set(module.Precision.seen) == {torch.bfloat16 if precision == "bf16-mixed" else torch.float32}
     assert module.NoHostSync.found == []
     assert (torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0) == compile
+
+
+@pytest.mark.gpu
+def test_a_population_of_several_objectives_runs_without_waiting_for_the_device(root, device):
+    """Three members, three loss groups (KD, KD-sim, KD-pt+sim): their member indices and class
+    similarities stay on the device. Each member has its own data seed, so its own oracle teacher
+    (members that share one compare their inputs once, on the first pass, which waits)."""
+    from tests.conftest import TINY
+
+    module = importlib.import_module("tests.test_performance")
+    module.NoHostSync.found = []
+    cfgs = [compose_config([*TINY, "data.batch_size=8", "callbacks=none", f"objective={name}", "teacher=oracle",
+                            f"seed={seed}", *on(device), "+callbacks.sync._target_=tests.test_performance.NoHostSync"],
+                           root / name) for seed, name in enumerate(("kd", "kd_sim", "kd_pt_sim"))]
+    records = run(cfgs)
+    assert [r["status"] for r in records] == ["completed"] * 3 and records[0]["population"]["members"] == 3
+    assert module.NoHostSync.found == []
 
 
 def test_bf16_channels_last_steps_with_the_uint8_data_resident_on_the_module_device(tmp_path):

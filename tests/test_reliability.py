@@ -90,7 +90,7 @@ def test_sigterm_stops_at_a_checkpoint_and_the_same_run_resumes_identically(refe
     # Saved at the end of the batch it stopped after (epoch 2, batch 1 of 5 per epoch), where it goes on from.
     ckpt = torch.load(record["checkpoints"]["resume"], weights_only=False)
     assert (ckpt["epoch"], ckpt["global_step"]) == (2, 12)
-    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 2, "given": 2}]
+    assert ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"epoch": 2, "taken": 16}]  # 2 batches of 8
 
     resumed = run(cfg)
     assert resumed["status"] == "completed"

@@ -42,13 +42,16 @@ def ranked_by_class(labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torc
 class IndexBatchSampler:
     """Batches of indices, reshuffled per epoch from (seed, epoch) and sharded across ranks.
 
-    The order depends only on the seed and the epoch, and the sampler counts the batches it has
-    given out this epoch (its ``state_dict``), so a run resumed from a mid-epoch checkpoint goes on
-    with the next batch of the same order, as an uninterrupted run would. It is drawn on the host
-    and sent to ``device`` once per epoch: a batch of indices copied on its own would make the host
-    wait for the device. A shuffled epoch draws ``epoch_size`` indices (at least ``size``): a split
-    smaller than that is passed over again, reshuffled, so a tiny training subset still gets that
-    many steps per epoch.
+    The order depends only on the seed and the epoch, and the sampler counts the examples of that
+    order the ranks have taken this epoch (its ``state_dict``), so a run resumed from a mid-epoch
+    checkpoint goes on with the rest of the same order: on as many ranks, with the next batches an
+    uninterrupted run would take; on fewer, the rest of the epoch once, in fewer steps. It is drawn
+    on the host and sent to ``device`` once per epoch: a batch of indices copied on its own would
+    make the host wait for the device. A shuffled epoch draws ``epoch_size`` indices (at least
+    ``size``): a split smaller than that is passed over again, reshuffled, so a tiny training subset
+    still gets that many steps per epoch. A shuffled (training) epoch is padded with repeated indices
+    to shard evenly across ranks; an evaluation pass is not, so that it counts each example once
+    (the ranks' metric states are summed at the end of the epoch, whatever their sizes).
     """
 
     def __init__(self, size, batch_size, shuffle, seed=0, drop_last=False, rank=0, world_size=1, device="cpu",
@@ -58,41 +61,43 @@ class IndexBatchSampler:
         self.device = device
         self.epoch_size = max(size, epoch_size) if shuffle else size
         self.epoch = 0
-        self.given = 0  # batches of this epoch given out (skipped ones included)
-        self._resume = (-1, 0)  # (epoch, batches): from a restored checkpoint, skipped by that epoch's pass
+        self.start, self.given = 0, 0  # examples of this epoch taken before this pass; batches given out in it
+        self._resume = (-1, 0)  # (epoch, examples taken): from a restored checkpoint, skipped by that epoch's pass
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "given": self.given}
+        return {"epoch": self.epoch, "taken": self.start + self.given * self.batch_size * self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
-        self._resume = (state["epoch"], state["given"])
+        # "given" (batches of one rank's shard): a checkpoint written before "taken", by as many ranks
+        self._resume = (state["epoch"], state.get("taken", state.get("given", 0) * self.batch_size * self.world_size))
 
-    def _indices(self) -> torch.Tensor:
+    def _order(self) -> torch.Tensor:
+        """This epoch's indices, before they are sharded."""
         if not self.shuffle:
-            order = torch.arange(self.size)
-        else:
-            generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-            passes = -(-self.epoch_size // self.size)
-            order = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(passes)])
-            order = order[: self.epoch_size]
-        per_rank = math.ceil(len(order) / self.world_size)
-        order = torch.cat([order, order[: per_rank * self.world_size - len(order)]])  # pad to shard evenly
-        return order[self.rank :: self.world_size]
+            return torch.arange(self.size)
+        generator = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        passes = -(-self.epoch_size // self.size)
+        return torch.cat([torch.randperm(self.size, generator=generator) for _ in range(passes)])[: self.epoch_size]
+
+    def _padded(self, order: torch.Tensor) -> torch.Tensor:
+        """Training pads ``order`` with its first indices, so that every rank takes as many steps."""
+        return torch.cat([order, order[: -len(order) % self.world_size]]) if self.shuffle else order
 
     def __iter__(self):
-        batches = self._indices().to(self.device).split(self.batch_size)
-        batches = [b for b in batches if not (self.drop_last and len(b) < self.batch_size)]
-        epoch, given = self._resume
-        self.given, self._resume = (given if epoch == self.epoch else 0), (-1, 0)
-        for batch in batches[self.given :]:
-            self.given += 1
-            yield batch
+        epoch, taken = self._resume
+        self.start, self.given, self._resume = (taken if epoch == self.epoch else 0), 0, (-1, 0)
+        rest = self._padded(self._padded(self._order())[self.start :])  # padded again: on another number of ranks
+        for batch in rest[self.rank :: self.world_size].to(self.device).split(self.batch_size):
+            if not (self.drop_last and len(batch) < self.batch_size):
+                self.given += 1
+                yield batch
 
     def __len__(self) -> int:
-        n = math.ceil(self.epoch_size / self.world_size)
+        per_rank = math.ceil(self.epoch_size / self.world_size)  # padded in training
+        n = per_rank if self.shuffle else len(range(self.rank, self.size, self.world_size))
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
@@ -106,8 +107,10 @@ class LoaderDataModule(SplitDataModule):
         self.setup()
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        # Lightning calls set_epoch on it, so the order follows (seed, epoch) and survives a resume.
-        sampler = DistributedSampler(self.splits[split], num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
+        # Lightning calls set_epoch on it, so the order follows (seed, epoch) and survives a resume. Only
+        # training is padded to shard evenly: an evaluation pass counts each example once.
+        sampler = (DistributedSampler if shuffle else UnrepeatedDistributedSampler)(
+            self.splits[split], num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
         return DataLoader(
             self.splits[split], batch_size=batch_size or (self.batch_size if shuffle else self.eval_batch_size),
             sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,

@@ -28,6 +28,7 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from torch import nn
 
 from kd.errors import UserError, check_bool, check_choice, check_range
 from kd.objectives import targets
@@ -94,11 +95,25 @@ def _class_similarity(name: str, value) -> torch.Tensor:
     return value
 
 
-def _for_classes(class_similarity: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    if class_similarity.shape[-1] != q.shape[-1]:
-        raise UserError(f"class_similarity is {class_similarity.shape[-1]}x{class_similarity.shape[-1]}, but the "
-                        f"logits have {q.shape[-1]} classes")
-    return class_similarity.to(q.device)
+def _sim(q: torch.Tensor, labels: torch.Tensor, class_similarity: torch.Tensor) -> torch.Tensor:
+    return targets.sim(class_similarity, labels)
+
+
+class SimilarityTarget(nn.Module):
+    """KD-sim's and KD-pt+sim's target ``build(q, labels, class_similarity)``, with the similarity a
+    buffer: it moves with the model that holds the loss (once), not to the logits' device at each step."""
+
+    def __init__(self, build, class_similarity: torch.Tensor):
+        super().__init__()
+        self.build = build
+        self.register_buffer("class_similarity", class_similarity, persistent=False)
+
+    def forward(self, q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        classes = self.class_similarity.shape[-1]
+        if classes != q.shape[-1]:
+            raise UserError(f"class_similarity is {classes}x{classes}, but the logits have {q.shape[-1]} classes")
+        # In q's dtype (fp32) even in a model converted to half precision (precision=bf16-true).
+        return self.build(q, labels, self.class_similarity.to(q.dtype))
 
 
 def get(name: str, **params) -> KDLoss:
@@ -112,16 +127,16 @@ def get(name: str, **params) -> KDLoss:
     if name == "dkd":
         divergence = decoupled(p.pop("tckd_weight"), p.pop("nckd_weight"))
         return KDLoss(targets.teacher, kd_weight=1.0, divergence=divergence, **p)
-    similarity = p.pop("class_similarity", None)
-    builder = {
-        "kd": targets.teacher,
-        "kd_pt": targets.pt,
-        "kd_uniform": targets.uniform,
-        "kd_permuted": targets.permuted,
-        "kd_sim": lambda q, labels: targets.sim(_for_classes(similarity, q), labels),
-        "kd_pt_sim": lambda q, labels: targets.pt_sim(q, labels, _for_classes(similarity, q)),
-        "kd_topk": partial(targets.topk, k=p.pop("k", None), tail=p.pop("tail", None)),
-    }[name]
+    if name in NEEDS_SIMILARITY:
+        builder = SimilarityTarget(_sim if name == "kd_sim" else targets.pt_sim, p.pop("class_similarity"))
+    else:
+        builder = {
+            "kd": targets.teacher,
+            "kd_pt": targets.pt,
+            "kd_uniform": targets.uniform,
+            "kd_permuted": targets.permuted,
+            "kd_topk": partial(targets.topk, k=p.pop("k", None), tail=p.pop("tail", None)),
+        }[name]
     return KDLoss(builder, needs_teacher=needs_teacher(name), **p)
 
 

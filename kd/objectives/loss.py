@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kd.errors import UserError
 
@@ -63,9 +64,12 @@ def decoupled(tckd_weight: float, nckd_weight: float) -> Divergence:
     return partial(decoupled_kl, tckd_weight=tckd_weight, nckd_weight=nckd_weight)
 
 
-class KDLoss:
+class KDLoss(nn.Module):
     """Callable ``(student_logits, labels, teacher_logits=None) -> loss``: a scalar for (B, K) logits,
     one loss per member, shape (...), for (..., B, K).
+
+    A module, so that a target's tensors (KD-sim's class similarity, a buffer of ``target``) move
+    with the model that holds the loss, once, not at every step.
 
     Inputs of the wrong shape or dtype and labels outside [0, K) are one-line user errors. The label
     range is checked at every call on the CPU and at the first call on an accelerator, where the check
@@ -82,6 +86,7 @@ class KDLoss:
         needs_teacher: bool = True,
         divergence: Divergence = kl,
     ):
+        super().__init__()
         self.target = target
         self.kd_weight = kd_weight
         self.ce_weight = 1.0 - kd_weight if ce_weight is None else ce_weight
@@ -121,7 +126,7 @@ class KDLoss:
             self._range_checked = True
         return labels.long()
 
-    def __call__(self, student_logits, labels, teacher_logits=None) -> torch.Tensor:
+    def forward(self, student_logits, labels, teacher_logits=None) -> torch.Tensor:
         labels = self.check_inputs(student_logits, labels, teacher_logits)
         z = student_logits.float()
         # Per example, then the mean over each member's batch: batchmean, one member at a time.
