@@ -20,7 +20,6 @@ temperature (for w) come from the objective (objective=kd unless given):
 from __future__ import annotations
 
 import sys
-
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict

@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from importlib import metadata
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def write_atomic(path, write) -> None:
 # for STALE_S (its own clock: node clocks may differ) takes the lock as left by a dead owner.
 HEARTBEAT_S = 20.0
 STALE_S = 120.0
-_HELD: set[Path] = set()  # this process's lock files, refreshed by one heartbeat thread
+_HELD: weakref.WeakSet = weakref.WeakSet()  # this process's locks, whose files one heartbeat thread refreshes
 
 
 class Lock:
@@ -70,19 +71,21 @@ class Lock:
                 found = _stat(self.path)
                 if found != seen:
                     seen, since = found, time.monotonic()
-                if found is not None and _stale(self.path, time.monotonic() - since):
+                if found is not None and _stale(found[1], time.monotonic() - since):
                     _remove_if(self.path, found[1])
                     continue
                 time.sleep(0.2)
         finally:
             tmp.unlink(missing_ok=True)
-        _HELD.add(self.path)
+        _HELD.add(self)
         _heartbeat()
 
     def close(self) -> None:
-        if self.path in _HELD:
-            _HELD.discard(self.path)
+        if self in _HELD:
+            _HELD.discard(self)
             _remove_if(self.path, self.owner)
+
+    __del__ = close  # released when dropped, as a file's flock was (a run that fails before its try)
 
     def __enter__(self):
         return self
@@ -92,8 +95,8 @@ class Lock:
 
 
 def lock(path) -> Lock:
-    """An exclusive lock on ``path``, held until the returned ``Lock`` is closed (or its owner dies);
-    waits while another process holds it."""
+    """An exclusive lock on ``path``, held until the returned ``Lock`` is closed or dropped (or its
+    owner dies); waits while another process holds it."""
     return Lock(path)
 
 
@@ -105,12 +108,12 @@ def _stat(path: Path) -> tuple[int, str] | None:
         return None
 
 
-def _stale(path: Path, unchanged_s: float) -> bool:
+def _stale(owner: str, unchanged_s: float) -> bool:
     """Whether a lock file's owner is dead: no owner line, a process gone from this host, or (another
-    host's) no heartbeat seen for STALE_S."""
+    host's) no heartbeat seen for ``unchanged_s`` > STALE_S."""
     try:
-        host, pid, _ = path.read_text().split()
-    except (FileNotFoundError, ValueError):
+        host, pid, _ = owner.split()
+    except ValueError:
         return True
     if host != socket.gethostname():
         return unchanged_s > STALE_S
@@ -138,9 +141,9 @@ def _heartbeat() -> None:
     def beat():
         while True:
             time.sleep(HEARTBEAT_S)
-            for path in list(_HELD):
+            for held in list(_HELD):
                 try:
-                    os.utime(path)
+                    os.utime(held.path)
                 except OSError:
                     pass
     threading.Thread(target=beat, daemon=True, name="kd-lock-heartbeat").start()

@@ -147,7 +147,8 @@ def population_of(overrides: list[str], cfg: DictConfig) -> tuple | None:
     if populations.key(cfg) is None:
         return None
     own = {f"data.{k}" for k in get_object(cfg.data._target_).POPULATION_KEYS} | {"seed"}
-    return tuple(o for o in overrides if override_key(o) not in own and override_key(o).split(".")[0] not in ("objective", "teacher"))
+    return tuple(o for o in overrides
+                 if override_key(o) not in own and override_key(o).split(".")[0] not in ("objective", "teacher"))
 
 
 def teacher_group(overrides: list[str]) -> tuple:
