@@ -207,12 +207,14 @@ def completed_record(run_dir) -> dict | None:
     return record if record.get("status") == "completed" else None
 
 
-# What does not change a run's results: where it writes (paths), how it reports (logger, names,
-# progress) and where its data lie. A finished run whose config differs from a job's only here is
-# that job's run; the teacher cache leaves these out of a teacher's key.
+# What does not define a run: where it writes (paths), how it reports (logger, names, progress),
+# where its data lie, and the devices it runs on (a run requeued onto fewer GPUs resumes; its record's
+# data_parallel says what it ran on). A run folder whose config differs from a job's only here is
+# that job's run.
 NOT_DEFINING = {"paths": None, "logger": None, "task_name": None, "tags": None, "optimized_metric": None,
                 "data": ("download",),
-                "trainer": ("default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps")}
+                "trainer": ("default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
+                            "accelerator", "devices", "num_nodes", "strategy")}
 
 
 def definition(config: dict) -> dict:

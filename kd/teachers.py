@@ -38,9 +38,6 @@ KEYS = {"none": (), "oracle": (), "checkpoint": ("path", "data_check"),
         "trained": ("model", "objective", "data", "trainer", "optimizer", "scheduler", "seed", "checkpoint")}
 KINDS = tuple(KEYS)
 CHECKPOINTS = ("last", "best")
-# Trainer keys that do not change what a teacher learns; left out of its hash.
-_NOT_HASHED = ("accelerator", "devices", "num_nodes", "strategy", "enable_progress_bar",
-               "enable_model_summary", "log_every_n_steps", "default_root_dir")
 # Data keys that pick, batch, load or locate examples, not which data set and classes they are: a
 # checkpoint teacher may have been trained with other values (fig3's teachers on 500 examples per
 # class, its students on 20). On data read from a root (images) the seed too only picks examples;
@@ -74,14 +71,11 @@ def teacher_config(cfg: DictConfig) -> DictConfig:
 
 
 def teacher_id(tcfg: DictConfig) -> str:
-    """``<model>-<objective>-<hash>``: the hash covers everything that changes the teacher, and not
-    where its data lie (``kd.results.definition``): jobs that stage the data set into folders of
-    their own share one teacher."""
-    keyed = {key: OmegaConf.to_container(tcfg[key], resolve=True)
-             for key in ("data", "model", "objective", "optimizer", "scheduler") if key in tcfg}
-    keyed["data"] = definition({"data": keyed["data"]})["data"]
-    keyed["trainer"] = {k: v for k, v in OmegaConf.to_container(tcfg.trainer, resolve=True).items()
-                        if k not in _NOT_HASHED}
+    """``<model>-<objective>-<hash>``: the hash covers what defines the teacher
+    (``kd.results.definition``), not where its data lie nor the devices it ran on: jobs that stage
+    the data set into folders of their own share one teacher."""
+    keyed = definition({key: OmegaConf.to_container(tcfg[key], resolve=True)
+                        for key in ("data", "model", "objective", "optimizer", "scheduler", "trainer") if key in tcfg})
     keyed["seed"] = tcfg.seed
     keyed["deterministic"] = tcfg.get("deterministic")
     digest = hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]

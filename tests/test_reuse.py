@@ -34,9 +34,9 @@ def test_a_finished_run_of_other_settings_is_refused_not_reported(tmp_path):
     with pytest.raises(UserError, match=r"^job ce-s0: .*ce-s0 holds a finished run of other settings "
                                         r"\(.*trainer.max_epochs: 2 there, 1 now\); it is not reused"):
         run_jobs({"ce-s0": [*job["ce-s0"], "trainer.max_epochs=1"]}, tmp_path / "runs", population=False)
-    # Paths, logging and where the data lie define nothing: the finished run stands for the job.
-    moved = run_jobs({"ce-s0": [*TINY, f"paths.root_dir={tmp_path}/elsewhere", "trainer.log_every_n_steps=1"]},
-                     tmp_path / "runs", population=False)["ce-s0"]
+    # Paths, logging, devices and where the data lie define nothing: the finished run stands for the job.
+    moved = run_jobs({"ce-s0": [*TINY, f"paths.root_dir={tmp_path}/elsewhere", "trainer.log_every_n_steps=1",
+                                "trainer.devices=2"]}, tmp_path / "runs", population=False)["ce-s0"]
     assert moved == first
 
 
