@@ -5,7 +5,6 @@ without flock, and a driver's workers each get a GPU of their own. Every run is 
 
 import errno
 import fcntl
-import json
 import multiprocessing
 import os
 import socket
