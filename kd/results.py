@@ -94,10 +94,7 @@ class Lock:
         self.close()
 
 
-def lock(path) -> Lock:
-    """An exclusive lock on ``path``, held until the returned ``Lock`` is closed or dropped (or its
-    owner dies); waits while another process holds it."""
-    return Lock(path)
+lock = Lock  # lock(path): waits while another process holds it; held until closed or dropped
 
 
 def _stat(path: Path) -> tuple[int, str] | None:
