@@ -5,8 +5,11 @@ split; on the training split (the one KD distils on) the teacher's true-class co
 the gradient rescaling factor w at the start of distillation, its effective label smoothing and,
 where the data has superclasses, how much more its class probabilities correlate within a
 superclass than between superclasses. Arguments are Hydra overrides of configs/train.yaml, as for
-``python -m kd.train``; the data overrides must describe the data the teacher was trained on, and
-KD's kd_weight and temperature (for w) come from the objective (objective=kd unless given):
+``python -m kd.train``. A checkpoint teacher is diagnosed on the data its run record (results.json
+beside checkpoints/) says it was trained on, unless data overrides (data..., seed, experiment,
+recipe) choose the data: then they must agree with the record where it matters (data set, classes,
+generator and its draw), or teacher.data_check=false says they need not. KD's kd_weight and
+temperature (for w) come from the objective (objective=kd unless given):
 
     python -m kd.diagnose teacher=checkpoint teacher.path=logs/.../checkpoints/last.ckpt [data overrides]
     python -m kd.diagnose experiment=fig3_synthetic data.delta=0.5         # fig3's teacher (trained on first use)
@@ -17,18 +20,39 @@ KD's kd_weight and temperature (for w) come from the objective (objective=kd unl
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from kd import teachers
 from kd.analysis import diagnose
 from kd.analysis.diagnosis import HIGH_TEMPERATURE, QUANTILES
-from kd.drivers import load_teacher
+from kd.drivers import setup_teacher
 from kd.errors import UserError, one_line
+from kd.runner import QUIET, compose_config, override_key
 from kd.train import REPORTED
 
 # Nothing is written for the diagnosed run itself; its paths still need an output folder.
 NO_OUTPUT = "${paths.teacher_dir}"
+# Overrides that choose the data, so that a checkpoint teacher's own data are not used instead.
+CHOOSE_DATA = ("data", "seed", "experiment", "recipe")
+
+
+def with_teachers_data(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """``cfg`` with the data a checkpoint teacher was trained on (its run record's), where the
+    overrides choose none; said in a line, since the command names no data."""
+    if cfg.teacher.kind != "checkpoint" or any(override_key(o).split(".")[0] in CHOOSE_DATA for o in overrides):
+        return cfg
+    trained = teachers.trained_on(cfg.teacher.path)
+    if trained is None:
+        return cfg
+    if "root" in trained:  # found by its folder's name under this run's paths.data_dir
+        trained["root"] = "${paths.data_dir}/" + Path(trained["root"]).name
+    with open_dict(cfg):
+        cfg.data = OmegaConf.create(trained)
+    print(f"[kd] data: the teacher's own, from {Path(cfg.teacher.path).parent.parent / 'results.json'} "
+          "(data overrides choose other data)", flush=True)
+    return cfg
 
 
 def describe(cfg: DictConfig) -> str:
@@ -77,7 +101,8 @@ def main(argv=None) -> dict:
     if not any(o.startswith("objective=") for o in overrides):
         overrides.insert(0, "objective=kd")
     try:
-        cfg, teacher, datamodule = load_teacher(overrides, NO_OUTPUT)
+        cfg = with_teachers_data(compose_config([*QUIET, *overrides], NO_OUTPUT), overrides)
+        teacher, datamodule = setup_teacher(cfg)
         if teacher is None:
             raise UserError("teacher=none: nothing to diagnose; use teacher=checkpoint teacher.path=..., "
                             "a teacher config (teacher=mlp) or teacher=oracle")

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from kd import teachers
 from kd.errors import UserError
 from kd.results import completed_record
-from kd.runner import QUIET, compose_config, run_jobs
+from kd.runner import QUIET, compose_config, override_key, run_jobs
 from kd.train import run
 
 # The experiment config each data set runs under.
@@ -53,9 +53,11 @@ JOB_NAME = re.compile(rf"(?P<label>.+?)(?:-(?P<axis>{'|'.join(a.column for a in 
 
 
 class DriverParser(argparse.ArgumentParser):
-    """Fills the defaults that depend on the data set: ``--out results/<name>`` and ``--runs logs/<name>``
-    on synthetic data (and for a driver bound to one data set), ``results/<name>_<data>`` and
-    ``logs/<name>_<data>`` on the others, so the data sets never overwrite one another; and the
+    """Fills the defaults that depend on the data set: ``--out <results>/<name>`` and ``--runs
+    <logs>/<name>`` on synthetic data (and for a driver bound to one data set), ``<results>/<name>_<data>``
+    and ``<logs>/<name>_<data>`` on the others, so the data sets never overwrite one another, where
+    ``<results>`` and ``<logs>`` are ``paths.results_dir`` and ``paths.log_dir``: under
+    ``paths.root_dir`` ($KD_ROOT, else the current folder), as the runs' teachers are; and the
     seeds, ``seeds[data]`` (``seeds[None]`` for the others)."""
 
     def __init__(self, name: str, bound: bool, seeds: dict, **kwargs):
@@ -65,8 +67,9 @@ class DriverParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
         tag = self.name if self.bound or parsed.data == "synthetic" else f"{self.name}_{parsed.data}"
-        parsed.out = parsed.out or f"results/{tag}"
-        parsed.runs = parsed.runs or f"logs/{tag}"
+        paths = compose_config([o for o in parsed.overrides if override_key(o).startswith("paths.")]).paths
+        parsed.out = parsed.out or str(Path(paths.results_dir) / tag)
+        parsed.runs = parsed.runs or str(Path(paths.log_dir) / tag)
         if parsed.seeds is None:
             parsed.seeds = list(self.seeds.get(parsed.data, self.seeds[None]))
         return parsed
@@ -86,9 +89,9 @@ def parser(name: str, doc: str, seeds=(0, 1, 2), data: str | None = None) -> arg
     p.add_argument("--seeds", type=int, nargs="+", help="default: " + "; ".join(
         f"{' '.join(map(str, v))}{f' on {k}' if k else ''}" for k, v in defaults.items()))
     p.add_argument("--out", help=f"where the figures and tables go (default: results/{name}, "
-                                 f"results/{name}_<data> on real data)")
+                                 f"results/{name}_<data> on real data, under $KD_ROOT if set)")
     p.add_argument("--runs", help=f"run folders: checkpoints, results.json (default: logs/{name}, "
-                                  f"logs/{name}_<data> on real data)")
+                                  f"logs/{name}_<data> on real data, under $KD_ROOT if set)")
     p.add_argument("--quick", action="store_true", help="a few epochs: checks the pipeline, not the science")
     p.add_argument("--no-wandb", action="store_true")
     p.add_argument("--jobs", type=int, default=None,
@@ -131,8 +134,12 @@ def workers(args) -> int:
 
 
 def sweep(jobs: dict[str, list[str]], args, desc: str) -> dict[str, dict]:
-    """``kd.runner.run_jobs`` with the driver's --runs, --jobs and --population."""
-    return run_jobs(jobs, args.runs, desc=desc, workers=workers(args), population=args.population == "on")
+    """``kd.runner.run_jobs`` with the driver's --runs, --jobs and --population; a sweep that cannot
+    start (an override no job takes, a run folder of other settings) ends in one line."""
+    try:
+        return run_jobs(jobs, args.runs, desc=desc, workers=workers(args), population=args.population == "on")
+    except UserError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 def run_overrides(args) -> list[str]:
@@ -199,12 +206,18 @@ def teacher_accuracy(jobs: dict[str, list[str]]) -> dict[str, float]:
 
 
 def load_teacher(overrides: list[str], output_dir):
-    """``(cfg, teacher, datamodule)`` of a run config: its data set up, its teacher found in the cache
-    (or trained there on first use); ``output_dir`` is the run's folder, which the config's paths need."""
+    """``(cfg, teacher, datamodule)`` of a run config (``setup_teacher``); ``output_dir`` is the run's
+    folder, which the config's paths need."""
     cfg = compose_config([*QUIET, *overrides], output_dir)
+    return (cfg, *setup_teacher(cfg))
+
+
+def setup_teacher(cfg):
+    """``(teacher, datamodule)`` of a run config: its data set up, its teacher found in the cache (or
+    trained there on first use)."""
     datamodule = instantiate(cfg.data)
     datamodule.setup()
-    return cfg, teachers.resolve(cfg, datamodule, train=run), datamodule
+    return teachers.resolve(cfg, datamodule, train=run), datamodule
 
 
 def load_job(root, name: str, overrides: list[str]):

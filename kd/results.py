@@ -1,18 +1,25 @@
-"""What a run leaves behind: an atomically written JSON record with config, versions, hardware."""
+"""What a run leaves behind: an atomically written JSON record with config, versions, hardware; what
+defines a run, so that a finished one is reused only for the same job; and a lock on a folder."""
 
 from __future__ import annotations
 
-import fcntl
+import functools
 import json
 import os
 import platform
+import socket
 import sys
 import tempfile
+import threading
+import time
+import uuid
+import weakref
 from importlib import metadata
 from pathlib import Path
-from typing import IO
 
 import torch
+
+from kd.errors import UserError
 
 PACKAGES = ("kd", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "omegaconf", "wandb")
 
@@ -34,12 +41,109 @@ def write_atomic(path, write) -> None:
         raise
 
 
-def lock(path) -> IO:
-    """An exclusive lock on ``path`` (created if absent), held until the returned file is closed or
-    the process ends, even by SIGKILL; waits while another process holds it."""
-    held = open(path, "a")
-    fcntl.flock(held, fcntl.LOCK_EX)
-    return held
+# A lock's owner refreshes its file's time every HEARTBEAT_S; a waiter that sees the time unchanged
+# for STALE_S (its own clock: node clocks may differ) takes the lock as left by a dead owner.
+HEARTBEAT_S = 20.0
+STALE_S = 120.0
+_HELD: weakref.WeakSet = weakref.WeakSet()  # this process's locks, whose files one heartbeat thread refreshes
+
+
+class Lock:
+    """An exclusive lock on ``path``: a file made by an atomic ``link`` that names its owner (host, pid),
+    removed by ``close``. It works where ``flock`` fails (ENOSYS on file systems mounted without
+    locks) or holds on one node only (node-local locks on a shared folder). A lock whose owner died
+    is taken over: at once where the owner ran on this host, else once its heartbeat has stopped
+    for STALE_S. A file without an owner line (a ``flock`` file of an earlier version) is stale."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.owner = f"{socket.gethostname()} {os.getpid()} {uuid.uuid4().hex}\n"
+        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}")
+        tmp.write_text(self.owner)
+        try:
+            seen, since = None, time.monotonic()
+            while True:
+                try:
+                    os.link(tmp, self.path)  # atomic, also over NFS: fails if the lock exists
+                    break
+                except FileExistsError:
+                    pass
+                found = _stat(self.path)
+                if found != seen:
+                    seen, since = found, time.monotonic()
+                if found is not None and _stale(found[1], time.monotonic() - since):
+                    _remove_if(self.path, found[1])
+                    continue
+                time.sleep(0.2)
+        finally:
+            tmp.unlink(missing_ok=True)
+        _HELD.add(self)
+        _heartbeat()
+
+    def close(self) -> None:
+        if self in _HELD:
+            _HELD.discard(self)
+            _remove_if(self.path, self.owner)
+
+    __del__ = close  # released when dropped, as a file's flock was (a run that fails before its try)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+lock = Lock  # lock(path): waits while another process holds it; held until closed or dropped
+
+
+def _stat(path: Path) -> tuple[int, str] | None:
+    """``(mtime_ns, owner line)`` of a lock file, None if it is gone."""
+    try:
+        return path.stat().st_mtime_ns, path.read_text()
+    except FileNotFoundError:
+        return None
+
+
+def _stale(owner: str, unchanged_s: float) -> bool:
+    """Whether a lock file's owner is dead: no owner line, a process gone from this host, or (another
+    host's) no heartbeat seen for ``unchanged_s`` > STALE_S."""
+    try:
+        host, pid, _ = owner.split()
+    except ValueError:
+        return True
+    if host != socket.gethostname():
+        return unchanged_s > STALE_S
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        pass
+    return False
+
+
+def _remove_if(path: Path, owner: str) -> None:
+    """Remove a lock file if it still names ``owner`` (never one another process has just taken)."""
+    try:
+        if path.read_text() == owner:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+@functools.cache
+def _heartbeat() -> None:
+    """Start, once per process, the thread that refreshes the time of every lock file held."""
+    def beat():
+        while True:
+            time.sleep(HEARTBEAT_S)
+            for held in list(_HELD):
+                try:
+                    os.utime(held.path)
+                except OSError:
+                    pass
+    threading.Thread(target=beat, daemon=True, name="kd-lock-heartbeat").start()
 
 
 def write_text_atomic(path, text: str) -> None:
@@ -106,3 +210,78 @@ def completed_record(run_dir) -> dict | None:
     except (OSError, ValueError):
         return None
     return record if record.get("status") == "completed" else None
+
+
+# What does not define a run: where it writes (paths), how it reports (logger, names, progress),
+# where its data lie, and the devices it runs on (a run requeued onto fewer GPUs resumes; its record's
+# data_parallel says what it ran on). A run folder whose config differs from a job's only here is
+# that job's run.
+NOT_DEFINING = {"paths": None, "logger": None, "task_name": None, "tags": None, "optimized_metric": None,
+                "data": ("download",),
+                "trainer": ("default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
+                            "accelerator", "devices", "num_nodes", "strategy")}
+
+
+def definition(config: dict) -> dict:
+    """What defines a run of the resolved ``config``: the config less ``NOT_DEFINING``; every value
+    under one of its ``paths`` written as ``${paths.<key>}/...`` (the run's checkpoint folder, wherever
+    it is, reads the same); and its data known by the name of their folder, not where it lies
+    (``/scratch/job7/cifar100`` is ``cifar100``: staged data, the same data set)."""
+    paths = sorted(((v.rstrip("/"), k) for k, v in (config.get("paths") or {}).items() if isinstance(v, str) and v),
+                   key=lambda found: -len(found[0]))
+
+    def portable(value):
+        if isinstance(value, dict):
+            return {k: portable(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [portable(v) for v in value]
+        if isinstance(value, str):
+            for prefix, key in paths:
+                if value == prefix or value.startswith(prefix + "/"):
+                    return "${paths." + key + "}" + value[len(prefix):]
+        return value
+
+    kept = {}
+    for key, value in config.items():
+        if key in NOT_DEFINING and NOT_DEFINING[key] is None:
+            continue
+        if key in NOT_DEFINING and isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in NOT_DEFINING[key]}
+        kept[key] = portable(value)
+    if isinstance(kept.get("data"), dict) and isinstance(kept["data"].get("root"), str):
+        kept["data"]["root"] = Path(kept["data"]["root"]).name
+    return kept
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
+    """``{dotted key: (old value, new value)}`` where two (definitions of) configs differ; a key one
+    lacks reads as ``<absent>``."""
+    found = {}
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            found.update(differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            found[f"{prefix}{key}"] = (a, b)
+    return found
+
+
+def check_same_run(run_dir, config: dict) -> None:
+    """Stop, in one line, where ``run_dir`` holds a run of other settings than the resolved ``config``
+    that would be reused: reported as finished, or resumed from its checkpoint. A folder with no
+    such run (none, or a failure with nothing to resume) is the job's to (re)write."""
+    try:
+        record = json.loads((Path(run_dir) / "results.json").read_text())
+    except (OSError, ValueError):
+        return
+    resumable = (record.get("checkpoints") or {}).get("resume")
+    if "config" not in record or not (record.get("status") == "completed" or resumable):
+        return
+    changed = differences(definition(record["config"]), definition(config))
+    if changed:
+        shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in list(changed.items())[:3])
+        more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+        what = "a finished run" if record.get("status") == "completed" else "an unfinished run"
+        raise UserError(f"{run_dir} holds {what} of other settings ({shown}{more}); it is not reused: delete "
+                        "that folder to run there again, or give the run another folder (a driver's --runs, "
+                        "kd.train's hydra.run.dir)")

@@ -2,7 +2,8 @@
 
 Each job is a list of Hydra overrides of ``configs/train.yaml``; it runs through ``kd.train.run``
 into its own folder. A job whose ``results.json`` says completed is skipped, so a killed sweep
-picks up where it was; a job that fails is recorded and the others go on.
+picks up where it was; a job that fails is recorded and the others go on. A folder that holds a run
+of other settings stops the sweep before any work (``check_reuse``), never stands for the job.
 
 Jobs that can share a population (kd.population: the same architecture, data shapes and recipe;
 their own seed, objective, teacher and data values) train as populations, many members in one
@@ -19,6 +20,7 @@ import copy
 import functools
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 import warnings
@@ -28,22 +30,23 @@ from multiprocessing.managers import BaseManager
 from pathlib import Path
 
 import lightning as L
+import torch
 from hydra import compose, initialize_config_dir
 from hydra._internal.config_loader_impl import ConfigLoaderImpl  # Hydra's step that applies value overrides
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_object
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from kd import population as populations
 from kd.errors import UserError, one_line
-from kd.results import completed_record
+from kd.results import check_same_run, completed_record
 from kd.train import CONFIG_DIR, run
 
 QUIET = ["trainer.enable_progress_bar=false", "trainer.enable_model_summary=false"]
 
 
-def _key(override: str) -> str:
+def override_key(override: str) -> str:
     """The config key an override sets: ``+objective.k=1`` -> ``objective.k``, ``model@teacher.model=x`` ->
     ``teacher.model``."""
     return override.lstrip("+~").split("=", 1)[0].split("@")[-1]
@@ -71,7 +74,7 @@ def compose_config(overrides: list[str], output_dir: str | Path | None = None) -
     """
     choices = structure(overrides)
     values = [o for o in overrides if o not in choices]
-    if any(_key(o).startswith("hydra") for o in values):
+    if any(override_key(o).startswith("hydra") for o in values):
         cfg = _composed(tuple(overrides))
     else:
         cfg = _composed(choices)
@@ -121,18 +124,36 @@ def check(jobs: dict[str, list[str]]) -> dict[tuple, DictConfig]:
     return found
 
 
+def check_reuse(jobs: dict[str, list[str]], outs: dict[str, Path]) -> None:
+    """Stop before any work, in one line, where a job's folder holds a run of other settings that it
+    would reuse (``kd.results.check_same_run``): a finished run is found by its folder, and its
+    folder's name says nothing of the overrides every job of a driver gets."""
+    for name, overrides in jobs.items():
+        if not (outs[name] / "results.json").is_file():
+            continue
+        try:
+            config = OmegaConf.to_container(compose_config([*QUIET, *overrides], outs[name]), resolve=True)
+        except Exception:  # a config that cannot run: its own run fails, with its record
+            continue
+        try:
+            check_same_run(outs[name], config)
+        except UserError as err:
+            raise UserError(f"job {name}: {err}") from None
+
+
 def population_of(overrides: list[str], cfg: DictConfig) -> tuple | None:
     """Jobs with equal values train together: their overrides but the members' own (seed,
     objective, teacher, the data module's POPULATION_KEYS); None: the job trains alone."""
     if populations.key(cfg) is None:
         return None
     own = {f"data.{k}" for k in get_object(cfg.data._target_).POPULATION_KEYS} | {"seed"}
-    return tuple(o for o in overrides if _key(o) not in own and _key(o).split(".")[0] not in ("objective", "teacher"))
+    return tuple(o for o in overrides
+                 if override_key(o) not in own and override_key(o).split(".")[0] not in ("objective", "teacher"))
 
 
 def teacher_group(overrides: list[str]) -> tuple:
     """Jobs that differ only in their objective usually share a teacher."""
-    return tuple(o for o in overrides if _key(o).split(".")[0] != "objective")
+    return tuple(o for o in overrides if override_key(o).split(".")[0] != "objective")
 
 
 def units(jobs: dict[str, list[str]], configs: dict[tuple, DictConfig], workers: int,
@@ -188,8 +209,24 @@ def _reports_address():
     return server.address
 
 
-def _start_worker(address) -> None:
+def gpus() -> list[str]:
+    """The GPUs this process may use, as ``CUDA_VISIBLE_DEVICES`` names them (its entries, else the
+    indices of the devices torch counts); none without CUDA. Counting them does not start CUDA."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d for d in visible.split(",") if d.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _start_worker(address, started, devices: list[str]) -> None:
+    """A worker's set-up: its own GPU (the next of ``devices`` in turn, counted by ``started``), set
+    before anything in it starts CUDA, so that N workers on N GPUs do not all train on cuda:0; its
+    connection to the parent's progress queue."""
     global _QUEUE
+    if devices:
+        with started.get_lock():
+            slot, started.value = started.value, started.value + 1
+        os.environ["CUDA_VISIBLE_DEVICES"] = devices[slot % len(devices)]
     quiet_lightning()
     client = _Reports(address=address)
     client.connect()
@@ -254,6 +291,7 @@ def run_jobs(jobs: dict[str, list[str]], root: str | Path, desc: str = "runs", w
     """
     quiet_lightning()
     outs = {name: Path(root) / "runs" / name for name in jobs}
+    check_reuse(jobs, outs)
     records = {name: completed_record(out) for name, out in outs.items()}
     todo = {name: jobs[name] for name, record in records.items() if record is None}
     plan = units(todo, check(todo), workers, population) if todo else []
@@ -331,10 +369,17 @@ def _run_in_pool(plan, jobs, outs, workers, bar, size, done) -> None:
         reader.join()
 
 
+def executor(workers: int, context, address) -> ProcessPoolExecutor:
+    """A pool of ``workers`` processes that report to ``address``, each on a GPU of its own where there
+    are several (``_start_worker``)."""
+    return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                               initargs=(address, context.Value("i", 0), gpus()))
+
+
 def _pool(batch, jobs, outs, workers, done, context, address) -> list[list[str]]:
     """The units of ``batch`` in one pool of ``workers``; returns those a broken pool did not finish."""
     broken = []
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker, initargs=(address,)) as pool:
+    with executor(workers, context, address) as pool:
         futures = {pool.submit(run_unit, names, jobs, outs): names for names in batch}
         try:
             for future in as_completed(futures):

@@ -28,22 +28,26 @@ from torch import nn
 from kd import population
 from kd.callbacks import EpochClock
 from kd.errors import UserError, check_choice
-from kd.results import completed_record, lock
+from kd.results import completed_record, definition, differences, lock
 
 # The training function: ``kd.train.run``, handed in by its callers (one config, or a population's list).
 Train = Callable[..., object]
 
 # The keys each kind of teacher reads besides ``kind``; any other key is a user error.
-KEYS = {"none": (), "oracle": (), "checkpoint": ("path",),
+KEYS = {"none": (), "oracle": (), "checkpoint": ("path", "data_check"),
         "trained": ("model", "objective", "data", "trainer", "optimizer", "scheduler", "seed", "checkpoint")}
 KINDS = tuple(KEYS)
 CHECKPOINTS = ("last", "best")
-# Trainer keys that do not change what a teacher learns; left out of its hash.
-_NOT_HASHED = ("accelerator", "devices", "num_nodes", "strategy", "sync_batchnorm", "enable_progress_bar",
-               "enable_model_summary", "log_every_n_steps", "default_root_dir")
+# Data keys that pick, batch, load or locate examples, not which data set and classes they are: a
+# checkpoint teacher may have been trained with other values (fig3's teachers on 500 examples per
+# class, its students on 20). On data read from a root (images) the seed too only picks examples;
+# generated data (no root) are drawn from their seed, which then matters.
+SAMPLING = ("train_per_class", "val_per_class", "test_per_class", "val_size", "val_fraction", "split_seed",
+            "batch_size", "eval_batch_size", "min_epoch_size", "augment", "root", "download", "num_workers",
+            "pin_memory")
 # A teacher trains in one process on one device, before a data-parallel student's ranks meet (they
 # wait on its lock); a DDP teacher would wait for ranks that are themselves waiting on the lock.
-_ONE_DEVICE = {"devices": 1, "num_nodes": 1, "strategy": "auto"}
+_ONE_DEVICE = {"devices": 1, "num_nodes": 1, "strategy": "auto", "sync_batchnorm": False}
 
 
 def teacher_config(cfg: DictConfig) -> DictConfig:
@@ -67,11 +71,12 @@ def teacher_config(cfg: DictConfig) -> DictConfig:
 
 
 def teacher_id(tcfg: DictConfig) -> str:
-    """``<model>-<objective>-<hash>``: the hash covers everything that changes the teacher."""
-    keyed = {key: OmegaConf.to_container(tcfg[key], resolve=True)
-             for key in ("data", "model", "objective", "optimizer", "scheduler") if key in tcfg}
-    keyed["trainer"] = {k: v for k, v in OmegaConf.to_container(tcfg.trainer, resolve=True).items()
-                        if k not in _NOT_HASHED}
+    """``<model>-<objective>-<hash>``: the hash covers what defines the teacher
+    (``kd.results.definition``), not where its data lie nor the devices it ran on: jobs that stage
+    the data set into folders of their own share one teacher."""
+    keyed = definition({key: OmegaConf.to_container(tcfg[key], resolve=True)
+                        for key in ("data", "model", "objective", "optimizer", "scheduler", "trainer") if key in tcfg})
+    keyed["trainer"].pop("sync_batchnorm", None)  # always off on one device: teachers cached before it keep their id
     keyed["seed"] = tcfg.seed
     keyed["deterministic"] = tcfg.get("deterministic")
     digest = hashlib.sha1(json.dumps(keyed, sort_keys=True, default=str).encode()).hexdigest()[:12]
@@ -159,6 +164,33 @@ def check_same_classes(cfg: DictConfig, tcfg: DictConfig, datamodule) -> None:
                         f"{datamodule.num_classes}; drop the teacher.data override that changes the classes")
 
 
+def trained_on(path) -> dict | None:
+    """The data config a checkpoint's run trained on, from its record (results.json beside its
+    ``checkpoints/`` folder); None where there is no such record."""
+    try:
+        record = json.loads((Path(path).parent.parent / "results.json").read_text())
+        return record["config"]["data"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def check_data(cfg: DictConfig) -> None:
+    """A checkpoint teacher used on other data than it was trained on (another data set, classes,
+    generator or generated draw) is a one-line error, unless ``teacher.data_check=false`` says that
+    is the intent. A checkpoint without a run record is not checked."""
+    trained = trained_on(cfg.teacher.path)
+    if trained is None or not cfg.teacher.get("data_check", True):
+        return
+    ignored = set(SAMPLING) | ({"seed"} if "root" in trained else set())
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    changed = differences({k: v for k, v in trained.items() if k not in ignored},
+                          {k: v for k, v in data.items() if k not in ignored})
+    if changed:
+        shown = ", ".join(f"data.{k}={a!r}, not {b!r}" for k, (a, b) in list(changed.items())[:3])
+        raise UserError(f"teacher checkpoint {cfg.teacher.path} was trained on other data ({shown}); give the "
+                        "data overrides of its run, or teacher.data_check=false to use it on this data anyway")
+
+
 def resolve(cfg: DictConfig, datamodule, train: Train, tcfg: DictConfig | None = None,
             loaded: dict | None = None) -> nn.Module | None:
     """The frozen teacher network this run distils from, or None (``train`` trains a missing one;
@@ -173,6 +205,7 @@ def resolve(cfg: DictConfig, datamodule, train: Train, tcfg: DictConfig | None =
             raise UserError(f"teacher=oracle exists only for data=synthetic, not {type(datamodule).__name__}")
         return datamodule.oracle_teacher()
     if kind == "checkpoint":
+        check_data(cfg)
         path = cfg.teacher.path
     else:
         tcfg = tcfg or teacher_config(cfg)

@@ -35,7 +35,7 @@ from kd.logging import build_loggers, finish_loggers, summarise
 from kd.module import DistillationModule
 from kd.objectives import similarity
 from kd.predict import predict
-from kd.results import completed_record, hardware, lock, versions, write_atomic, write_json_atomic
+from kd.results import check_same_run, completed_record, hardware, lock, versions, write_atomic, write_json_atomic
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 # Errors the command line reports in one line: bad input (ours, Hydra's, OmegaConf's) and divergence.
@@ -220,6 +220,8 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
         return [invalid[g] if g in invalid else next(valid) for g in range(len(cfgs))]
     single = len(cfgs) == 1
     outs = [Path(cfg.paths.output_dir) for cfg in cfgs]
+    for out, plain in zip(outs, plains):  # never report or resume a run made with other settings
+        check_same_run(out, plain)
     if single:
         done = completed_record(outs[0])
         if done is not None and "population" in done:

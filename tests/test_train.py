@@ -53,9 +53,11 @@ def test_teacher_from_checkpoint_and_class_count_check(root):
     student = run(compose_config([*TINY, "objective=kd", "teacher=checkpoint", f"teacher.path={ckpt}"], root / "s"))
     assert student["metrics"]["test/agreement_last"] > 0
     from kd.errors import UserError
+    other = [*TINY, "data.subclasses=3", "objective=kd", "teacher=checkpoint", f"teacher.path={ckpt}"]
+    with pytest.raises(UserError, match=r"was trained on other data \(data.subclasses=2, not 3\)"):
+        run(compose_config(other, root / "s2"))
     with pytest.raises(UserError, match="predicts 4 classes but the data has 6"):
-        run(compose_config([*TINY, "data.subclasses=3", "objective=kd", "teacher=checkpoint",
-                            f"teacher.path={ckpt}"], root / "s2"))
+        run(compose_config([*other, "teacher.data_check=false"], root / "s2"))
 
 
 @pytest.mark.parametrize("callbacks, last_writes", [
