@@ -212,11 +212,12 @@ def completed_record(run_dir) -> dict | None:
     return record if record.get("status") == "completed" else None
 
 
-# What does not define a run: where it writes (paths), how it reports (logger, names, progress),
-# where its data lie, and the devices it runs on (a run requeued onto fewer GPUs resumes; its record's
-# data_parallel says what it ran on). A run folder whose config differs from a job's only here is
-# that job's run.
-NOT_DEFINING = {"paths": None, "logger": None, "task_name": None, "tags": None, "optimized_metric": None,
+# What does not define a run: where it writes (paths), how it reports and keeps checkpoints (logger,
+# callbacks, names, progress), where its data lie, and the devices it runs on (a run requeued onto fewer
+# GPUs resumes; its record's data_parallel says what it ran on). A run folder whose config differs from
+# a job's only here is that job's run.
+NOT_DEFINING = {"paths": None, "logger": None, "callbacks": None, "task_name": None, "tags": None,
+                "optimized_metric": None,
                 "data": ("download",),
                 "trainer": ("default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
                             "accelerator", "devices", "num_nodes", "strategy")}

@@ -235,52 +235,59 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
     # Two processes given the same run take turns (the second resumes, or re-tests a finished run)
     # instead of writing the same files at once; the other ranks of a data-parallel run share it.
     held = [lock(out / ".run.lock") for out in sorted(outs)] if rank_zero_only.rank == 0 else []
-    if not single:  # the teachers the members need, trained as populations before any is loaded
-        teachers.train_missing([t for t in tcfgs if t is not None], train=run)
-    datamodules, loaded = {}, {}
-    members = [_prepare(*found, datamodules, loaded) for found in zip(cfgs, plains, tcfgs)]
-    datamodule = members[0][0] if single else population.Data([dm for dm, _ in members])
-    pcfg = cfgs[0] if single else population.config(cfgs[0], folder)  # the trainer's and callbacks' config
-    loggers = build_loggers(pcfg, folder)
-    callbacks = [instantiate(c) for c in (pcfg.get("callbacks") or {}).values() if c is not None]
-    callbacks += extra_callbacks
-    if not single:  # a population's module keeps each member's best epoch: one monitored value is not G
-        callbacks = [c for c in callbacks if not (isinstance(c, ModelCheckpoint) and c.monitor)]
-    # Checkpoints are the configured callbacks' (none for callbacks=none), never Lightning's default one.
-    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
-    trainer = instantiate(pcfg.trainer, logger=loggers or False, callbacks=callbacks, enable_checkpointing=checkpointing)
-    check_ddp_launch(trainer)
-    world, batch = trainer.num_nodes * trainer.num_devices, device_batch(plains[0])
-    lr = pcfg.optimizer.lr * LR_SCALING[pcfg.get("lr_scaling", "none")](world)
-    shape = {"num_classes": members[0][0].num_classes, "input_shape": members[0][0].input_shape}
-    nets = []
-    for cfg in cfgs:
-        L.seed_everything(cfg.seed, workers=True, verbose=False)  # training a teacher must not shift the student's init
-        nets.append(instantiate(cfg.model, **shape))
-    each = (lambda values: values[0]) if single else list
-    module = DistillationModule(
-        net=nets[0] if single else population.Stack(nets),
-        objective=each([OmegaConf.to_container(cfg.objective, resolve=True) for cfg in cfgs]),
-        optimizer=instantiate(pcfg.optimizer, lr=lr),
-        scheduler=instantiate(pcfg.scheduler) if pcfg.get("scheduler") else None,
-        teacher=each([teacher for _, teacher in members]),
-        class_similarity=each([class_similarity(cfg, t, dm) for cfg, (dm, t) in zip(cfgs, members)]),
-        model_config=OmegaConf.to_container(pcfg.model, resolve=True),
-        channels_last=pcfg.get("channels_last", False),
-        compile=pcfg.get("compile", False),
-        **shape,
-    )
-    threads = torch.get_num_threads()  # the caller's, restored when the run ends
-    torch.set_num_threads(pcfg.get("threads") or threads)
-    common = {"status": "failed", "versions": versions(), "hardware": hardware(),
-              "data_parallel": {"world_size": world, "global_batch": batch * world, "device_batch": batch, "lr": lr,
-                                # how the ranks met: LightningEnvironment (ours), SLURMEnvironment, ...
-                                "environment": type(trainer._accelerator_connector.cluster_environment).__name__}}
-    records = [{**common, "config": plain, "output_dir": str(out)} for plain, out in zip(plains, outs)]
-    if not single:
-        for g, record in enumerate(records):
-            record["population"] = {"members": len(cfgs), "member": g, "folder": str(folder)}
-    last_ckpt, finished = folder / "checkpoints" / "last.ckpt", False
+    try:
+        if not single:  # the teachers the members need, trained as populations before any is loaded
+            teachers.train_missing([t for t in tcfgs if t is not None], train=run)
+        datamodules, loaded = {}, {}
+        members = [_prepare(*found, datamodules, loaded) for found in zip(cfgs, plains, tcfgs)]
+        datamodule = members[0][0] if single else population.Data([dm for dm, _ in members])
+        pcfg = cfgs[0] if single else population.config(cfgs[0], folder)  # the trainer's and callbacks' config
+        loggers = build_loggers(pcfg, folder)
+        callbacks = [instantiate(c) for c in (pcfg.get("callbacks") or {}).values() if c is not None]
+        callbacks += extra_callbacks
+        if not single:  # a population's module keeps each member's best epoch: one monitored value is not G
+            callbacks = [c for c in callbacks if not (isinstance(c, ModelCheckpoint) and c.monitor)]
+        # Checkpoints are the configured callbacks' (none for callbacks=none), never Lightning's default one.
+        checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+        trainer = instantiate(pcfg.trainer, logger=loggers or False, callbacks=callbacks,
+                              enable_checkpointing=checkpointing)
+        check_ddp_launch(trainer)
+        world, batch = trainer.num_nodes * trainer.num_devices, device_batch(plains[0])
+        lr = pcfg.optimizer.lr * LR_SCALING[pcfg.get("lr_scaling", "none")](world)
+        shape = {"num_classes": members[0][0].num_classes, "input_shape": members[0][0].input_shape}
+        nets = []
+        for cfg in cfgs:
+            # Training a teacher must not shift the student's init.
+            L.seed_everything(cfg.seed, workers=True, verbose=False)
+            nets.append(instantiate(cfg.model, **shape))
+        each = (lambda values: values[0]) if single else list
+        module = DistillationModule(
+            net=nets[0] if single else population.Stack(nets),
+            objective=each([OmegaConf.to_container(cfg.objective, resolve=True) for cfg in cfgs]),
+            optimizer=instantiate(pcfg.optimizer, lr=lr),
+            scheduler=instantiate(pcfg.scheduler) if pcfg.get("scheduler") else None,
+            teacher=each([teacher for _, teacher in members]),
+            class_similarity=each([class_similarity(cfg, t, dm) for cfg, (dm, t) in zip(cfgs, members)]),
+            model_config=OmegaConf.to_container(pcfg.model, resolve=True),
+            channels_last=pcfg.get("channels_last", False),
+            compile=pcfg.get("compile", False),
+            **shape,
+        )
+        threads = torch.get_num_threads()  # the caller's, restored when the run ends
+        torch.set_num_threads(pcfg.get("threads") or threads)
+        common = {"status": "failed", "versions": versions(), "hardware": hardware(),
+                  "data_parallel": {"world_size": world, "global_batch": batch * world, "device_batch": batch, "lr": lr,
+                                    # how the ranks met: LightningEnvironment (ours), SLURMEnvironment, ...
+                                    "environment": type(trainer._accelerator_connector.cluster_environment).__name__}}
+        records = [{**common, "config": plain, "output_dir": str(out)} for plain, out in zip(plains, outs)]
+        if not single:
+            for g, record in enumerate(records):
+                record["population"] = {"members": len(cfgs), "member": g, "folder": str(folder)}
+        last_ckpt, finished = folder / "checkpoints" / "last.ckpt", False
+    except BaseException:  # a run that cannot start leaves its folders to the next one
+        for file in held:
+            file.close()
+        raise
     try:
         resume = resume_checkpoint(last_ckpt, trainer.default_root_dir)  # last.ckpt, or SLURM's hpc_ckpt_<n>.ckpt
         trainer.fit(module, datamodule, ckpt_path=str(resume) if resume else None)
