@@ -5,6 +5,7 @@ slurm run the same through the live local cluster (``srun -n 2``). Signals reach
 different steps, or one rank only, as they do on a cluster; every test is bounded in time, and a hang
 is a failure."""
 
+import contextlib
 import json
 import os
 import signal
@@ -251,6 +252,24 @@ class WaitInStep(L.Callback):
                 time.sleep(0.05)  # signal handlers run in between
 
 
+@contextlib.contextmanager
+def signalled_job(signame: str, slurm_env: dict, sweep: Path):
+    """A two-task job on the live cluster, paused inside epoch 2's step 1 on rank 1 (rank 0 waits at
+    that step's end), then sent ``scancel --signal=<signame>``: yields (the launcher, the run folder,
+    the job id); the launcher and the job are ended afterwards, however the test went."""
+    command = [*RANKED, "trainer.devices=2", *SAVED, *callback("wait", WaitInStep, epoch=2, batch=1, rank=1)]
+    with open(sweep.parent / "launcher.log", "w") as log:
+        launcher = launch(*command, sweep=sweep, root=sweep.parent, slurm_env=slurm_env, wait=False, stdout=log)
+    try:
+        run_dir = until(lambda: next(sweep.glob("*/paused"), None), 180, "paused run", sweep).parent
+        (job,) = job_ids(sweep)
+        subprocess.run(["scancel", f"--signal={signame}", job], env={**os.environ, **slurm_env}, check=True)
+        yield launcher, run_dir, job
+    finally:
+        launcher.kill()
+        cancel(sweep)
+
+
 @pytest.mark.slurm
 def test_through_srun_a_requeue_signal_checkpoints_both_ranks_at_one_step_and_the_job_resumes_exactly(
         slurm_env, reference, tmp_path):
@@ -258,13 +277,7 @@ def test_through_srun_a_requeue_signal_checkpoints_both_ranks_at_one_step_and_th
     step 1 and rank 0 waiting at that step's end; SLURM requeues the job once and it ends as the
     uninterrupted run does."""
     sweep = tmp_path / "sweep"
-    command = [*RANKED, "trainer.devices=2", *SAVED, *callback("wait", WaitInStep, epoch=2, batch=1, rank=1)]
-    with open(tmp_path / "launcher.log", "w") as log:
-        launcher = launch(*command, sweep=sweep, root=tmp_path, slurm_env=slurm_env, wait=False, stdout=log)
-    try:
-        run_dir = until(lambda: next(sweep.glob("*/paused"), None), 180, "paused run", sweep).parent
-        (job,) = job_ids(sweep)
-        subprocess.run(["scancel", "--signal=USR1", job], env={**os.environ, **slurm_env}, check=True)
+    with signalled_job("USR1", slurm_env, sweep) as (launcher, run_dir, job):
         until(lambda: squeue_state(job) == "PENDING", 60, "requeued job", sweep)
         hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=False)
         assert (hpc["epoch"], hpc["global_step"]) == (2, 12)
@@ -273,9 +286,6 @@ def test_through_srun_a_requeue_signal_checkpoints_both_ranks_at_one_step_and_th
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env={**os.environ, **slurm_env},
                        check=True)
         launcher.wait(timeout=TIMEOUT_S * 2)
-    finally:
-        launcher.kill()
-        cancel(sweep)
     assert launcher.returncode == 0, f"{(tmp_path / 'launcher.log').read_text()[-3000:]}\n{job_logs(sweep)}"
     logs = job_logs(sweep, tail=None)
     assert logs.count("Requeued SLURM job") == 1, logs
@@ -289,19 +299,10 @@ def test_through_srun_sigterm_stops_both_ranks_at_one_checkpoint(slurm_env, tmp_
     """``scancel --signal=TERM`` (a preemption's first signal) reaches rank 1 inside epoch 2's step 1
     and rank 0 waiting at that step's end: both save last.ckpt there and stop, nothing hangs."""
     sweep = tmp_path / "sweep"
-    command = [*RANKED, "trainer.devices=2", *SAVED, *callback("wait", WaitInStep, epoch=2, batch=1, rank=1)]
-    with open(tmp_path / "launcher.log", "w") as log:
-        launcher = launch(*command, sweep=sweep, root=tmp_path, slurm_env=slurm_env, wait=False, stdout=log)
-    try:
-        run_dir = until(lambda: next(sweep.glob("*/paused"), None), 180, "paused run", sweep).parent
-        (job,) = job_ids(sweep)
-        subprocess.run(["scancel", "--signal=TERM", job], env={**os.environ, **slurm_env}, check=True)
+    with signalled_job("TERM", slurm_env, sweep) as (_, run_dir, job):
         # Its tasks exit with status 1 and no result for submitit, which without sacct (the local
         # cluster) would wait on: the job leaving the queue is the end.
         until(lambda: not squeue_state(job), TIMEOUT_S, "end of the job", sweep)
-    finally:
-        launcher.kill()
-        cancel(sweep)
     first, second = saves(run_dir)
     assert first == second and first[-1] == 12, job_logs(sweep)
     assert job_logs(sweep).count("error: stopped by SIGTERM at step 12") == 2  # one line from each rank
