@@ -38,8 +38,8 @@ def kd_train(*args, root: Path, timeout: float = 150) -> subprocess.CompletedPro
     """``python -m kd.train`` in a session of its own: on a timeout every rank is
     killed and the test fails, as a hang should."""
     env = {**os.environ, "KD_ROOT": str(root), "WANDB_MODE": "offline", "WANDB_DIR": str(root), "PYTHONPATH": str(REPO)}
-    with subprocess.Popen([sys.executable, "-m", "kd.train", *args, f"hydra.run.dir={root / 'run'}"], cwd=REPO, env=env, text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as process:
+    command = [sys.executable, "-m", "kd.train", *args, f"hydra.run.dir={root / 'run'}"]
+    with subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as process:
         try:
             out, err = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
