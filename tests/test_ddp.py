@@ -39,7 +39,8 @@ def kd_train(*args, root: Path, timeout: float = 150) -> subprocess.CompletedPro
     killed and the test fails, as a hang should."""
     env = {**os.environ, "KD_ROOT": str(root), "WANDB_MODE": "offline", "WANDB_DIR": str(root), "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "kd.train", *args, f"hydra.run.dir={root / 'run'}"]
-    with subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as process:
+    with subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          start_new_session=True) as process:
         try:
             out, err = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
