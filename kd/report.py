@@ -1,7 +1,8 @@
 """Publishing a driver's results: ``results/<name>/`` (CSV, PNG + PDF, markdown) and one W&B run.
 
-Every file is written atomically; the W&B run is grouped by the driver's name so a figure, its
-table and its summary sit together, and it is finished before the driver returns.
+Every file is written atomically; the W&B run is named and grouped after the results folder
+(``fig3``, ``fig3_fashion_mnist``: one run name per data set) so a figure, its table and its summary
+sit together, and it is finished before the driver returns.
 """
 
 from __future__ import annotations
@@ -29,21 +30,22 @@ def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
 
 def publish(name: str, out_dir, tables: dict[str, pd.DataFrame], figures: dict, summary: str,
             wandb: bool = True, config: dict | None = None) -> Path:
-    """Write tables as CSV, figures as PNG/PDF and ``<name>.md``; log them all to one W&B run."""
+    """Write tables as CSV, figures as PNG/PDF and ``<name>.md``; log them all to one W&B run named
+    after ``out_dir``'s folder."""
     out_dir = Path(out_dir)
     for table_name, table in tables.items():
         write_atomic(out_dir / f"{table_name}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
     images = {fig_name: save_figure(fig, out_dir, fig_name)[0] for fig_name, fig in figures.items()}
     write_text_atomic(out_dir / f"{name}.md", summary)
     if wandb:
-        _log_wandb(name, tables, images, summary, config)
+        _log_wandb(name, out_dir.name, tables, images, summary, config)
     return out_dir
 
 
-def _log_wandb(name, tables, images, summary, config) -> None:
+def _log_wandb(name, label, tables, images, summary, config) -> None:
     import wandb as wb
 
-    run = wb.init(project="kd", group=name, job_type="figure", name=name, mode=wandb_mode(),
+    run = wb.init(project="kd", group=label, job_type="figure", name=label, mode=wandb_mode(),
                   config=config or {}, reinit="finish_previous")
     try:
         # A figure and a table may share a name (fig3.png, fig3.csv): kinds get keys of their own.

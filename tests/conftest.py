@@ -101,10 +101,10 @@ def cluster_down() -> str | None:
 BLOCK, FULL, LAST = 32 * 1024, 1, 4
 
 
-def wandb_run(folder: Path) -> tuple[list[dict], dict]:
-    """The history rows and the summary of the one offline W&B run under ``folder``, as W&B would sync
-    them, read from its ``run-*.wandb`` file: protobuf records in LevelDB's log format (a 7-byte file
-    header, then 32 KiB blocks of chunks, each behind a 7-byte header: crc, length, kind)."""
+def wandb_records(folder: Path) -> list:
+    """The records of the one offline W&B run under ``folder``, as W&B would sync them, read from its
+    ``run-*.wandb`` file: protobuf records in LevelDB's log format (a 7-byte file header, then 32 KiB
+    blocks of chunks, each behind a 7-byte header: crc, length, kind)."""
     wandb = pytest.importorskip("wandb")
     from wandb.proto import wandb_internal_pb2
 
@@ -120,6 +120,12 @@ def wandb_run(folder: Path) -> tuple[list[dict], dict]:
         if kind in (FULL, LAST):
             records.append(wandb_internal_pb2.Record.FromString(chunk))
             chunk = b""
+    return records
+
+
+def wandb_run(folder: Path) -> tuple[list[dict], dict]:
+    """The history rows and the summary of the one offline W&B run under ``folder``."""
+    records = wandb_records(folder)
     history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
                for r in records if r.WhichOneof("record_type") == "history"]
     summary = {item.key or "/".join(item.nested_key): json.loads(item.value_json)

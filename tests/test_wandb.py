@@ -13,7 +13,7 @@ from kd.analysis import instance
 from kd.report import publish
 from kd.runner import compose_config
 from kd.train import run
-from tests.conftest import TINY, assert_published_to_wandb, wandb_run
+from tests.conftest import TINY, assert_published_to_wandb, wandb_records, wandb_run
 
 WITH_WANDB = [o for o in TINY if o != "logger=none"] + ["logger=wandb"]
 
@@ -24,6 +24,14 @@ def test_a_figure_and_a_table_of_the_same_name_both_reach_wandb(root):
     tables = {"fig9": pd.DataFrame({"method": ["kd", "ce"], "acc": [0.5, 0.4]}), "fig9_more": pd.DataFrame({"k": [1]})}
     out = publish("fig9", root / "out", tables, {"fig9": fig}, "# fig9\n")
     assert_published_to_wandb(out, root)
+
+
+def test_a_drivers_wandb_run_is_named_after_its_results_folder(root):
+    """fig3 on Fashion-MNIST (results/fig3_fashion_mnist) is a W&B run of its own name, not "fig3"."""
+    fig, ax = plt.subplots()
+    publish("fig3", root / "results" / "fig3_fashion_mnist", {"fig3": pd.DataFrame({"k": [1]})}, {"fig3": fig}, "")
+    (found,) = [r.run for r in wandb_records(root) if r.WhichOneof("record_type") == "run"]
+    assert (found.display_name, found.run_group) == ("fig3_fashion_mnist", "fig3_fashion_mnist")
 
 
 @pytest.mark.parametrize("objective, histograms", [("kd", 3), ("ce", 0)])
