@@ -46,8 +46,10 @@ def test_no_nvidia_smi_no_warning(tmp_path):
 def test_torch_index_installs_the_locked_torch_from_that_index_first():
     pins = re.findall(r"^(torch(?:vision)?==\S+)$", (REPO / "requirements" / "lock.txt").read_text(), re.M)
     url = "https://download.pytorch.org/whl/cu126"
-    plain, other = (subprocess.run(["make", "-n", "install", *extra], cwd=REPO, capture_output=True, text=True,
-                                   timeout=30, check=True).stdout.splitlines() for extra in ([], [f"TORCH_INDEX={url}"]))
+    # --no-print-directory: under `make test` (MAKELEVEL 1) make would add "Entering directory" lines.
+    plain, other = (subprocess.run(["make", "--no-print-directory", "-n", "install", *extra], cwd=REPO,
+                                   capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()
+                    for extra in ([], [f"TORCH_INDEX={url}"]))
     assert len(pins) == 2 and other[1] == f".venv/bin/python -m pip install --quiet --index-url {url} {' '.join(pins)}"
     assert [line for line in other if line != other[1]] == plain  # then the same install, the lock's pins
     assert plain[-1] == ".venv/bin/python scripts/check_torch.py"
