@@ -29,6 +29,13 @@
     the trained nets (the fp32 one teaching the bf16 one): how far its loss and gradient move when
     the teacher's logits come from bf16 autocast, as on the fast path's augmented training inputs.
 
+(g) ``images``: fig3's seven students on Fashion-MNIST shapes (experiment=fig3_fashion_mnist at 60 per
+    class, random pixels, one random cnn teacher) as one population, in seconds per student, against
+    a single run of one of them and against that student's bare arithmetic (``bare_student``: a
+    plain loop over the same steps and evaluations); and resnet20 students of one resnet56 teacher on
+    CIFAR shapes (``kd_overrides``' run, 32-true) as one population against a single run, in training
+    images per second summed over the members.
+
 The paths alternate round after round and each figure is the median over rounds, so a ratio
 compares paths under the same load. This module, not the script, holds the pieces so that
 Hydra can import ``RandomCIFAR``, ``StepTimer`` and ``EpochTimer`` as ``_target_`` of a run's config.
@@ -62,6 +69,7 @@ from torchvision.datasets import VisionDataset
 from kd import objectives, teachers
 from kd.data.base import IndexedTensors
 from kd.data.cifar import MEAN_STD, CIFARDataModule
+from kd.data.fashion import FashionMNISTDataModule
 from kd.errors import one_line
 from kd.models import get as get_model
 from kd.results import cpu_features, hardware, write_json_atomic, write_text_atomic
@@ -74,10 +82,11 @@ CLASSES = 100
 # Per device type: kd_step figures are at least, the others at most their target; a target is
 # judged when its measurement ran.
 TARGETS = {"cpu": {"kd_step.ratio": 1.3, "kd_step.fp32_ratio": 1.0, "mlp.lightning_over_plain": 1.2,
-                   "mlp.population_per_student_over_plain": 0.3, "fig3.wall_over_floor": 2.0},
+                   "mlp.population_per_student_over_plain": 0.3, "fig3.wall_over_floor": 2.0,
+                   "images.population_over_single": 0.75, "images.population_over_bare": 1.2},
            "cuda": {"kd_step.ours_img_s": 25000, "kd_step.ratio": 5.0, "epoch.projected_min": 10.0,
                     "parity.gap_over_fp32_spread": 1.0}}
-MEASUREMENTS = ("kd_step", "mlp", "fig3", "epoch", "parity")
+MEASUREMENTS = ("kd_step", "mlp", "fig3", "epoch", "parity", "images")
 # parity: pixel noise 1.5 times the class textures' scale (template_images). On a CPU, resnet8 trained
 # 3 epochs on 5,000 images (120 steps) reached 13%, 5% and 2% test accuracy at noise 1, 2 and 3
 # (chance 1%); the parity runs train resnet20 for 2,340 steps, and should land between chance and 100%.
@@ -152,7 +161,7 @@ class StepTimer(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx >= self.warmup:
-            self.images += len(batch[1])
+            self.images += batch[1].numel()  # every member's, in a population
         if batch_idx == trainer.num_training_batches - 1:
             synchronize(pl_module.device)
             StepTimer.last = self.images / (time.perf_counter() - self.start)
@@ -197,18 +206,17 @@ class PILImages(VisionDataset):
 
 # ---- (a) a KD step on CIFAR-shaped data ----------------------------------------------------------
 
-def teacher_checkpoint(path: Path, model: str = "resnet56") -> None:
+def teacher_checkpoint(path: Path, model: str = "resnet56", shape=SHAPE, classes: int = CLASSES) -> None:
     """A randomly initialised ``model`` in the layout of a run's checkpoint (speed needs no training)."""
-    net = get_model(model, num_classes=CLASSES, input_shape=SHAPE)
+    net = get_model(model, num_classes=classes, input_shape=shape)
     torch.save({"hyper_parameters": {"model": {"_target_": "kd.models.get", "name": model},
-                                     "num_classes": CLASSES, "input_shape": list(SHAPE)},
+                                     "num_classes": classes, "input_shape": list(shape)},
                 "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, path)
 
 
-def ours_kd(root: Path, tag: str, mode: list[str], batch: int, warmup: int, steps: int) -> tuple[float, dict]:
-    """Images per second of ``kd.train.run`` on experiment=fig3_cifar100, one epoch of warmup + steps,
-    and the run's record."""
-    overrides = [
+def kd_overrides(root: Path, mode: list[str], batch: int, warmup: int, steps: int) -> list[str]:
+    """experiment=fig3_cifar100 (resnet56 -> resnet20, KD) for one epoch of warmup + steps, timed by StepTimer."""
+    return [
         *QUIET, "experiment=fig3_cifar100", "logger=none", "callbacks=none", *mode,
         "data._target_=kd.bench.RandomCIFAR", f"+data.size={(warmup + steps) * batch}",
         f"data.batch_size={batch}", f"data.eval_batch_size={batch}",
@@ -217,8 +225,13 @@ def ours_kd(root: Path, tag: str, mode: list[str], batch: int, warmup: int, step
         "trainer.max_epochs=1", "+trainer.limit_val_batches=0",
         "+trainer.limit_test_batches=1", f"paths.root_dir={root}",
     ]
+
+
+def ours_kd(root: Path, tag: str, mode: list[str], batch: int, warmup: int, steps: int) -> tuple[float, dict]:
+    """Images per second of ``kd.train.run`` on ``kd_overrides``' run, and the run's record."""
     torch.compiler.reset()  # each run compiles afresh, as in a new process, and within the warm-up
-    record = run(compose_config(overrides, tempfile.mkdtemp(prefix=f"kd-{tag}-", dir=root)))
+    record = run(compose_config(kd_overrides(root, mode, batch, warmup, steps),
+                                tempfile.mkdtemp(prefix=f"kd-{tag}-", dir=root)))
     return StepTimer.last, record
 
 
@@ -274,8 +287,10 @@ def parts(cfg, teacher_path: Path):
 
 
 @torch.no_grad()
-def accuracy(net, split: IndexedTensors) -> float:
-    return (net(split.x).argmax(1) == split.y).float().mean().item()
+def accuracy(net, split: IndexedTensors, batch: int | None = None) -> float:
+    """On the whole split at once, or in batches of ``batch``."""
+    chunks = split.x.split(batch) if batch else [split.x]
+    return (torch.cat([net(x) for x in chunks]).argmax(1) == split.y).float().mean().item()
 
 
 def plain_mlp(cfg, teacher_path: Path) -> tuple[float, float]:
@@ -422,6 +437,88 @@ def bf16_teacher_kd_error(teacher: torch.nn.Module, student: torch.nn.Module, da
     return {"parity.kd_tau": tau, "parity.kd_loss_rel_err": abs(losses[1] - losses[0]) / abs(losses[0]),
             "parity.kd_grad_rel_err": ((grads[1] - grads[0]).norm() / grads[0].norm()).item(),
             "parity.kd_teacher_logit_err": (rounded - exact).abs().max().item()}
+
+
+# ---- (g) populations of image students -----------------------------------------------------------
+
+class RandomFashion(FashionMNISTDataModule):
+    """Fashion-MNIST's shapes and sizes (60,000 training and 10,000 test images of 1 x 28 x 28, ten
+    classes), uniform random pixels: the speed of fig3's students on it without its files."""
+
+    def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        n = 60000 if train else 10000
+        generator = torch.Generator().manual_seed(int(train))
+        return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=generator), torch.arange(n) % 10
+
+
+def fashion_configs(root: Path, tag: str, names: list[str], extra: list[str]) -> list:
+    """fig3's students on Fashion-MNIST at 60 per class, seed 0 (one data draw), of one (random) cnn teacher."""
+    return [compose_config([*QUIET, "experiment=fig3_fashion_mnist", "data._target_=kd.bench.RandomFashion",
+                            "data.train_per_class=60", f"objective={name}", "seed=0", "teacher=checkpoint",
+                            f"teacher.path={root / 'cnn.ckpt'}", f"threads={torch.get_num_threads()}",
+                            f"paths.root_dir={root}", *extra], root / f"images-{tag}" / name) for name in names]
+
+
+def bare_student(cfg, teacher_path: Path) -> None:
+    """One student's bare arithmetic as a plain loop over the run's steps and evaluations: the
+    teacher once over the training images (as ours runs it on fixed inputs), the epoch's batches,
+    validation after every epoch, the last and the best epoch tested; channels_last as the run."""
+    data, teacher, net, loss_fn, optimizer, scheduler = parts(cfg, teacher_path)
+    layout = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
+    net.to(memory_format=layout), teacher.to(memory_format=layout)
+    split = {k: IndexedTensors(data.prepare_eval_batch(v.x).contiguous(memory_format=layout), v.y)
+             for k, v in data.splits.items()}
+    train, batch, eval_batch = split["train"], cfg.data.batch_size, cfg.data.eval_batch_size
+    with torch.no_grad():
+        logits = torch.cat([teacher(x) for x in train.x.split(eval_batch)])
+    epoch_size, best, best_state = max(len(train), cfg.data.min_epoch_size), -1.0, None
+    for _ in range(cfg.trainer.max_epochs):
+        net.train()
+        order = torch.cat([torch.randperm(len(train)) for _ in range(-(-epoch_size // len(train)))])[:epoch_size]
+        for index in order.split(batch):
+            loss = loss_fn(net(train.x[index]), train.y[index], logits[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        net.eval()
+        acc = accuracy(net, split["val"], eval_batch)
+        if acc > best:
+            best, best_state = acc, copy.deepcopy(net.state_dict())
+    accuracy(net, split["test"], eval_batch)
+    net.load_state_dict(best_state)
+    accuracy(net, split["test"], eval_batch)
+
+
+def images(args, root: Path) -> dict:
+    """(g) fig3's seven students on Fashion-MNIST shapes as one population against a single run of
+    one of them and against its bare arithmetic (seconds per student); and ``--cifar-members``
+    resnet20 students of one resnet56 teacher on CIFAR shapes as one population against single
+    runs (training images per second, summed over the members)."""
+    teacher_checkpoint(root / "cnn.ckpt", "cnn", (1, 28, 28), 10)
+    extra = [f"trainer.max_epochs={args.image_epochs}", *args.image_overrides]
+    seven = ["ce", "ls", "kd_sim", "kd_pt", "kd_pt_sim", "kd", "kd_topk"]
+    step = (args.batch, args.warmup, args.steps)
+    times = {"single": [], "population": [], "bare": [], "cifar_single_img_s": [], "cifar_population_img_s": []}
+    for r in range(args.rounds):
+        (single,) = fashion_configs(root, f"single{r}", ["kd"], extra)
+        times["single"].append(timed(run, single))
+        members = fashion_configs(root, f"population{r}", seven, extra)
+        times["population"].append(timed(run, members) / len(members))
+        times["bare"].append(timed(bare_student, single, root / "cnn.ckpt"))
+        times["cifar_single_img_s"].append(ours_kd(root, f"single{r}", args.fp32, *step)[0])
+        run([compose_config([*kd_overrides(root, args.fp32, *step), f"objective={seven[g % 7]}", f"seed={g // 7}"],
+                            root / f"cifar-population{r}" / str(g)) for g in range(args.cifar_members)])
+        times["cifar_population_img_s"].append(StepTimer.last)
+        print(f"[bench] images round {r + 1}/{args.rounds}: " + ", ".join(
+            f"{k} {v[-1]:.2f}" for k, v in times.items()), flush=True)
+    median = {f"images.{k}{'' if k.endswith('img_s') else '_s'}": statistics.median(v) for k, v in times.items()}
+    return {**median, "images.epochs": args.image_epochs, "images.cifar_members": args.cifar_members,
+            "images.population_over_single": median["images.population_s"] / median["images.single_s"],
+            "images.population_over_bare": median["images.population_s"] / median["images.bare_s"],
+            "images.cifar_population_over_single": median["images.cifar_population_img_s"]
+            / median["images.cifar_single_img_s"],
+            **{f"samples.images.{k}": v for k, v in times.items()}}
 
 
 # ---- (f) populations and fig3's compute floor ------------------------------------------------------
@@ -576,7 +673,7 @@ def parity_fp32_bf16(args, root: Path) -> dict:
                   args.parity_overrides, args.device)
 
 
-MEASURE = {"kd_step": kd_step, "mlp": mlp, "fig3": fig3, "epoch": epoch, "parity": parity_fp32_bf16}
+MEASURE = {"kd_step": kd_step, "mlp": mlp, "fig3": fig3, "epoch": epoch, "parity": parity_fp32_bf16, "images": images}
 
 
 def measure(args, publish) -> dict:
@@ -630,6 +727,17 @@ def report(result: dict) -> str:
             ("epoch: CRD KD, fast path, first epoch (s)", "epoch.first_s"),
             ("epoch: CRD KD, fast path, later epochs, median (s)", "epoch.steady_s"),
             (f"epoch: {result.get('epoch.recipe_epochs')}-epoch run, projected (min)", "epoch.projected_min")],
+        "images": [
+            (f"images: 7 cnn students (Fashion-MNIST shapes, {result.get('images.epochs')} epochs) as one population, "
+             "seconds per student", "images.population_s"),
+            ("images: one student's single run (s)", "images.single_s"),
+            ("images: one student's bare arithmetic, a plain loop (s)", "images.bare_s"),
+            ("images: population per student / single run", "images.population_over_single"),
+            ("images: population per student / bare arithmetic", "images.population_over_bare"),
+            (f"images: {result.get('images.cifar_members')} resnet20 students of one resnet56 (CIFAR shapes) as one "
+             "population, training img/s summed", "images.cifar_population_img_s"),
+            ("images: one resnet20 student's single run, training img/s", "images.cifar_single_img_s"),
+            ("images: population / single run", "images.cifar_population_over_single")],
         "parity": [
             ("parity: test accuracy, fp32, mean (std)", "parity.fp32_acc"),
             ("parity: test accuracy, bf16-mixed, mean (std)", "parity.bf16_acc"),
@@ -696,8 +804,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scripts/benchmark.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--measure", nargs="+", choices=MEASUREMENTS, default=["kd_step", "mlp", "fig3"],
-                   help="what to measure, in this order (default: kd_step mlp fig3)")
+    p.add_argument("--measure", nargs="+", choices=MEASUREMENTS, default=["kd_step", "mlp", "images", "fig3"],
+                   help="what to measure, in this order (default: kd_step mlp images fig3)")
     p.add_argument("--batch", type=int, default=512 if cuda else 32, help="kd_step batch (CRD recipe: 64)")
     p.add_argument("--steps", type=int, default=100 if cuda else 16, help="timed kd steps per measurement")
     p.add_argument("--warmup", type=int, default=20 if cuda else 3, help="kd steps before the timer starts")
@@ -711,6 +819,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--fig3", action="store_true", help="run make reproduce-fig3 and time it (minutes)")
     p.add_argument("--members", type=int, default=70, help="students in mlp's timed population (fig3: 7 objectives "
                                                            "x 10 seeds at one delta)")
+    p.add_argument("--image-epochs", type=int, default=20, help="images: epochs of each Fashion-MNIST student "
+                   "(fig3 trains 60; 20 keeps the measurement to minutes)")
+    p.add_argument("--cifar-members", type=int, default=8, help="images: resnet20 students in the CIFAR population")
     p.add_argument("--epochs", type=int, default=3, help="epoch: epochs run (the first one compiles)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="parity: seeds per precision")
     p.add_argument("--parity-epochs", type=int, default=15)
@@ -723,12 +834,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 SMOKE = {"batch": 4, "steps": 2, "warmup": 1, "rounds": 1, "workers": 0, "epochs": 2, "seeds": [0, 1],
-         "parity_epochs": 1, "members": 3}
+         "parity_epochs": 1, "members": 3, "image_epochs": 1, "cifar_members": 2}
 SMOKE_MLP = ["trainer.max_epochs=2", "teacher.trainer.max_epochs=1", "data.test_per_class=10", "data.val_per_class=5"]
 # (training images, validation = test images): CIFAR-100's 45,000 / 5,000 for the epoch time; for
 # parity, 200 training images per class, 100 held out for each of validation and test.
 EPOCH_SIZE, PARITY_SIZE = (45000, 5000), (20000, 10000)
 SMOKE_SIZE = (16, 8)
+SMOKE_IMAGES = ["data.train_per_class=2", "data.min_epoch_size=0", "data.val_size=10"]
 SMOKE_EVAL = ["data.batch_size=8", "data.eval_batch_size=8", "model=resnet8"]
 # parity: a batch of 128 at lr 0.1 (He et al.'s CIFAR ResNet recipe) with a cosine schedule over the epochs
 PARITY = ["data.batch_size=128", "optimizer.lr=0.1"]
@@ -741,6 +853,7 @@ def main(argv=None) -> dict:
     args.mlp_overrides = SMOKE_MLP if args.smoke else []
     args.epoch_size, args.parity_size = (SMOKE_SIZE, SMOKE_SIZE) if args.smoke else (EPOCH_SIZE, PARITY_SIZE)
     args.epoch_overrides = SMOKE_EVAL if args.smoke else []
+    args.image_overrides = SMOKE_IMAGES if args.smoke else []
     args.parity_overrides = [*PARITY, *(SMOKE_EVAL if args.smoke else [])]
     quiet_lightning()
     threads = torch.get_num_threads()

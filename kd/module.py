@@ -32,7 +32,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from kd import objectives
+from kd import objectives, population
 from kd.data.base import SplitDataModule
 from kd.errors import TrainingDiverged
 from kd.metrics import MemberMetrics
@@ -130,7 +130,7 @@ class DistillationModule(L.LightningModule):
         self.register_buffer("taught_index", torch.tensor(self.taught, dtype=torch.long), persistent=False)
         self.channels_last = channels_last
         for model in (net, *unique):
-            if channels_last:
+            if channels_last and not isinstance(model, population.Stack):  # 5-D stacked weights have no such layout
                 model.to(memory_format=torch.channels_last)
             if compile:
                 model.compile()  # in place: the state_dict keys, hence checkpoints, stay the same
@@ -140,6 +140,7 @@ class DistillationModule(L.LightningModule):
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.test_tag = "last"
         self.teacher_outputs: dict[str, TeacherOutputs] = {}  # by stage, for the data's fixed-input splits
+        self.inputs_of = list(range(self.members))  # which data module's inputs each member sees (setup)
         taught = torch.zeros(self.members, dtype=torch.bool)
         taught[self.taught] = True
         self.metrics = nn.ModuleDict({  # keys "train_", ...: ModuleDict keys may not shadow nn.Module.train
@@ -193,15 +194,21 @@ class DistillationModule(L.LightningModule):
         return self
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+        """Images (..., C, H, W) with channels last in memory, when asked: each (C, H, W) image, so a
+        member's batch of a (G, B, C, H, W) population batch is a channels_last (B, C, H, W) one."""
+        if not (self.channels_last and x.dim() >= 4):
+            return x
+        return x.movedim(-3, -1).contiguous().movedim(-1, -3)
 
     def forward(self, x):
         """(G, B, ...) inputs to (G, B, K) logits."""
-        return self.net(self._input(x[0]))[None] if self.members == 1 else self.net(x)
+        return self.net(self._input(x[0]))[None] if self.members == 1 else self.net(self._input(x))
 
     def setup(self, stage: str) -> None:
-        """A ``TeacherOutputs`` per split the data module says has fixed inputs (kept across fit and test)."""
+        """A ``TeacherOutputs`` per split the data module says has fixed inputs (kept across fit and test);
+        which members see the same inputs (a population's members that share a data module)."""
         data = self.trainer.datamodule
+        self.inputs_of = data.data_of.tolist() if isinstance(data, population.Data) else list(range(self.members))
         if not self.taught or not isinstance(data, SplitDataModule):
             return
         for split in STAGES:
@@ -215,22 +222,17 @@ class DistillationModule(L.LightningModule):
 
         @torch.no_grad()  # not inference_mode: the student's backward keeps the teacher's outputs
         def run_teachers(fixed: bool = False):
-            """Each taught member's teacher on its inputs. On the first pass over ``fixed`` inputs,
-            in fp32 (no autocast: see TeacherOutputs), and members whose teacher and inputs are the
-            same (fig3: the objectives at one data seed) share one pass."""
-            passes: dict[int, list] = {}  # teacher -> [(member, its logits)]
-            logits = []
+            """Each taught member's teacher on its inputs; members with the same teacher and the same
+            inputs (the objectives of one seed) share one pass. On the first pass over ``fixed``
+            inputs, in fp32 (no autocast: see TeacherOutputs)."""
+            passes: dict[tuple[int, int], torch.Tensor] = {}  # (teacher, inputs) -> logits
             with torch.autocast(x.device.type, enabled=False) if fixed else contextlib.nullcontext():
                 for g, t in zip(self.taught, self.teacher_of):
-                    found = next((out for h, out in passes.get(t, ()) if fixed and torch.equal(x[h], x[g])), None)
-                    if found is None:
-                        found = self.teachers[t](self._input(x[g]))
-                        passes.setdefault(t, []).append((g, found))
-                    logits.append(found)
-            return torch.stack(logits)
+                    if (t, self.inputs_of[g]) not in passes:
+                        passes[t, self.inputs_of[g]] = self.teachers[t](self._input(x[g]))
+            return torch.stack([passes[t, self.inputs_of[g]] for g, t in zip(self.taught, self.teacher_of)])
 
         outputs = self.teacher_outputs.get(stage)
-        # Sharing compares inputs (a wait for the device): only on the first pass over fixed inputs.
         logits = run_teachers() if outputs is None else outputs(lambda: run_teachers(fixed=True),
                                                                 index[self.taught_index])
         if len(self.taught) == self.members:
@@ -274,11 +276,7 @@ class DistillationModule(L.LightningModule):
         its gradients are zeroed, and so are its non-finite weights, which would otherwise stop the
         others' checkpoints."""
         if self.members > 1 and self.stopped is not None:
-            for p in self.net.parameters():
-                mask = self.stopped.view(-1, *[1] * (p.dim() - 1))
-                if p.grad is not None:
-                    p.grad.masked_fill_(mask, 0.0)
-                p.data.masked_fill_(mask & ~torch.isfinite(p.data), 0.0)
+            self.net.silence_(self.stopped)
 
     def _record_nonfinite(self, loss: torch.Tensor) -> None:
         """Keep the step, epoch and value of each member's first non-finite loss, without waiting for the device."""
@@ -357,7 +355,7 @@ class DistillationModule(L.LightningModule):
 
     def _keep_best(self, improved: torch.Tensor) -> None:
         """The weights of the members whose validation accuracy improved (strictly, like ModelCheckpoint)."""
-        state = {k: v.detach() for k, v in self.net.state_dict().items()}
+        state = self.net.stacked_state()
         if self.best_state is None:
             self.best_state = {k: v.clone() for k, v in state.items()}
         for k, v in state.items():
@@ -367,7 +365,7 @@ class DistillationModule(L.LightningModule):
     def use_best(self) -> None:
         """Load each member's best-epoch weights (a population's best-epoch test)."""
         if self.best_state is not None:
-            self.net.load_state_dict(self.best_state)
+            self.net.load_stacked(self.best_state)
 
     def member_metrics(self, member: int = 0) -> dict[str, float]:
         """``member``'s latest epoch metrics and tests, as its single run records them."""

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 import torch
-from hydra.utils import get_object, instantiate
+from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
@@ -38,17 +38,10 @@ EVAL_ROWS = 32768
 MEMBER_KEYS = ("seed", "objective", "teacher", "paths", "task_name", "tags")
 
 
-def stackable(net: nn.Module) -> bool:
-    """Whether G copies of ``net`` can run as one under vmap: batch norm updates its running
-    statistics in place, which a member of a vmapped network cannot do."""
-    return not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
-
-
 def key(cfg: DictConfig) -> str | None:
     """What runs must share to train as one population; None for a run that trains alone: one with
     a logger (each run would want its own), compile, gradient clipping (a norm over all members),
-    more than one device, a network that cannot be stacked, or data whose module declares no
-    ``POPULATION_KEYS``."""
+    more than one device, or data whose module declares no ``POPULATION_KEYS``."""
     data_cls = get_object(cfg.data._target_)
     if not (isinstance(data_cls, type) and issubclass(data_cls, TensorDataModule)) or not data_cls.POPULATION_KEYS:
         return None
@@ -60,16 +53,7 @@ def key(cfg: DictConfig) -> str | None:
     plain = OmegaConf.to_container(cfg, resolve=False)
     shared = {k: v for k, v in plain.items() if k not in MEMBER_KEYS}
     shared["data"] = {k: v for k, v in plain["data"].items() if k not in data_cls.POPULATION_KEYS}
-    found = json.dumps(shared, sort_keys=True, default=str)
-    if found not in _STACKABLE:  # a sweep asks for each of its jobs: build the network once per key
-        data = instantiate(cfg.data)
-        with torch.device("meta"):
-            _STACKABLE[found] = stackable(instantiate(cfg.model, num_classes=data.num_classes,
-                                                      input_shape=data.input_shape))
-    return found if _STACKABLE[found] else None
-
-
-_STACKABLE: dict[str, bool] = {}  # population key -> whether its network can be stacked
+    return json.dumps(shared, sort_keys=True, default=str)
 
 
 def groups(cfgs: list[DictConfig]) -> list[list[int]]:
@@ -112,10 +96,36 @@ def config(cfg: DictConfig, out: Path) -> DictConfig:
     return cfg
 
 
-class Stack(nn.Module):
-    """G networks of one architecture as one: every parameter and buffer stacked on a leading
-    member axis, in a copy of the first network (``body``, so the names are the network's own), and
-    the forward pass of every member at once by vmap over ``functional_call`` of that code."""
+class Members(nn.Module):
+    """G networks of one architecture as one module: (G, B, ...) inputs, member g's through network
+    g, to (G, B, K) logits. Two strategies (``network`` picks one): ``Stack`` runs every member with
+    one set of kernels, ``Loop`` runs each member's own modules in turn."""
+
+    members: int
+
+    def stacked_state(self) -> dict[str, torch.Tensor]:
+        """Every entry of a member's state_dict, named as in a single network, stacked over the members."""
+        raise NotImplementedError
+
+    def load_stacked(self, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    def silence_(self, stopped: torch.Tensor) -> None:
+        """Zero the gradients of the ``stopped`` (G,) members, and their non-finite weights (which would
+        otherwise stop the others' checkpoints)."""
+        raise NotImplementedError
+
+    def member(self, g: int, state: dict | None = None) -> dict[str, torch.Tensor]:
+        """Member ``g``'s state_dict, keyed as a single network's (from ``state``, a ``stacked_state``)."""
+        state = self.stacked_state() if state is None else state
+        return {k: v[g].detach().clone() for k, v in state.items()}
+
+
+class Stack(Members):
+    """Every parameter and buffer stacked on a leading member axis, in a copy of the first network
+    (``body``, so the names are the network's own), run by vmap over ``functional_call`` of that
+    code (torch.func's model ensembling). Batch norm's running statistics are stacked buffers too,
+    updated per member exactly as in its own network."""
 
     def __init__(self, nets: list[nn.Module]):
         super().__init__()
@@ -131,15 +141,68 @@ class Stack(nn.Module):
                 module.register_buffer(attr, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(G, B, ...) inputs, member g's through network g, to (G, B, K) logits."""
         tensors = (dict(self.body.named_parameters()), dict(self.body.named_buffers()))
         return vmap(lambda p, b, xg: functional_call(self.body, (p, b), (xg,)), randomness="different")(*tensors, x)
 
-    def member(self, g: int, state: dict | None = None) -> dict[str, torch.Tensor]:
-        """Member ``g``'s state_dict, keyed as a single network's (from ``state``, a state_dict of
-        this Stack, when given)."""
-        state = self.state_dict() if state is None else state
-        return {k.removeprefix("body."): v[g].detach().clone() for k, v in state.items()}
+    def stacked_state(self) -> dict[str, torch.Tensor]:
+        return {k.removeprefix("body."): v.detach() for k, v in self.state_dict().items()}
+
+    def load_stacked(self, state: dict[str, torch.Tensor]) -> None:
+        self.load_state_dict({f"body.{k}": v for k, v in state.items()})
+
+    def silence_(self, stopped: torch.Tensor) -> None:
+        for p in self.parameters():
+            mask = stopped.view(-1, *[1] * (p.dim() - 1))
+            if p.grad is not None:
+                p.grad.masked_fill_(mask, 0.0)
+            p.data.masked_fill_(mask & ~torch.isfinite(p.data), 0.0)
+
+
+class Loop(Members):
+    """The members' own networks, run one after the other within each step: on a CPU the faster way
+    for convolutional networks (docs/performance.md), and each member's layers are exactly its
+    own run's (batch norm included)."""
+
+    def __init__(self, nets: list[nn.Module]):
+        super().__init__()
+        self.members = len(nets)
+        self.nets = nn.ModuleList(nets)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([net(xg) for net, xg in zip(self.nets, x)])
+
+    def stacked_state(self) -> dict[str, torch.Tensor]:
+        states = [net.state_dict() for net in self.nets]
+        return {k: torch.stack([s[k].detach() for s in states]) for k in states[0]}
+
+    def load_stacked(self, state: dict[str, torch.Tensor]) -> None:
+        for g, net in enumerate(self.nets):
+            net.load_state_dict({k: v[g] for k, v in state.items()})
+
+    def silence_(self, stopped: torch.Tensor) -> None:
+        for g in stopped.nonzero().flatten().tolist():
+            for p in self.nets[g].parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
+                p.data.masked_fill_(~torch.isfinite(p.data), 0.0)
+
+
+STRATEGIES = {"stack": Stack, "loop": Loop}
+
+
+def has_batch_norm(net: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
+def network(nets: list[nn.Module], device: torch.device, strategy: str = "auto") -> Members:
+    """The members' networks as one module, by the faster strategy measured for ``device``
+    (docs/performance.md): on a CPU, a convolutional network with batch norm loops (7 cnn students:
+    87 ms a step looped, 121 ms stacked) and any other stacks (fig3's MLPs: batched matrix
+    products); on an accelerator, where a small member's kernels are launch-bound, every network
+    stacks."""
+    if strategy == "auto":
+        strategy = "loop" if torch.device(device).type == "cpu" and has_batch_norm(nets[0]) else "stack"
+    return STRATEGIES[strategy](nets)
 
 
 class StackedTensors(Dataset):
@@ -192,6 +255,9 @@ class Data(SplitDataModule):
         self.unique = list({id(m): m for m in members}.values())
         position = {id(m): i for i, m in enumerate(self.unique)}
         self.data_of = torch.tensor([position[id(m)] for m in members])
+        # Members sharing a data module see the same batches: each module transforms them once.
+        self.first = [self.data_of.tolist().index(u) for u in range(len(self.unique))]
+        self.transforms = any(type(m).transform is not TensorDataModule.transform for m in self.unique)
         self.splits: dict[str, StackedTensors] = {}
         self._resident: dict[tuple[str, torch.device], StackedTensors] = {}
 
@@ -219,6 +285,23 @@ class Data(SplitDataModule):
 
     def fixed_inputs(self, split: str) -> bool:
         return all(m.fixed_inputs(split) for m in self.unique)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Each data module's ``transform`` on its members' rows (augmented from its own generator,
+        as in its single run), once per module."""
+        if not self.transforms:
+            return batch
+        x, y, index = batch
+        training = self.trainer is not None and self.trainer.training
+        out = torch.stack([m.transform(x[g], training) for m, g in zip(self.unique, self.first)])
+        return (out if len(self.unique) == len(self.members) else out[self.data_of.to(out.device)]), y, index
+
+    def state_dict(self) -> dict:
+        return {"members": [m.state_dict() for m in self.unique]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for m, kept in zip(self.unique, state["members"]):
+            m.load_state_dict(kept)
 
     def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
         self.setup()

@@ -262,7 +262,7 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
             nets.append(instantiate(cfg.model, **shape))
         each = (lambda values: values[0]) if single else list
         module = DistillationModule(
-            net=nets[0] if single else population.Stack(nets),
+            net=nets[0] if single else population.network(nets, trainer.strategy.root_device),
             objective=each([OmegaConf.to_container(cfg.objective, resolve=True) for cfg in cfgs]),
             optimizer=instantiate(pcfg.optimizer, lr=lr),
             scheduler=instantiate(pcfg.scheduler) if pcfg.get("scheduler") else None,

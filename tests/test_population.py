@@ -1,5 +1,6 @@
 """Populations: many small runs trained at once as one stacked model, each member exactly its own run."""
 
+import copy
 import importlib
 import json
 import os
@@ -44,16 +45,25 @@ class Record(L.Callback):
         Record.runs[trainer.default_root_dir]["losses"].append(pl_module.step_loss.clone())
 
 
-def test_a_stack_runs_each_member_through_its_own_network():
-    nets = [get_model("mlp", num_classes=5, input_shape=(8,), hidden=[16, 16]) for _ in range(3)]
-    stack = population.Stack(nets)
-    x = torch.randn(3, 7, 8)
-    torch.testing.assert_close(stack(x), torch.stack([net(x[g]) for g, net in enumerate(nets)]))
-    for g, net in enumerate(nets):
-        assert stack.member(g).keys() == net.state_dict().keys()
-        assert all(torch.equal(stack.member(g)[k], v) for k, v in net.state_dict().items())
-    assert population.stackable(nets[0])
-    assert not population.stackable(get_model("resnet8", num_classes=5, input_shape=(3, 8, 8)))
+@pytest.mark.parametrize("strategy", sorted(population.STRATEGIES))
+@pytest.mark.parametrize("name, shape, kwargs", [("mlp", (8,), {"hidden": [16, 16]}),
+                                                 ("cnn", (1, 8, 8), {"widths": [4, 8]})])
+def test_each_strategy_runs_each_member_through_its_own_network(strategy, name, shape, kwargs):
+    """Outputs, a member's state and (batch norm) its running statistics after a training forward pass."""
+    nets = [get_model(name, num_classes=5, input_shape=shape, **kwargs) for _ in range(3)]
+    alone = [copy.deepcopy(net) for net in nets]
+    both = population.network(nets, torch.device("cpu"), strategy)
+    x = torch.randn(3, 7, *shape)
+    torch.testing.assert_close(both(x), torch.stack([net(x[g]) for g, net in enumerate(alone)]), rtol=1e-5, atol=1e-6)
+    for g, net in enumerate(alone):
+        assert both.member(g).keys() == net.state_dict().keys()
+        for k, v in net.state_dict().items():
+            torch.testing.assert_close(both.member(g)[k], v, rtol=1e-5, atol=1e-7, msg=k)
+    state = both.stacked_state()
+    both.load_stacked({k: torch.zeros_like(v) for k, v in state.items()})
+    assert not any(v.any() for v in both.stacked_state().values())
+    assert population.has_batch_norm(nets[0]) == (name == "cnn")
+    assert type(population.network(nets, torch.device("cpu"))).__name__ == ("Loop" if name == "cnn" else "Stack")
 
 
 def test_population_data_serves_each_member_its_own_batches_in_its_own_order():
@@ -98,7 +108,8 @@ def test_members_with_one_teacher_and_the_same_inputs_share_its_pass():
     module = DistillationModule(population.Stack(nets), objective=[kd] * 3, optimizer=None, teacher=teacher)
     module.teacher_outputs["val"] = TeacherOutputs(6)
     x, index = torch.randn(3, 6, 8), torch.arange(6).repeat(3, 1)
-    x[2] = x[0]  # members 0 and 2: the same inputs; member 1: others
+    x[2] = x[0]
+    module.inputs_of = [0, 1, 0]  # members 0 and 2 share a data module (kd.population.Data): the same inputs
     logits = module._teacher_logits("val", x, index)
     assert len(calls) == 2
     with torch.no_grad():
@@ -117,8 +128,12 @@ def test_population_key_pools_what_can_share_and_keeps_the_rest_alone():
              compose_config([*TINY, "trainer.max_epochs=3"], "/e")]
     assert len({population.key(c) for c in [base, *other]}) == 4
     alone = [compose_config([*TINY, "logger=csv"], "/f"), compose_config([*TINY, "compile=true"], "/g"),
-             compose_config(["data=cifar100", "model=resnet8", "logger=none"], "/h")]
+             compose_config(["data=imagefolder", "model=resnet8", "logger=none"], "/h")]
     assert [population.key(c) for c in alone] == [None, None, None]
+    # Batch norm no longer trains alone: CIFAR runs of one recipe pool across seeds and objectives.
+    cifar = [compose_config(["data=cifar100", "model=resnet8", "logger=none", f"seed={s}", f"objective={o}"], f"/i{s}")
+             for s, o in ((0, "ce"), (1, "kd"))]
+    assert population.key(cifar[0]) == population.key(cifar[1]) is not None
     with pytest.raises(UserError, match="cannot train as one population"):
         population.check([base, other[0]])
 
@@ -261,3 +276,35 @@ def test_teachers_no_longer_import_the_trainer():
     code = "import sys, kd.teachers; assert 'kd.train' not in sys.modules, sorted(m for m in sys.modules if m.startswith('kd'))"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("model", ["cnn", "resnet8"])
+def test_batch_norm_members_follow_their_single_runs_with_augmentation(model, root, tmp_path):
+    """A cnn or resnet8 member (batch norm, images cropped and flipped from its own seed, a teacher
+    pass shared by the objectives of one seed) has its single run's losses over the first 20 steps
+    and its running statistics after them."""
+    from tests.fakes import write_fashion_mnist
+
+    write_fashion_mnist(tmp_path / "images", gz=True)
+    base = ["data=fashion_mnist", f"data.root={tmp_path / 'images'}", f"model={model}", "logger=none",
+            "data.train_per_class=3", "data.val_size=10", "data.batch_size=6", "data.augment=true",
+            "trainer.max_epochs=4", "trainer.enable_progress_bar=false", "+callbacks.record._target_=tests.test_population.Record",
+            "teacher=cnn", "teacher.model.widths=[4,8]", "teacher.trainer.max_epochs=1"]
+    if model == "cnn":
+        base.append("model.widths=[4,8]")
+    jobs = {f"{o}-s{s}": [*base, f"objective={o}", f"seed={s}"] for o, s in (("ce", 0), ("kd", 0), ("kd", 1))}
+    members = run([compose_config(o, root / "population" / name) for name, o in jobs.items()])
+    assert {m["population"]["members"] for m in members} == {3}
+    runs = importlib.import_module("tests.test_population").Record.runs
+    (pop,) = [r for d, r in runs.items() if d.startswith(str(root / "population" / ".populations"))]
+    for g, (name, overrides) in enumerate(jobs.items()):
+        single = run(compose_config(overrides, root / "single" / name))
+        alone = runs[str(root / "single" / name)]
+        losses = torch.stack([step[g] for step in pop["losses"]])
+        assert len(losses) == 20
+        torch.testing.assert_close(losses, torch.cat(alone["losses"]), rtol=1e-5, atol=0, msg=name)
+        stats = [{k: v for k, v in torch.load(r["checkpoints"]["last"], weights_only=False)["state_dict"].items()
+                  if "running" in k} for r in (members[g], single)]
+        assert stats[0] and stats[0].keys() == stats[1].keys()
+        for k, v in stats[0].items():
+            torch.testing.assert_close(v, stats[1][k], rtol=1e-5, atol=1e-6, msg=f"{name} {k}")

@@ -152,8 +152,7 @@ class TensorDataModule(SplitDataModule):
 
     ``POPULATION_KEYS``: the config keys that change the values of the data but not its shapes
     (nor the batches' sizes); runs whose data configs differ only in them can train as one
-    population (kd.population). A data module that declares any must know ``num_classes`` and
-    ``input_shape`` before ``setup``. Empty: its runs train one at a time.
+    population (kd.population). Empty: its runs train one at a time.
     """
 
     POPULATION_KEYS: tuple[str, ...] = ()
@@ -176,6 +175,15 @@ class TensorDataModule(SplitDataModule):
 
     def fixed_inputs(self, split: str) -> bool:
         return True  # in memory, and not augmented unless a subclass says so
+
+    def transform(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        """A batch's inputs as the network takes them, on their device (a population applies each
+        member's): as held, unless a subclass augments or normalises."""
+        return x
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        x, y, index = batch
+        return self.transform(x, self.trainer is not None and self.trainer.training), y, index
 
     def loader(self, split: str, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
         self.setup()

@@ -55,7 +55,10 @@ class ImageDataModule(TensorDataModule):
     ``split_seed`` draws the validation split (None: ``seed``, so each seed has its own); ``seed``
     draws the ``train_per_class`` subset and the batch order. ``mean_std``: the training images'
     per-channel mean and std on the 0-1 scale. ``min_epoch_size``: see ``TensorDataModule``.
+    Runs that differ in their seed train as one population (every other data key sets the shapes).
     """
+
+    POPULATION_KEYS = ("seed",)
 
     def __init__(self, mean_std, val_size: int, batch_size: int, eval_batch_size: int, seed: int, augment: bool,
                  train_per_class: int | None = None, split_seed: int | None = None, min_epoch_size: int = 0):
@@ -69,6 +72,8 @@ class ImageDataModule(TensorDataModule):
         self.val_size, self.augment, self.train_per_class = val_size, augment, train_per_class
         self.split_seed = seed if split_seed is None else split_seed
         self.mean, self.std = (torch.tensor(s).view(1, -1, 1, 1) * 255 for s in mean_std)
+        self._augment_rng: torch.Generator | None = None
+        self._augment_state: torch.Tensor | None = None  # restored from a checkpoint, set on the next generator
 
     def load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
@@ -103,9 +108,21 @@ class ImageDataModule(TensorDataModule):
             self.mean, self.std = self.mean.to(x.device), self.std.to(x.device)
         return (x.float() - self.mean) / self.std
 
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Augment (training only) and normalise on the device the batch was moved to."""
-        x, y, index = batch
-        if self.augment and self.trainer is not None and self.trainer.training:
-            x = augment_batch(x)
-        return self.prepare_eval_batch(x), y, index
+    def transform(self, x: torch.Tensor, training: bool) -> torch.Tensor:
+        """Augment (training only, from this module's generator) and normalise on x's device."""
+        return self.prepare_eval_batch(augment_batch(x, self._generator(x.device)) if training and self.augment else x)
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The crops' and flips' random source: seeded by ``seed`` on the device, so that a member of a
+        population draws what its single run draws; its state is in every checkpoint (``state_dict``)."""
+        if self._augment_rng is None or self._augment_rng.device != device:
+            self._augment_rng = torch.Generator(device).manual_seed(self.seed)
+            if self._augment_state is not None:
+                self._augment_rng.set_state(self._augment_state)
+        return self._augment_rng
+
+    def state_dict(self) -> dict:
+        return {} if self._augment_rng is None else {"augment_rng": self._augment_rng.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._augment_state, self._augment_rng = state.get("augment_rng"), None
