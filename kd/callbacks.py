@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import signal
 import sys
 import threading
@@ -214,7 +213,8 @@ class InstanceHistograms(L.Callback):
     split, after validation at the first, a middle and the last epoch (the first only when
     trainer.max_epochs is unbounded).
 
-    Only in a run whose objective distils from its teacher, with a W&B logger, on rank zero. The
+    Only for a run (or member of a population) whose objective distils from its teacher, with a W&B
+    logger, on rank zero. The
     training steps pay nothing: the cost is one pass of student and teacher over the validation split
     at each of those epochs. w is unbounded below (an example the student is more confident on than
     its target), so its histogram spans w's 1st to 99th percentile, the examples beyond piled at its ends.
@@ -224,19 +224,19 @@ class InstanceHistograms(L.Callback):
         self.bins = bins
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        loggers = [logger for logger in trainer.loggers if isinstance(logger, WandbLogger)]
-        if not loggers or pl_module.members != 1:  # a population has no logger (kd.population.key)
-            return
-        (group,) = pl_module.loss_groups
         last = trainer.max_epochs - 1 if trainer.max_epochs and trainer.max_epochs > 0 else 0
-        if (trainer.sanity_checking or not group.needs_teacher or pl_module.teacher is None or not trainer.is_global_zero
-                or trainer.current_epoch not in {0, last // 2, last}):
+        if trainer.sanity_checking or not trainer.is_global_zero or trainer.current_epoch not in {0, last // 2, last}:
             return
+        for g in range(pl_module.members):  # each member's to its own W&B run
+            loggers = [logger for logger in pl_module.loggers_of(g) if isinstance(logger, WandbLogger)]
+            teacher, loss_fn = pl_module.member_teacher(g), pl_module.member_loss(g)
+            if loggers and teacher is not None and loss_fn.needs_teacher:
+                self._log(loggers, trainer, loss_fn.cpu(), pl_module.net.network(g), teacher, pl_module.member_data(g))
+
+    def _log(self, loggers: list, trainer, loss_fn, student, teacher, datamodule) -> None:
         import wandb  # here: a run without W&B does not pay for importing it
 
-        loss_fn = copy.deepcopy(group.loss).cpu()  # beside predict's outputs, which are on the host
-        values = {k: v.numpy() for k, v in instance.of_objective(loss_fn, pl_module.net, pl_module.teacher,
-                                                                  trainer.datamodule).items()}
+        values = {k: v.numpy() for k, v in instance.of_objective(loss_fn, student, teacher, datamodule).items()}
         values["w"] = values["w"].clip(*np.percentile(values["w"], [1, 99]))
         histograms = {f"val/{key}": wandb.Histogram(value, num_bins=self.bins) for key, value in values.items()}
         for logger in loggers:

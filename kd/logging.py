@@ -42,7 +42,9 @@ def default_group(cfg: DictConfig) -> str:
     return cfg.task_name
 
 
-def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
+def build_loggers(cfg: DictConfig, output_dir: Path, several: bool = False) -> list:
+    """The run's loggers; ``several``: one of several runs that log at once, from one process (the
+    members of a population), each W&B run a run of its own (``reinit="create_new"``)."""
     loggers = []
     for name, spec in (cfg.get("logger") or {}).items():
         if spec is None:
@@ -56,6 +58,8 @@ def build_loggers(cfg: DictConfig, output_dir: Path) -> list:
                 spec.resume = "allow"
                 spec.group = spec.get("group") or default_group(cfg)
                 spec.tags = [*(spec.get("tags") or []), f"objective={cfg.objective.name}", f"seed={cfg.seed}"]
+                if several:
+                    spec.reinit = "create_new"
         loggers.append(instantiate(spec))
     return loggers
 

@@ -2,9 +2,9 @@
 as a population of G runs of one architecture trained at once (kd.population).
 
 Everything here works on a leading member axis: a batch is (G, B, ...), and the loss, the metrics,
-the divergence check and the best epoch are kept per member. A single run is a population of one
-whose network is the plain network, so its checkpoints, DDP, channels_last and compile are those
-of any Lightning run; a population's network is a ``kd.population.Stack`` of its members.
+the divergence check and the best epoch are kept per member. A single run is a population of one:
+its network is a ``kd.population.Loop`` of one, whose checkpoints name the weights as the plain
+network does, so they load as any network's; a population's is ``kd.population.network``'s.
 
 The teacher is frozen: eval mode at all times, no gradients, outside the optimizer and outside
 the student's checkpoints (it is rebuilt from its own checkpoint when a run resumes). Each member
@@ -90,6 +90,12 @@ def _on_host(tensors: dict | None) -> dict | None:
     return None if tensors is None else {k: v.cpu() for k, v in tensors.items()}
 
 
+def _loss_params(objective: dict) -> dict:
+    """An objective config's arguments of its loss (``kd.objectives.get``): all but its name and how
+    its class similarities were made."""
+    return {k: v for k, v in objective.items() if k not in ("name", "beta", "similarity_source")}
+
+
 def _as_members(value, members: int) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value] * members
 
@@ -109,16 +115,16 @@ class DistillationModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
     ):
-        """``objective``: one objective config, or a list of G for a population (``net`` is then a
-        ``kd.population.Stack`` of G); ``teacher`` and ``class_similarity``: one, or one per member."""
+        """``net``: a network, or ``kd.population.Members`` of G; ``objective``: one objective config,
+        or one per member; ``teacher`` and ``class_similarity``: one, or one per member."""
         super().__init__()
         objective_list = [dict(o) for o in _as_members(objective, 1)]
         self.members = len(objective_list)
         # Plain values only, so a checkpoint alone can rebuild the network (kd.teachers.load_checkpoint).
         self.save_hyperparameters({"model": model_config, "num_classes": num_classes,
                                    "input_shape": list(input_shape or ()),
-                                   "objective": objective_list if isinstance(objective, list) else dict(objective)})
-        self.net = net
+                                   "objective": objective_list if self.members > 1 else objective_list[0]})
+        self.net = net if isinstance(net, population.Members) else population.Loop([net])
         member_teachers = _as_members(teacher, self.members)
         unique = list({id(t): t for t in member_teachers if t is not None}.values())
         self.teachers = nn.ModuleList(unique)
@@ -134,13 +140,19 @@ class DistillationModule(L.LightningModule):
                 model.to(memory_format=torch.channels_last)
             if compile:
                 model.compile()  # in place: the state_dict keys, hence checkpoints, stay the same
-        self.loss_groups = self._loss_groups(objective_list, _as_members(class_similarity, self.members))
+        similarities = _as_members(class_similarity, self.members)
+        self.loss_groups = self._loss_groups(objective_list, similarities)
+        # (name, parameters, class similarity) of each member's objective (member_loss)
+        self.member_objectives = [(o["name"], _loss_params(o), similarities[g] if o["name"] in objectives.NEEDS_SIMILARITY
+                                   else None) for g, o in enumerate(objective_list)]
+        self.member_loggers: list[list] = [[] for _ in range(self.members)]  # a population's (kd.train)
         self.register_buffer("grouped_order", torch.cat([group.members for group in self.loss_groups]),
                              persistent=False)  # the members in the order of the groups' losses
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.test_tag = "last"
         self.teacher_outputs: dict[str, TeacherOutputs] = {}  # by stage, for the data's fixed-input splits
         self.inputs_of = list(range(self.members))  # which data module's inputs each member sees (setup)
+        self.member_axis = True  # whether batches come with the member axis (setup)
         taught = torch.zeros(self.members, dtype=torch.bool)
         taught[self.taught] = True
         self.metrics = nn.ModuleDict({  # keys "train_", ...: ModuleDict keys may not shadow nn.Module.train
@@ -152,7 +164,7 @@ class DistillationModule(L.LightningModule):
         # The latest epoch's metrics of each member, (G,) tensors by name: what the run records.
         self.epoch_values: dict[str, torch.Tensor] = {}
         self.register_buffer("best_val_acc", torch.full((self.members,), -torch.inf))  # survives a resume
-        # A population keeps each member's best-epoch weights (a single run has ModelCheckpoint).
+        # Each member's best-epoch weights, stacked (``kd.population.Members.stacked_state``).
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_epoch = torch.full((self.members,), -1, dtype=torch.long)
         # The first non-finite loss of each member: (step, epoch), -1 while there is none, and its value.
@@ -170,7 +182,7 @@ class DistillationModule(L.LightningModule):
         built = nn.ModuleList()
         for members in groups.values():
             objective = objective_list[members[0]]
-            params = {k: v for k, v in objective.items() if k not in ("name", "beta", "similarity_source")}
+            params = _loss_params(objective)
             if objective["name"] in objectives.NEEDS_SIMILARITY:
                 params["class_similarity"] = torch.stack([similarities[g] for g in members])
             built.append(LossGroup(members, objectives.get(objective["name"], **params)))
@@ -202,13 +214,14 @@ class DistillationModule(L.LightningModule):
 
     def forward(self, x):
         """(G, B, ...) inputs to (G, B, K) logits."""
-        return self.net(self._input(x[0]))[None] if self.members == 1 else self.net(self._input(x))
+        return self.net(self._input(x))
 
     def setup(self, stage: str) -> None:
         """A ``TeacherOutputs`` per split the data module says has fixed inputs (kept across fit and test);
         which members see the same inputs (a population's members that share a data module)."""
         data = self.trainer.datamodule
         self.inputs_of = data.data_of.tolist() if isinstance(data, population.Data) else list(range(self.members))
+        self.member_axis = isinstance(data, population.Data)  # other data modules serve a single run's batches
         if not self.taught or not isinstance(data, SplitDataModule):
             return
         for split in STAGES:
@@ -241,7 +254,7 @@ class DistillationModule(L.LightningModule):
 
     def _step(self, batch, stage: str):
         x, y, index = batch
-        if self.members == 1:  # a single run's data module serves plain batches
+        if not self.member_axis:
             x, y, index = x[None], y[None], index[None]
         logits = self(x)
         teacher_logits = self._teacher_logits(stage, x, index)
@@ -267,15 +280,13 @@ class DistillationModule(L.LightningModule):
         self._record_nonfinite(self.step_loss)
         if losses.device.type == "cpu" or (self.global_step + 1) % self.trainer.log_every_n_steps == 0:
             self._raise_if_diverged()
-        if self.members == 1:
-            return losses.sum()
         return torch.where(self.nonfinite_at[:, 0] < 0, losses, 0.0).sum()
 
     def on_after_backward(self) -> None:
         """A member whose loss went non-finite learns no more: once the divergence check has seen it,
         its gradients are zeroed, and so are its non-finite weights, which would otherwise stop the
         others' checkpoints."""
-        if self.members > 1 and self.stopped is not None:
+        if self.stopped is not None:
             self.net.silence_(self.stopped)
 
     def _record_nonfinite(self, loss: torch.Tensor) -> None:
@@ -334,9 +345,42 @@ class DistillationModule(L.LightningModule):
         return values
 
     def _keep(self, values: dict) -> None:
+        """Keep the epoch's values and log them: a single run's through Lightning (its loggers, and
+        any callback that monitors one of them), each member's of a population to its own loggers."""
         self.epoch_values.update(values)
-        if self.members == 1:  # a population's members are many runs: their loggers are theirs (kd.train)
+        if self.members == 1:
             self.log_dict({name: value[0] for name, value in values.items()}, sync_dist=True)
+            return
+        if not any(self.member_loggers):
+            return
+        host = {name: value.tolist() for name, value in values.items()}
+        for g, loggers in enumerate(self.member_loggers):
+            for logger in loggers:
+                logger.log_metrics({name: value[g] for name, value in host.items()}, step=self.global_step)
+
+    def loggers_of(self, g: int) -> list:
+        """Member ``g``'s loggers (a single run's: the trainer's)."""
+        return list(self.trainer.loggers) if self.members == 1 else self.member_loggers[g]
+
+    def on_fit_start(self) -> None:
+        """Each member's hyperparameters to its own loggers (Lightning logs a single run's)."""
+        if self.members > 1:
+            for g, loggers in enumerate(self.member_loggers):
+                for logger in loggers:
+                    logger.log_hyperparams({**self.hparams, "objective": self.hparams["objective"][g]})
+
+    def member_teacher(self, g: int) -> nn.Module | None:
+        return self.teachers[self.teacher_of[self.taught.index(g)]] if g in self.taught else None
+
+    def member_data(self, g: int):
+        """Member ``g``'s own data module (a single run's: the trainer's)."""
+        data = self.trainer.datamodule
+        return data.members[g] if isinstance(data, population.Data) else data
+
+    def member_loss(self, g: int) -> nn.Module:
+        """Member ``g``'s loss on its own (B, K) logits: its group's, with its own class similarities."""
+        name, params, similarity = self.member_objectives[g]
+        return objectives.get(name, **params, **({} if similarity is None else {"class_similarity": similarity}))
 
     def on_train_epoch_end(self):
         self._raise_if_diverged()
@@ -350,8 +394,7 @@ class DistillationModule(L.LightningModule):
         improved = acc > self.best_val_acc
         self.best_val_acc.copy_(torch.maximum(self.best_val_acc, acc))
         self._keep({"val/acc_best": self.best_val_acc.clone()})
-        if self.members > 1:
-            self._keep_best(improved)
+        self._keep_best(improved)
 
     def _keep_best(self, improved: torch.Tensor) -> None:
         """The weights of the members whose validation accuracy improved (strictly, like ModelCheckpoint)."""
@@ -363,7 +406,7 @@ class DistillationModule(L.LightningModule):
         self.best_epoch[improved.cpu()] = self.current_epoch
 
     def use_best(self) -> None:
-        """Load each member's best-epoch weights (a population's best-epoch test)."""
+        """Load each member's best-epoch weights (for the best-epoch test)."""
         if self.best_state is not None:
             self.net.load_stacked(self.best_state)
 

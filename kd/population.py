@@ -35,19 +35,20 @@ from kd.errors import UserError
 # accuracies are bit for bit those of whole-split batches).
 EVAL_ROWS = 32768
 # Top-level config keys every member has its own of; all other keys must agree.
-MEMBER_KEYS = ("seed", "objective", "teacher", "paths", "task_name", "tags")
+MEMBER_KEYS = ("seed", "objective", "teacher", "paths", "task_name", "tags", "hydra")
 
 
 def key(cfg: DictConfig) -> str | None:
     """What runs must share to train as one population; None for a run that trains alone: one with
-    a logger (each run would want its own), compile, gradient clipping (a norm over all members),
-    more than one device, or data whose module declares no ``POPULATION_KEYS``."""
+    a callback that monitors a logged value (EarlyStopping: one value, not G), compile, gradient clipping (a norm over all members), more than one device,
+    or data whose module declares no ``POPULATION_KEYS``."""
     data_cls = get_object(cfg.data._target_)
     if not (isinstance(data_cls, type) and issubclass(data_cls, TensorDataModule)) or not data_cls.POPULATION_KEYS:
         return None
     trainer = cfg.trainer
-    if cfg.get("logger") or cfg.get("compile") or trainer.get("gradient_clip_val") \
-            or trainer.get("devices", 1) != 1 or trainer.get("num_nodes", 1) != 1:
+    if cfg.get("compile") or trainer.get("gradient_clip_val") \
+            or trainer.get("devices", 1) != 1 or trainer.get("num_nodes", 1) != 1 \
+            or any(c and c.get("monitor") for c in (cfg.get("callbacks") or {}).values()):
         return None
     # Unresolved: a value that follows a member's own (``${seed}``, ``${paths.output_dir}/...``) is alike.
     plain = OmegaConf.to_container(cfg, resolve=False)
@@ -70,7 +71,9 @@ def groups(cfgs: list[DictConfig]) -> list[list[int]]:
 
 
 def check(cfgs: list[DictConfig]) -> None:
-    """Fail before any work unless ``cfgs`` can train as one population."""
+    """Fail before any work unless ``cfgs`` can train as one population (one run always can)."""
+    if len(cfgs) == 1:
+        return
     keys = {key(cfg) for cfg in cfgs}
     if None in keys or len(keys) > 1:
         raise UserError("these runs cannot train as one population: they must share everything but seed, "
@@ -82,7 +85,10 @@ def check(cfgs: list[DictConfig]) -> None:
 
 def folder(outs: list[Path]) -> Path:
     """Where a population keeps its own checkpoint (what a killed population resumes from), named by
-    its members: beside them, in a hidden folder that kd.aggregate skips."""
+    its members: beside them, in a hidden folder that kd.aggregate skips; a population of one, in
+    its run folder."""
+    if len(outs) == 1:
+        return Path(outs[0])
     names = sorted(str(Path(o).resolve()) for o in outs)
     digest = hashlib.sha1("\n".join(names).encode()).hexdigest()[:12]
     return Path(os.path.commonpath(names)) / ".populations" / digest
@@ -120,6 +126,10 @@ class Members(nn.Module):
         state = self.stacked_state() if state is None else state
         return {k: v[g].detach().clone() for k, v in state.items()}
 
+    def network(self, g: int) -> nn.Module:
+        """Member ``g`` as a network of its own (for analyses that call one network)."""
+        raise NotImplementedError
+
 
 class Stack(Members):
     """Every parameter and buffer stacked on a leading member axis, in a copy of the first network
@@ -150,6 +160,17 @@ class Stack(Members):
     def load_stacked(self, state: dict[str, torch.Tensor]) -> None:
         self.load_state_dict({f"body.{k}": v for k, v in state.items()})
 
+    def network(self, g: int) -> nn.Module:
+        net = copy.deepcopy(self.body)
+        for name, value in self.member(g).items():  # member g's tensors in place of the stacked ones
+            owner, _, attr = name.rpartition(".")
+            module = net.get_submodule(owner)
+            if attr in module._parameters:
+                module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+            else:
+                module._buffers[attr] = value
+        return net
+
     def silence_(self, stopped: torch.Tensor) -> None:
         for p in self.parameters():
             mask = stopped.view(-1, *[1] * (p.dim() - 1))
@@ -167,6 +188,9 @@ class Loop(Members):
         super().__init__()
         self.members = len(nets)
         self.nets = nn.ModuleList(nets)
+        if self.members == 1:  # a single run: its checkpoints name the weights as its network does
+            self._register_state_dict_hook(_network_names)
+            self._register_load_state_dict_pre_hook(_member_names)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([net(xg) for net, xg in zip(self.nets, x)])
@@ -179,12 +203,27 @@ class Loop(Members):
         for g, net in enumerate(self.nets):
             net.load_state_dict({k: v[g] for k, v in state.items()})
 
+    def network(self, g: int) -> nn.Module:
+        return self.nets[g]
+
     def silence_(self, stopped: torch.Tensor) -> None:
         for g in stopped.nonzero().flatten().tolist():
             for p in self.nets[g].parameters():
                 if p.grad is not None:
                     p.grad.zero_()
                 p.data.masked_fill_(~torch.isfinite(p.data), 0.0)
+
+
+def _network_names(module: Loop, state: dict, prefix: str, local_metadata) -> None:
+    """``nets.0.<name>`` -> ``<name>``: a population of one saves its weights as its network would."""
+    for k in [k for k in state if k.startswith(f"{prefix}nets.0.")]:
+        state[prefix + k[len(prefix) + len("nets.0."):]] = state.pop(k)
+
+
+def _member_names(state: dict, prefix: str, *args) -> None:
+    """``<name>`` -> ``nets.0.<name>``: and loads them back (a single run's checkpoint, or a teacher's)."""
+    for k in [k for k in state if k.startswith(prefix) and not k.startswith(f"{prefix}nets.")]:
+        state[f"{prefix}nets.0.{k[len(prefix):]}"] = state.pop(k)
 
 
 STRATEGIES = {"stack": Stack, "loop": Loop}
@@ -199,10 +238,17 @@ def network(nets: list[nn.Module], device: torch.device, strategy: str = "auto")
     (docs/performance.md): on a CPU, a convolutional network with batch norm loops (7 cnn students:
     87 ms a step looped, 121 ms stacked) and any other stacks (fig3's MLPs: batched matrix
     products); on an accelerator, where a small member's kernels are launch-bound, every network
-    stacks."""
-    if strategy == "auto":
-        strategy = "loop" if torch.device(device).type == "cpu" and has_batch_norm(nets[0]) else "stack"
+    stacks. A single run is a population of one: its own network (``Loop``)."""
+    if strategy == "auto":  # one member: its own network, as it is
+        cpu_loops = torch.device(device).type == "cpu" and has_batch_norm(nets[0])
+        strategy = "loop" if len(nets) == 1 or cpu_loops else "stack"
     return STRATEGIES[strategy](nets)
+
+
+def data(members: list) -> "Data | SplitDataModule":
+    """The members' data as one data module: a single run's is its own (any kind), whose batches
+    have no member axis (kd.module adds it)."""
+    return members[0] if len(members) == 1 else Data(members)
 
 
 class StackedTensors(Dataset):

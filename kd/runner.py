@@ -142,13 +142,17 @@ def check_reuse(jobs: dict[str, list[str]], outs: dict[str, Path]) -> None:
 
 
 def population_of(overrides: list[str], cfg: DictConfig) -> tuple | None:
-    """Jobs with equal values train together: their overrides but the members' own (seed,
-    objective, teacher, the data module's POPULATION_KEYS); None: the job trains alone."""
-    if populations.key(cfg) is None:
+    """Jobs with equal values train together: the population key of their composed files (``cfg``:
+    experiment files that differ only in the objective, as table 1's methods of a pair, pool) and
+    their value overrides but the members' own (seed, objective, teacher, the data module's
+    POPULATION_KEYS); None: the job trains alone."""
+    key = populations.key(cfg)
+    if key is None:
         return None
     own = {f"data.{k}" for k in get_object(cfg.data._target_).POPULATION_KEYS} | {"seed"}
-    return tuple(o for o in overrides
-                 if override_key(o) not in own and override_key(o).split(".")[0] not in ("objective", "teacher"))
+    values = [o for o in overrides if o not in structure(overrides)]
+    return key, tuple(o for o in values
+                      if override_key(o) not in own and override_key(o).split(".")[0] not in ("objective", "teacher"))
 
 
 def teacher_group(overrides: list[str]) -> tuple:

@@ -168,21 +168,26 @@ def _prepare(cfg: DictConfig, plain: dict, tcfg: DictConfig | None, datamodules:
     return datamodule, teachers.resolve(cfg, datamodule, train=run, tcfg=tcfg, loaded=loaded)
 
 
-def _member_checkpoints(module: DistillationModule, g: int, last: dict, cfg: DictConfig, trainer) -> dict:
+def _member_checkpoints(module: DistillationModule, g: int, last: dict, cfg: DictConfig, trainer,
+                        written: Path) -> dict:
     """Member ``g``'s last and best-epoch checkpoints, as its own run would write them (the network's
-    weights and what rebuilds it; resuming happens in the population's folder)."""
+    weights and what rebuilds it); ``written``: the population's own last checkpoint (resuming
+    happens from it), which a population of one keeps as its member's."""
     folder = Path(cfg.paths.output_dir) / "checkpoints"
-    states = {"last": last, "best": module.net.member(g, module.best_state) if module.best_state else last}
-    names = {"last": "last.ckpt", "best": f"epoch{int(module.best_epoch[g]):03d}.ckpt"}
-    hparams = {**module.hparams, "objective": module.hparams["objective"][g]}
-    paths = {}
+    best = module.best_state is not None
+    states = {"last": last, "best": module.net.member(g, module.best_state) if best else last}
+    paths = {"last": folder / "last.ckpt", "best": folder / (f"epoch{int(module.best_epoch[g]):03d}.ckpt"
+                                                               if best else "last.ckpt")}
+    objective = module.hparams["objective"]
+    hparams = {**module.hparams, "objective": objective[g] if isinstance(objective, list) else objective}
     for which, state in states.items():
-        paths[which] = str(folder / names[which])
+        if not trainer.is_global_zero or paths[which] == written or (which == "best" and not best):
+            continue
         checkpoint = {"epoch": trainer.current_epoch, "global_step": trainer.global_step,
                       "pytorch-lightning_version": L.__version__, "hyper_parameters": hparams,
                       "state_dict": {f"net.{k}": v for k, v in state.items()}}
         write_atomic(paths[which], lambda tmp, c=checkpoint: torch.save(c, tmp))
-    return paths
+    return {which: str(path) for which, path in paths.items()}
 
 
 def record_invalid(cfg: DictConfig, err: Exception) -> dict | None:
@@ -218,111 +223,42 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
         valid = iter(_run([cfg for g, cfg in enumerate(cfgs) if g not in invalid], extra_callbacks)
                      if len(invalid) < len(cfgs) else [])
         return [invalid[g] if g in invalid else next(valid) for g in range(len(cfgs))]
-    single = len(cfgs) == 1
     outs = [Path(cfg.paths.output_dir) for cfg in cfgs]
     for out, plain in zip(outs, plains):  # never report or resume a run made with other settings
         check_same_run(out, plain)
-    if single:
-        done = completed_record(outs[0])
-        if done is not None and "population" in done:
-            return [done]  # trained with others: re-testing it needs that population run
-    else:
-        population.check(cfgs)
+    done = [completed_record(out) for out in outs]
+    if all(record is not None and "population" in record for record in done):
+        return done  # trained with others: re-testing them needs that population run
+    population.check(cfgs)
     start = time.time()
-    folder = outs[0] if single else population.folder(outs)
+    folder = population.folder(outs)  # where the population's own checkpoints go (a single run's: its folder)
     for out in {*outs, folder}:
         out.mkdir(parents=True, exist_ok=True)
     # Two processes given the same run take turns (the second resumes, or re-tests a finished run)
     # instead of writing the same files at once; the other ranks of a data-parallel run share it.
     held = [lock(out / ".run.lock") for out in sorted(outs)] if rank_zero_only.rank == 0 else []
     try:
-        if not single:  # the teachers the members need, trained as populations before any is loaded
-            teachers.train_missing([t for t in tcfgs if t is not None], train=run)
-        datamodules, loaded = {}, {}
-        members = [_prepare(*found, datamodules, loaded) for found in zip(cfgs, plains, tcfgs)]
-        datamodule = members[0][0] if single else population.Data([dm for dm, _ in members])
-        pcfg = cfgs[0] if single else population.config(cfgs[0], folder)  # the trainer's and callbacks' config
-        loggers = build_loggers(pcfg, folder)
-        callbacks = [instantiate(c) for c in (pcfg.get("callbacks") or {}).values() if c is not None]
-        callbacks += extra_callbacks
-        if not single:  # a population's module keeps each member's best epoch: one monitored value is not G
-            callbacks = [c for c in callbacks if not (isinstance(c, ModelCheckpoint) and c.monitor)]
-        # Checkpoints are the configured callbacks' (none for callbacks=none), never Lightning's default one.
-        checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
-        trainer = instantiate(pcfg.trainer, logger=loggers or False, callbacks=callbacks,
-                              enable_checkpointing=checkpointing)
-        check_ddp_launch(trainer)
-        world, batch = trainer.num_nodes * trainer.num_devices, device_batch(plains[0])
-        lr = pcfg.optimizer.lr * LR_SCALING[pcfg.get("lr_scaling", "none")](world)
-        shape = {"num_classes": members[0][0].num_classes, "input_shape": members[0][0].input_shape}
-        nets = []
-        for cfg in cfgs:
-            # Training a teacher must not shift the student's init.
-            L.seed_everything(cfg.seed, workers=True, verbose=False)
-            nets.append(instantiate(cfg.model, **shape))
-        each = (lambda values: values[0]) if single else list
-        module = DistillationModule(
-            net=nets[0] if single else population.network(nets, trainer.strategy.root_device),
-            objective=each([OmegaConf.to_container(cfg.objective, resolve=True) for cfg in cfgs]),
-            optimizer=instantiate(pcfg.optimizer, lr=lr),
-            scheduler=instantiate(pcfg.scheduler) if pcfg.get("scheduler") else None,
-            teacher=each([teacher for _, teacher in members]),
-            class_similarity=each([class_similarity(cfg, t, dm) for cfg, (dm, t) in zip(cfgs, members)]),
-            model_config=OmegaConf.to_container(pcfg.model, resolve=True),
-            channels_last=pcfg.get("channels_last", False),
-            compile=pcfg.get("compile", False),
-            **shape,
-        )
-        threads = torch.get_num_threads()  # the caller's, restored when the run ends
-        torch.set_num_threads(pcfg.get("threads") or threads)
-        common = {"status": "failed", "versions": versions(), "hardware": hardware(),
-                  "data_parallel": {"world_size": world, "global_batch": batch * world, "device_batch": batch, "lr": lr,
-                                    # how the ranks met: LightningEnvironment (ours), SLURMEnvironment, ...
-                                    "environment": type(trainer._accelerator_connector.cluster_environment).__name__}}
-        records = [{**common, "config": plain, "output_dir": str(out)} for plain, out in zip(plains, outs)]
-        if not single:
-            for g, record in enumerate(records):
-                record["population"] = {"members": len(cfgs), "member": g, "folder": str(folder)}
+        trainer, module, datamodule, loggers = _build(cfgs, plains, tcfgs, folder, extra_callbacks)
+        records = _new_records(cfgs, plains, outs, folder, trainer)
         last_ckpt, finished = folder / "checkpoints" / "last.ckpt", False
+        threads = torch.get_num_threads()  # the caller's, restored when the run ends
+        torch.set_num_threads(cfgs[0].get("threads") or threads)
     except BaseException:  # a run that cannot start leaves its folders to the next one
         for file in held:
             file.close()
         raise
     try:
-        resume = resume_checkpoint(last_ckpt, trainer.default_root_dir)  # last.ckpt, or SLURM's hpc_ckpt_<n>.ckpt
-        trainer.fit(module, datamodule, ckpt_path=str(resume) if resume else None)
-        # The final weights, whatever the callbacks' schedule (callbacks.last_checkpoint.every_s):
-        # what a teacher is loaded from, and what the record's checkpoints.last names.
-        trainer.save_checkpoint(last_ckpt)
-        if trainer.is_global_zero:  # superseded by last.ckpt; on SLURM Lightning would test one of them
-            for hpc in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
-                hpc.unlink()
-        trainer.strategy.barrier("hpc checkpoints removed")
-        module.test_tag = "last"
-        trainer.test(module, datamodule, verbose=False)
-        metrics = [module.member_metrics(g) for g in range(len(cfgs))]
-        if single:
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            if best:
-                module.test_tag = "best"
-                trainer.test(module, datamodule, ckpt_path=best, verbose=False, weights_only=False)
-            checkpoints = [{"last": str(last_ckpt), "best": best or str(last_ckpt)}]
-        else:
-            lasts = [module.net.member(g) for g in range(len(cfgs))]
-            module.use_best()
-            module.test_tag = "best"
-            trainer.test(module, datamodule, verbose=False)
-            checkpoints = [_member_checkpoints(module, g, lasts[g], cfg, trainer) for g, cfg in enumerate(cfgs)]
+        metrics, checkpoints = _fit_and_test(trainer, module, datamodule, cfgs, last_ckpt)
         for g, record in enumerate(records):
-            metrics[g].update({k: v for k, v in module.member_metrics(g).items() if k.startswith("test/") and k.endswith("_best")})
             record.update(metrics=metrics[g], epochs=trainer.current_epoch, global_step=trainer.global_step)
             reason = module.diverged(g)
             if reason:  # a member of a population that went on without it
                 record.update(error=f"TrainingDiverged: {reason}")
             else:
                 record.update(status="completed", checkpoints=checkpoints[g])
-        if trainer.global_rank == 0:  # a population logs nothing (kd.population.key): this is a single run's
-            summarise(loggers, {k: v for k, v in records[0]["metrics"].items() if k.startswith("test/")})
+        if trainer.global_rank == 0:
+            for member, record in zip(loggers, records):
+                summarise(member, {k: v for k, v in record["metrics"].items() if k.startswith("test/")})
         finished = True
         return records
     except BaseException as err:  # recorded for kd.aggregate, which lists failed jobs with their error
@@ -350,15 +286,96 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
         seconds = round(time.time() - start, 2)
         for record in records:
             record["seconds"] = round(seconds / len(records), 2)  # a member's share: sums stay wall time
-            if not single:
+            if "population" in record:
                 record["population"]["seconds"] = seconds
             if trainer.global_rank == 0:
                 write_json_atomic(Path(record["output_dir"]) / "results.json", record)
-        finish_loggers(loggers, failed=any(r["status"] != "completed" for r in records))
+        for member, record in zip(loggers, records):
+            finish_loggers(member, failed=record["status"] != "completed")
         for file in held:
             file.close()
-        if finished and not single:  # nothing left to resume
+        if finished and folder not in outs:  # nothing left to resume
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _build(cfgs: list[DictConfig], plains: list[dict], tcfgs: list, folder: Path, extra_callbacks: list):
+    """The members' data, teachers and networks as one Lightning module and data module, the
+    trainer and callbacks of the population's config (a single run's own), and each member's loggers
+    (a single run's are the trainer's; a population's members log through the module)."""
+    if len(cfgs) > 1:  # the teachers the members need, trained as populations before any is loaded
+        teachers.train_missing([t for t in tcfgs if t is not None], train=run)
+    datamodules, loaded = {}, {}
+    members = [_prepare(*found, datamodules, loaded) for found in zip(cfgs, plains, tcfgs)]
+    pcfg = population.config(cfgs[0], folder)  # the trainer's and callbacks' config
+    loggers = [build_loggers(cfg, Path(cfg.paths.output_dir), several=len(cfgs) > 1) for cfg in cfgs]
+    callbacks = [instantiate(c) for c in (pcfg.get("callbacks") or {}).values() if c is not None]
+    # Checkpoints are the configured callbacks' (none for callbacks=none), never Lightning's default one.
+    checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    trainer = instantiate(pcfg.trainer, logger=loggers[0] if len(cfgs) == 1 and loggers[0] else False,
+                          callbacks=[*callbacks, *extra_callbacks],
+                          enable_checkpointing=checkpointing)
+    check_ddp_launch(trainer)
+    world = trainer.num_nodes * trainer.num_devices
+    shape = {"num_classes": members[0][0].num_classes, "input_shape": members[0][0].input_shape}
+    nets = []
+    for cfg in cfgs:
+        # Training a teacher must not shift the student's init.
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        nets.append(instantiate(cfg.model, **shape))
+    module = DistillationModule(
+        net=population.network(nets, trainer.strategy.root_device),
+        objective=[OmegaConf.to_container(cfg.objective, resolve=True) for cfg in cfgs],
+        optimizer=instantiate(pcfg.optimizer, lr=pcfg.optimizer.lr * LR_SCALING[pcfg.get("lr_scaling", "none")](world)),
+        scheduler=instantiate(pcfg.scheduler) if pcfg.get("scheduler") else None,
+        teacher=[teacher for _, teacher in members],
+        class_similarity=[class_similarity(cfg, t, dm) for cfg, (dm, t) in zip(cfgs, members)],
+        model_config=OmegaConf.to_container(pcfg.model, resolve=True),
+        channels_last=pcfg.get("channels_last", False),
+        compile=pcfg.get("compile", False),
+        **shape,
+    )
+    module.member_loggers = loggers
+    return trainer, module, population.data([dm for dm, _ in members]), loggers
+
+
+def _new_records(cfgs: list[DictConfig], plains: list[dict], outs: list[Path], folder: Path, trainer) -> list[dict]:
+    """Each member's record before training (status failed until it completes)."""
+    world, batch = trainer.num_nodes * trainer.num_devices, device_batch(plains[0])
+    lr = cfgs[0].optimizer.lr * LR_SCALING[cfgs[0].get("lr_scaling", "none")](world)
+    common = {"status": "failed", "versions": versions(), "hardware": hardware(),
+              "data_parallel": {"world_size": world, "global_batch": batch * world, "device_batch": batch, "lr": lr,
+                                # how the ranks met: LightningEnvironment (ours), SLURMEnvironment, ...
+                                "environment": type(trainer._accelerator_connector.cluster_environment).__name__}}
+    records = [{**common, "config": plain, "output_dir": str(out)} for plain, out in zip(plains, outs)]
+    if len(records) > 1:
+        for g, record in enumerate(records):
+            record["population"] = {"members": len(records), "member": g, "folder": str(folder)}
+    return records
+
+
+def _fit_and_test(trainer, module: DistillationModule, datamodule, cfgs: list[DictConfig], last_ckpt: Path):
+    """Train (resuming from the population's last checkpoint, if any), test the last and each
+    member's best epoch, and write each member's checkpoints; their metrics and checkpoints."""
+    resume = resume_checkpoint(last_ckpt, trainer.default_root_dir)  # last.ckpt, or SLURM's hpc_ckpt_<n>.ckpt
+    trainer.fit(module, datamodule, ckpt_path=str(resume) if resume else None)
+    # The final weights, whatever the callbacks' schedule (callbacks.last_checkpoint.every_s):
+    # what a population resumes from, and a single run's checkpoints.last (what a teacher is loaded from).
+    trainer.save_checkpoint(last_ckpt)
+    if trainer.is_global_zero:  # superseded by last.ckpt; on SLURM Lightning would test one of them
+        for hpc in Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"):
+            hpc.unlink()
+    trainer.strategy.barrier("hpc checkpoints removed")
+    module.test_tag = "last"
+    trainer.test(module, datamodule, verbose=False)
+    metrics = [module.member_metrics(g) for g in range(len(cfgs))]
+    lasts = [module.net.member(g) for g in range(len(cfgs))]
+    module.use_best()
+    module.test_tag = "best"
+    trainer.test(module, datamodule, verbose=False)
+    checkpoints = [_member_checkpoints(module, g, lasts[g], cfg, trainer, last_ckpt) for g, cfg in enumerate(cfgs)]
+    for g, values in enumerate(metrics):
+        values.update({k: v for k, v in module.member_metrics(g).items() if k.startswith("test/") and k.endswith("_best")})
+    return metrics, checkpoints
 
 
 def optimized_value(record: dict, metric: str) -> float:

@@ -6,7 +6,9 @@
 #   2. the benchmark at full size (kd/bench.py), its headline first: epoch (the 240-epoch CRD KD run
 #      projected from measured epochs), then kd_step (ours, fast path and fp32, against the common
 #      loop), then parity (fp32 against bf16-mixed: CE test accuracy, 3 seeds each, and the KD loss
-#      at tau 4 from the teacher's bf16 logits).
+#      at tau 4 from the teacher's bf16 logits), then images (populations of image students: 7 cnn
+#      students on Fashion-MNIST shapes, and resnet20 students of one resnet56 on CIFAR shapes on the
+#      fast path without compile, which a population does not take).
 # Each step has its own time limit, printed before it starts: on a GPU, tests 140 s and benchmark 330 s,
 # 8 minutes in all with start-up. The benchmark publishes after each measurement, so what finished
 # is kept when a later one runs out of time. Exit status: 0 when every step passed.
@@ -90,7 +92,7 @@ check() {
     device=cpu tests_limit=600 bench_limit=600 bench_args=(--device cpu --smoke)
   fi
   "$PY" -c "import torch, lightning, torchmetrics, hydra, platform; print('python', platform.python_version(), '| torch', torch.__version__, '| lightning', lightning.__version__, '| torchmetrics', torchmetrics.__version__, '| hydra', hydra.__version__)"
-  echo "== plan: gpu tests at most ${tests_limit}s, then benchmark at most ${bench_limit}s (epoch, kd_step, parity); CUBLAS_WORKSPACE_CONFIG=$CUBLAS_WORKSPACE_CONFIG"
+  echo "== plan: gpu tests at most ${tests_limit}s, then benchmark at most ${bench_limit}s (epoch, kd_step, parity, images); CUBLAS_WORKSPACE_CONFIG=$CUBLAS_WORKSPACE_CONFIG"
 
   local failed=()
   step() {  # step NAME LIMIT COMMAND...: run it under its time limit, note a failure and go on
@@ -106,7 +108,7 @@ check() {
   step "gpu tests" $tests_limit "$PY" -m pytest -q -p no:cacheprovider -m gpu --gpu-device $device -rfEs \
     --junitxml="$out/gpu_check_tests.xml" $GPU_TESTS
   # epoch first: its 240-epoch projection is the check's headline, kept whatever a later measurement takes.
-  step "benchmark" $bench_limit "$PY" scripts/benchmark.py "${bench_args[@]}" --measure epoch kd_step parity \
+  step "benchmark" $bench_limit "$PY" scripts/benchmark.py "${bench_args[@]}" --measure epoch kd_step parity images \
     --out "$out" --name gpu_check
   echo "== summary: ${#failed[@]} step(s) failed${failed:+: ${failed[*]}}; results in $out"
   rm -rf "$KD_ROOT"

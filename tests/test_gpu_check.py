@@ -53,13 +53,13 @@ def test_the_gpu_check_rehearsed_on_the_cpu_passes_and_writes_its_results(bare, 
     assert done.returncode == 0, done.stdout[-5000:]
     log = (tmp_path / "gpu_check.log").read_text()
     assert "== summary: 0 step(s) failed" in log and "no hydra here: installed the carried wheels" in log
-    assert ("== plan: gpu tests at most 600s, then benchmark at most 600s (epoch, kd_step, parity); "
+    assert ("== plan: gpu tests at most 600s, then benchmark at most 600s (epoch, kd_step, parity, images); "
             "CUBLAS_WORKSPACE_CONFIG=:4096:8") in log
     suite = ET.parse(tmp_path / "gpu_check_tests.xml").getroot().find("testsuite")
     counts = {key: int(suite.get(key)) for key in ("tests", "failures", "errors", "skipped")}
     assert counts["tests"] >= 6 and counts["failures"] == counts["errors"] == counts["skipped"] == 0, counts
     result = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert result["measured"] == ["epoch", "kd_step", "parity"]  # the headline (the projection) first
+    assert result["measured"] == ["epoch", "kd_step", "parity", "images"]  # the headline (the projection) first
     assert result["kd_step.ratio"] > 0 and result["epoch.projected_min"] > 0 and result["parity.seeds"] == 2
     assert result["parity.kd_tau"] == 4 and result["parity.kd_grad_rel_err"] >= 0  # KD from bf16 teacher logits
     assert result["cpu"]["capability"] and "| epoch: 240-epoch run, projected (min) |" in (tmp_path / "gpu_check.md").read_text()

@@ -199,10 +199,10 @@ def test_bf16_channels_last_steps_with_the_uint8_data_resident_on_the_module_dev
             seen.append((resident.x.dtype, resident.x.device == pl_module.device, math.isfinite(outputs["loss"])))
 
     model = module(channels_last=True)
-    conv = model.net.features[0].weight
+    conv = model.net.network(0).features[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     inside = []  # what the student's first convolution receives, and the dtype it computes in
-    model.net.features[0].register_forward_hook(lambda m, i, o: inside.append(
+    model.net.network(0).features[0].register_forward_hook(lambda m, i, o: inside.append(
         (i[0].is_contiguous(memory_format=torch.channels_last), o.dtype)))
     trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, logger=False, callbacks=[Inspect()],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -215,8 +215,8 @@ def test_bf16_channels_last_steps_with_the_uint8_data_resident_on_the_module_dev
 
 def test_compile_is_wired_without_changing_checkpoint_keys():
     plain, compiled = module(), module(compile=True)
-    assert compiled.net._compiled_call_impl is not None and compiled.teacher._compiled_call_impl is not None
-    assert plain.net._compiled_call_impl is None
+    assert compiled.net.network(0)._compiled_call_impl is not None and compiled.teacher._compiled_call_impl is not None
+    assert plain.net.network(0)._compiled_call_impl is None
     assert list(compiled.state_dict()) == list(plain.state_dict())  # no _orig_mod. prefix
 
 

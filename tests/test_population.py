@@ -37,8 +37,7 @@ class Record(L.Callback):
     runs: dict[str, dict] = {}
 
     def on_train_start(self, trainer, pl_module):
-        nets = [pl_module.net.member(g) for g in range(pl_module.members)] if pl_module.members > 1 \
-            else [{k: v.clone() for k, v in pl_module.net.state_dict().items()}]
+        nets = [pl_module.net.member(g) for g in range(pl_module.members)]
         Record.runs[trainer.default_root_dir] = {"start": nets, "losses": []}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -127,13 +126,16 @@ def test_population_key_pools_what_can_share_and_keeps_the_rest_alone():
     other = [compose_config([*TINY, "model.hidden=[32]"], "/c"), compose_config([*TINY, "data.dim=4"], "/d"),
              compose_config([*TINY, "trainer.max_epochs=3"], "/e")]
     assert len({population.key(c) for c in [base, *other]}) == 4
-    alone = [compose_config([*TINY, "logger=csv"], "/f"), compose_config([*TINY, "compile=true"], "/g"),
+    stop = ["+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping", "+callbacks.stop.monitor=val/acc"]
+    alone = [compose_config([*TINY, *stop], "/f"), compose_config([*TINY, "compile=true"], "/g"),
              compose_config(["data=imagefolder", "model=resnet8", "logger=none"], "/h")]
     assert [population.key(c) for c in alone] == [None, None, None]
     # Batch norm no longer trains alone: CIFAR runs of one recipe pool across seeds and objectives.
     cifar = [compose_config(["data=cifar100", "model=resnet8", "logger=none", f"seed={s}", f"objective={o}"], f"/i{s}")
              for s, o in ((0, "ce"), (1, "kd"))]
     assert population.key(cifar[0]) == population.key(cifar[1]) is not None
+    # Loggers no longer keep a run alone: each member logs to its own.
+    assert population.key(compose_config([*TINY, "logger=csv"], "/j")) is not None
     with pytest.raises(UserError, match="cannot train as one population"):
         population.check([base, other[0]])
 

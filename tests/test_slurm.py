@@ -88,21 +88,23 @@ def squeue_state(job_id: str) -> str:
 
 @pytest.fixture(scope="module")
 def sweep(slurm_env, tmp_path_factory):
-    """objective=kd,kd_pt x seed=0,1: one job array of four through the scheduler, W&B offline."""
+    """objective=kd,kd_pt x seed=0,1 in populations of two: one job array of two elements through the
+    scheduler, each training two members, W&B offline."""
     root = tmp_path_factory.mktemp("slurm")
     sweep = root / "sweep"
-    result = launch("objective=kd,kd_pt", "teacher=oracle", "seed=0,1", *WITH_WANDB, sweep=sweep, root=root,
-                    slurm_env=slurm_env)
+    result = launch("objective=kd,kd_pt", "teacher=oracle", "seed=0,1", "hydra.launcher.population_size=2", *WITH_WANDB,
+                    sweep=sweep, root=root, slurm_env=slurm_env)
     cancel(sweep)
     assert result.returncode == 0, f"{result.stderr[-3000:]}\n{job_logs(sweep)}"
     return sweep
 
 
-def test_a_sweep_is_one_job_array_with_a_record_and_a_wandb_run_per_job_grouped_by_the_sweep(sweep, capsys):
+def test_a_sweep_is_one_job_array_of_populations_with_a_record_and_a_wandb_run_per_job_grouped_by_the_sweep(
+        sweep, capsys):
     (array,) = {job.split("_")[0] for job in job_ids(sweep)}
-    assert len(job_ids(sweep)) == 4, job_ids(sweep)  # one array, four elements
+    assert len(job_ids(sweep)) == 2, job_ids(sweep)  # one array, two elements of two jobs each
     script = (sweep / ".submitit" / array / f"{array}_submission.sh").read_text()
-    for flag in ("--array=0-3%4", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
+    for flag in ("--array=0-1%2", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
                  "--signal=USR1@120", "--requeue", "--export=ALL,SLURM_KILL_BAD_EXIT=1"):
         assert f"#SBATCH {flag}\n" in script, script
     assert "--gpus-per-node" not in script and "--gres" not in script  # a CPU trainer on a cluster without GPUs
@@ -112,6 +114,7 @@ def test_a_sweep_is_one_job_array_with_a_record_and_a_wandb_run_per_job_grouped_
         record = json.loads((job / "results.json").read_text())
         assert record["status"] == "completed", record.get("error")
         assert record["data_parallel"]["environment"] == "SLURMEnvironment"
+        assert record["population"]["members"] == 2
         (wandb_run,) = wandb_runs(job)
         assert b"train-sweep" in next(wandb_run.glob("run-*.wandb")).read_bytes()  # the group: task and sweep folder
 

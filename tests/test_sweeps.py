@@ -122,7 +122,7 @@ def test_slurm_launcher_config_resolves_from_the_trainer():
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
     launcher = cfg.hydra.launcher
-    assert get_class(launcher._target_).__name__ == "SlurmLauncher"
+    assert get_class(launcher._target_).__name__ == "SlurmPopulationLauncher" and launcher.population_size == 1
     assert (launcher.partition, launcher.timeout_min, launcher.array_parallelism) == ("gpu", 600, 8)
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)  # one task per GPU
     # Before the time limit SLURM sends Lightning's requeue signal: it checkpoints and requeues the job.
@@ -273,3 +273,33 @@ def test_run_jobs_interrupted_starts_no_more_jobs(tmp_path, monkeypatch):
     # The first finished job, the one running beside it and the few already queued for the workers
     # (a ProcessPoolExecutor hands out up to workers + 1 at a time).
     assert 1 <= len(list((tmp_path / "runs").glob("*/results.json"))) <= 6
+
+
+def test_packs_keep_the_sweeps_order_within_population_size_and_alone_what_cannot_share():
+    from hydra_plugins.kd_launchers import packs
+    from kd.runner import compose_config
+
+    jobs = [[*TINY, f"objective={o}", f"seed={s}", "teacher=oracle"] for s in (0, 1) for o in ("ce", "kd")]
+    jobs.insert(2, [*TINY, "model.hidden=[8]"])  # another network: another population
+    jobs.append([*TINY, "compile=true"])  # trains alone
+    configs = [compose_config(job) for job in jobs]
+    assert packs(configs, 3) == [[0, 1, 3], [2], [4], [5]]
+    assert packs(configs, 1) == [[i] for i in range(6)]
+
+
+@pytest.mark.slow
+def test_a_multirun_with_the_population_launcher_trains_its_jobs_as_populations(tmp_path):
+    """Four jobs, packs of at most three: one population of three and one run alone, each job in its
+    own sweep folder with Hydra's saved configs, its record and W&B run, and its value to the sweeper."""
+    sweep = tmp_path / "sweep"
+    result = kd_train("-m", "hydra/launcher=population", "hydra.launcher.population_size=3", f"hydra.sweep.dir={sweep}",
+                      "objective=ce,kd", "seed=0,1", "teacher=oracle", "optimized_metric=val/acc_best", *WITH_WANDB,
+                      root=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
+    records = [json.loads((job / "results.json").read_text()) for job in jobs]
+    assert sorted(r.get("population", {}).get("members", 1) for r in records) == [1, 3, 3, 3]
+    for job, record in zip(jobs, records):
+        assert record["status"] == "completed" and (job / ".hydra" / "config.yaml").is_file()
+        assert len(wandb_runs(job)) == 1
+    assert result.stdout.count("[kd] done:") == 4

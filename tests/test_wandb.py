@@ -59,3 +59,23 @@ def test_instance_histograms_cost_nothing_without_wandb(root, monkeypatch):
     record = run(compose_config([*TINY, "logger=csv", "objective=kd", "teacher=oracle"], root / "run"))
     assert record["status"] == "completed"
     assert json.loads((root / "run" / "results.json").read_text())["status"] == "completed"
+
+
+def test_each_member_of_a_population_is_a_wandb_run_of_its_own(root):
+    """Its own name, config, history (histograms for KD only) and summary, in its own folder."""
+    jobs = {"kd": 0, "ce": 1}
+    records = run([compose_config([*WITH_WANDB, f"objective={o}", f"seed={s}", "teacher=oracle", "trainer.max_epochs=3"],
+                                  root / o) for o, s in jobs.items()])
+    assert [r["population"]["member"] for r in records] == [0, 1]
+    for (objective, seed), record in zip(jobs.items(), records):
+        records_ = wandb_records(root / objective)
+        (found,) = [r.run for r in records_ if r.WhichOneof("record_type") == "run"]
+        assert found.display_name == f"train-{objective}-s{seed}"
+        config = {item.key: json.loads(item.value_json) for r in records_ if r.WhichOneof("record_type") == "config"
+                  for item in r.config.update}
+        assert config["objective"]["name"] == objective
+        history, summary = wandb_run(root / objective)
+        assert len([row for row in history if "val/w/_type" in row]) == (3 if objective == "kd" else 0)
+        assert [row["val/acc"] for row in history if "val/acc" in row] != []
+        for key in ("test/acc_last", "test/acc_best"):
+            assert summary[key] == pytest.approx(record["metrics"][key])
