@@ -77,7 +77,8 @@ def check(cfgs: list[DictConfig]) -> None:
     keys = {key(cfg) for cfg in cfgs}
     if None in keys or len(keys) > 1:
         raise UserError("these runs cannot train as one population: they must share everything but seed, "
-                        "objective, teacher and data values (see kd.population.key), with logger=none")
+                        "objective, teacher and data values, and train on one device without compile "
+                        "(see kd.population.key)")
     outs = [str(Path(cfg.paths.output_dir).resolve()) for cfg in cfgs]
     if len(set(outs)) < len(outs):
         raise UserError(f"two members of a population share the folder {max(set(outs), key=outs.count)}")

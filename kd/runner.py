@@ -346,7 +346,7 @@ def _run_in_pool(plan, jobs, outs, workers, bar, size, done) -> None:
                               daemon=True)
     reader.start()
     try:
-        pending, suspects = list(plan), []
+        pending, suspects, tries = list(plan), [], {}
         while pending or suspects:
             alone = bool(suspects)  # suspects run in a pool of one worker, one after another
             batch = suspects if alone else pending
@@ -355,11 +355,13 @@ def _run_in_pool(plan, jobs, outs, workers, bar, size, done) -> None:
             rest = [names for names in batch if names in broken]
             if alone:
                 for names in rest:
-                    if names[0] in started:  # it broke a pool it had to itself
+                    tries[names[0]] = tries.get(names[0], 0) + 1
+                    # It broke a pool it had to itself (its start report can be lost with its worker: twice is enough).
+                    if names[0] in started or tries[names[0]] >= 2:
                         error = RuntimeError("its worker process died while it ran alone (killed by the OS, "
                                              "e.g. out of memory)")
                         done(names, {name: failed(error, outs[name]) for name in names})
-                suspects = [names for names in rest if names[0] not in started]
+                suspects = [names for names in rest if names[0] not in started and tries[names[0]] < 2]
             else:
                 suspects = [names for names in rest if names[0] in started]
                 pending = [names for names in rest if names[0] not in started]
