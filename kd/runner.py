@@ -150,7 +150,8 @@ def population_of(overrides: list[str], cfg: DictConfig) -> tuple | None:
     if key is None:
         return None
     own = {f"data.{k}" for k in get_object(cfg.data._target_).POPULATION_KEYS} | {"seed"}
-    values = [o for o in overrides if o not in structure(overrides)]
+    choices = structure(overrides)
+    values = [o for o in overrides if o not in choices]
     return key, tuple(o for o in values
                       if override_key(o) not in own and override_key(o).split(".")[0] not in ("objective", "teacher"))
 
@@ -199,7 +200,7 @@ class _Reports(BaseManager):
     driver again (seconds of every sweep's start)."""
 
 
-_REPORTS: queue.Queue = queue.Queue()  # in the parent: what its workers put, read by _run_in_pool
+_REPORTS: queue.Queue = queue.Queue()  # in the parent: the running sweep's (each _run_in_pool makes its own)
 _Reports.register("reports", callable=lambda: _REPORTS)
 _QUEUE = None  # in a worker: its proxy of the parent's _REPORTS
 
@@ -323,6 +324,9 @@ def _run_in_pool(plan, jobs, outs, workers, bar, size, done) -> None:
     """``plan``'s units in ``workers`` spawned processes. A worker that dies (killed by the OS) breaks
     the pool and every unit in it: the units that were running then are each run again alone, so
     that the one that kills its worker fails by itself, and the rest go on in a fresh pool."""
+    global _REPORTS
+    # A queue of this sweep's own: an earlier sweep's late reports, or its end marker, must not reach it.
+    _REPORTS = reports = queue.Queue()
     context = multiprocessing.get_context("spawn")  # a fresh interpreter per worker, never a fork
     started: set[str] = set()
     synced = threading.Event()
@@ -338,11 +342,11 @@ def _run_in_pool(plan, jobs, outs, workers, bar, size, done) -> None:
     def sync() -> None:
         """Wait until the messages the workers sent before the pool closed are read."""
         synced.clear()
-        _REPORTS.put((None, None))
+        reports.put((None, None))
         synced.wait(timeout=10)
 
     address = _reports_address()
-    reader = threading.Thread(target=lambda: [advance(*message) for message in iter(_REPORTS.get, None)],
+    reader = threading.Thread(target=lambda: [advance(*message) for message in iter(reports.get, None)],
                               daemon=True)
     reader.start()
     try:
@@ -371,7 +375,7 @@ def _run_in_pool(plan, jobs, outs, workers, bar, size, done) -> None:
                                f"{sum(map(len, pending))} jobs go on in a fresh pool")
             started.clear()
     finally:
-        _REPORTS.put(None)
+        reports.put(None)
         reader.join()
 
 
