@@ -40,8 +40,9 @@ MEMBER_KEYS = ("seed", "objective", "teacher", "paths", "task_name", "tags", "hy
 
 def key(cfg: DictConfig) -> str | None:
     """What runs must share to train as one population; None for a run that trains alone: one with
-    a callback that monitors a logged value (EarlyStopping: one value, not G), compile, gradient clipping (a norm over all members), more than one device,
-    or data whose module declares no ``POPULATION_KEYS``."""
+    a callback that monitors a logged value (EarlyStopping: one value, not G), compile, gradient
+    clipping (a norm over all members), more than one device, or data whose module declares no
+    ``POPULATION_KEYS``."""
     data_cls = get_object(cfg.data._target_)
     if not (isinstance(data_cls, type) and issubclass(data_cls, TensorDataModule)) or not data_cls.POPULATION_KEYS:
         return None

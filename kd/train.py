@@ -238,7 +238,7 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
     # instead of writing the same files at once; the other ranks of a data-parallel run share it.
     held = [lock(out / ".run.lock") for out in sorted(outs)] if rank_zero_only.rank == 0 else []
     try:
-        trainer, module, datamodule, loggers = _build(cfgs, plains, tcfgs, folder, extra_callbacks)
+        trainer, module, datamodule = _build(cfgs, plains, tcfgs, folder, extra_callbacks)
         records = _new_records(cfgs, plains, outs, folder, trainer)
         last_ckpt, finished = folder / "checkpoints" / "last.ckpt", False
         threads = torch.get_num_threads()  # the caller's, restored when the run ends
@@ -257,7 +257,7 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
             else:
                 record.update(status="completed", checkpoints=checkpoints[g])
         if trainer.global_rank == 0:
-            for member, record in zip(loggers, records):
+            for member, record in zip(module.member_loggers, records):
                 summarise(member, {k: v for k, v in record["metrics"].items() if k.startswith("test/")})
         finished = True
         return records
@@ -290,7 +290,7 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
                 record["population"]["seconds"] = seconds
             if trainer.global_rank == 0:
                 write_json_atomic(Path(record["output_dir"]) / "results.json", record)
-        for member, record in zip(loggers, records):
+        for member, record in zip(module.member_loggers, records):
             finish_loggers(member, failed=record["status"] != "completed")
         for file in held:
             file.close()
@@ -298,10 +298,15 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def scaled_lr(cfg: DictConfig, trainer) -> float:
+    """``optimizer.lr`` scaled by ``lr_scaling`` to the trainer's devices x nodes."""
+    return cfg.optimizer.lr * LR_SCALING[cfg.get("lr_scaling", "none")](trainer.num_nodes * trainer.num_devices)
+
+
 def _build(cfgs: list[DictConfig], plains: list[dict], tcfgs: list, folder: Path, extra_callbacks: list):
-    """The members' data, teachers and networks as one Lightning module and data module, the
-    trainer and callbacks of the population's config (a single run's own), and each member's loggers
-    (a single run's are the trainer's; a population's members log through the module)."""
+    """The members' data, teachers and networks as one Lightning module (holding each member's
+    loggers: a single run's are the trainer's, a population's members log through the module) and
+    data module, and the trainer and callbacks of the population's config (a single run's own)."""
     if len(cfgs) > 1:  # the teachers the members need, trained as populations before any is loaded
         teachers.train_missing([t for t in tcfgs if t is not None], train=run)
     datamodules, loaded = {}, {}
@@ -315,7 +320,6 @@ def _build(cfgs: list[DictConfig], plains: list[dict], tcfgs: list, folder: Path
                           callbacks=[*callbacks, *extra_callbacks],
                           enable_checkpointing=checkpointing)
     check_ddp_launch(trainer)
-    world = trainer.num_nodes * trainer.num_devices
     shape = {"num_classes": members[0][0].num_classes, "input_shape": members[0][0].input_shape}
     nets = []
     for cfg in cfgs:
@@ -325,7 +329,7 @@ def _build(cfgs: list[DictConfig], plains: list[dict], tcfgs: list, folder: Path
     module = DistillationModule(
         net=population.network(nets, trainer.strategy.root_device),
         objective=[OmegaConf.to_container(cfg.objective, resolve=True) for cfg in cfgs],
-        optimizer=instantiate(pcfg.optimizer, lr=pcfg.optimizer.lr * LR_SCALING[pcfg.get("lr_scaling", "none")](world)),
+        optimizer=instantiate(pcfg.optimizer, lr=scaled_lr(pcfg, trainer)),
         scheduler=instantiate(pcfg.scheduler) if pcfg.get("scheduler") else None,
         teacher=[teacher for _, teacher in members],
         class_similarity=[class_similarity(cfg, t, dm) for cfg, (dm, t) in zip(cfgs, members)],
@@ -335,15 +339,15 @@ def _build(cfgs: list[DictConfig], plains: list[dict], tcfgs: list, folder: Path
         **shape,
     )
     module.member_loggers = loggers
-    return trainer, module, population.data([dm for dm, _ in members]), loggers
+    return trainer, module, population.data([dm for dm, _ in members])
 
 
 def _new_records(cfgs: list[DictConfig], plains: list[dict], outs: list[Path], folder: Path, trainer) -> list[dict]:
     """Each member's record before training (status failed until it completes)."""
     world, batch = trainer.num_nodes * trainer.num_devices, device_batch(plains[0])
-    lr = cfgs[0].optimizer.lr * LR_SCALING[cfgs[0].get("lr_scaling", "none")](world)
     common = {"status": "failed", "versions": versions(), "hardware": hardware(),
-              "data_parallel": {"world_size": world, "global_batch": batch * world, "device_batch": batch, "lr": lr,
+              "data_parallel": {"world_size": world, "global_batch": batch * world, "device_batch": batch,
+                                "lr": scaled_lr(cfgs[0], trainer),
                                 # how the ranks met: LightningEnvironment (ours), SLURMEnvironment, ...
                                 "environment": type(trainer._accelerator_connector.cluster_environment).__name__}}
     records = [{**common, "config": plain, "output_dir": str(out)} for plain, out in zip(plains, outs)]
@@ -368,7 +372,8 @@ def _fit_and_test(trainer, module: DistillationModule, datamodule, cfgs: list[Di
     module.test_tag = "last"
     trainer.test(module, datamodule, verbose=False)
     metrics = [module.member_metrics(g) for g in range(len(cfgs))]
-    lasts = [module.net.member(g) for g in range(len(cfgs))]
+    last = module.net.stacked_state()
+    lasts = [module.net.member(g, last) for g in range(len(cfgs))]
     module.use_best()
     module.test_tag = "best"
     trainer.test(module, datamodule, verbose=False)

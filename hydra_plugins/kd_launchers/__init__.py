@@ -53,13 +53,10 @@ def packs(configs: Sequence[DictConfig], size: int) -> list[list[int]]:
     return cut
 
 
-def sweep_packs(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]],
-                size: int) -> list[list[int]]:
-    """``packs`` of a sweep's jobs, each composed as Hydra composes it (a population key leaves out
+def sweep_configs(hydra_context: HydraContext, config: DictConfig, job_overrides: Sequence[Sequence[str]]) -> list:
+    """Each job's config, composed as Hydra composes a sweep's job (a population key leaves out
     ``hydra``, each job's own)."""
-    if size < 2:
-        return [[i] for i in range(len(job_overrides))]
-    return packs([hydra_context.config_loader.load_sweep_config(config, list(o)) for o in job_overrides], size)
+    return [hydra_context.config_loader.load_sweep_config(config, list(overrides)) for overrides in job_overrides]
 
 
 def _concrete(task_cfg: DictConfig) -> DictConfig:
@@ -71,17 +68,17 @@ def _concrete(task_cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def run_pack(hydra_context: HydraContext, config: DictConfig, members: list[tuple[int, list[str]]]) -> list[JobReturn]:
-    """Set up each member as Hydra sets up a job (folder, configs, logging), then train them all as
-    one population; each member's JobReturn carries its ``optimized_metric`` or its error."""
+def run_pack(hydra_context: HydraContext, members: list[tuple[int, DictConfig]]) -> list[JobReturn]:
+    """Set up each member (its job number, its ``sweep_configs`` config) as Hydra sets up a job
+    (folder, configs, logging), then train them all as one population; each member's JobReturn
+    carries its ``optimized_metric`` or its error."""
     from kd import train
     from kd.callbacks import defer_requeue_signal
     from kd.errors import TrainingDiverged, one_line
 
     defer_requeue_signal()
     returns = []
-    for num, overrides in members:
-        sweep_config = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    for num, sweep_config in members:
         with open_dict(sweep_config.hydra.job):
             sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{num}"
             sweep_config.hydra.job.num = num
@@ -123,10 +120,11 @@ class PopulationLauncher(Launcher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        configs = sweep_configs(self.hydra_context, self.config, job_overrides)  # once: packed, then run
         returns: list[JobReturn | None] = [None] * len(job_overrides)
-        for pack in sweep_packs(self.hydra_context, self.config, job_overrides, self.population_size):
-            members = [(initial_job_idx + i, list(job_overrides[i])) for i in pack]
-            for i, ret in zip(pack, run_pack(self.hydra_context, self.config, members)):
+        for pack in packs(configs, self.population_size):
+            members = [(initial_job_idx + i, configs[i]) for i in pack]
+            for i, ret in zip(pack, run_pack(self.hydra_context, members)):
                 returns[i] = ret
         return returns
 
@@ -141,7 +139,7 @@ class SlurmPopulationLauncher(SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         if self.population_size < 2:
             return super().launch(job_overrides, initial_job_idx)
-        cut = sweep_packs(self.hydra_context, self.config, job_overrides, self.population_size)
+        cut = packs(sweep_configs(self.hydra_context, self.config, job_overrides), self.population_size)
         # One "job" per pack for submitit: its members' overrides, each after its marker and number.
         flat = [[item for i in pack for item in (f"{MEMBER}{initial_job_idx + i}", *job_overrides[i])] for pack in cut]
         returns: list[JobReturn | None] = [None] * len(job_overrides)
@@ -162,7 +160,8 @@ class SlurmPopulationLauncher(SlurmLauncher):
                 members.append((int(item[len(MEMBER):]), []))
             else:
                 members[-1][1].append(item)
-        return run_pack(self.hydra_context, self.config, members)
+        configs = sweep_configs(self.hydra_context, self.config, [overrides for _, overrides in members])
+        return run_pack(self.hydra_context, [(num, cfg) for (num, _), cfg in zip(members, configs)])
 
 
 @dataclass
