@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 # The virtual environment of make gpu-env: the GPU machine's packages (docs/performance.md)
 GPU_ENV ?= .gpu-env
 
-.PHONY: install test reproduce-fig1 reproduce-fig2 reproduce-fig3 reproduce-fig4 reproduce-sensitivity reproduce-failures \
+.PHONY: install lint test reproduce-fig1 reproduce-fig2 reproduce-fig3 reproduce-fig4 reproduce-sensitivity reproduce-failures \
         reproduce-table1 reproduce-table2 teachers data bench gpu-check gpu-wheels gpu-env clean
 
 install:  ## .venv with the exact pins of requirements/lock.txt, kd installed editable
@@ -19,6 +19,10 @@ install:  ## .venv with the exact pins of requirements/lock.txt, kd installed ed
 	$(if $(TORCH_INDEX),$(PY) -m pip install --quiet --index-url $(TORCH_INDEX) $(shell grep -E '^torch(vision)?==' requirements/lock.txt))
 	$(PY) -m pip install --quiet --constraint requirements/lock.txt --editable ".[dev]"
 	@$(PY) scripts/check_torch.py
+
+lint:  ## ruff's lint and format checks (pyproject.toml [tool.ruff]); `ruff format . && ruff check --fix .` fixes most
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test:  ## the whole suite, CPU only, W&B offline in a temporary folder
 	WANDB_MODE=offline WANDB_DIR=$$(mktemp -d) $(PY) -m pytest -q

@@ -40,8 +40,21 @@ import numpy as np
 import pandas as pd
 
 from kd.analysis import diagnosis
-from kd.drivers import (DATA, axis_points, build_jobs, check_data, collect, ending, load_teacher, parser,
-                        require_data, rerun, run_overrides, sweep, where)
+from kd.drivers import (
+    DATA,
+    axis_points,
+    build_jobs,
+    check_data,
+    collect,
+    ending,
+    load_teacher,
+    parser,
+    require_data,
+    rerun,
+    run_overrides,
+    sweep,
+    where,
+)
 from kd.report import publish
 from kd.stats import paired_gaps
 from kd.teachers import teacher_config
@@ -53,24 +66,42 @@ def label_smoothed(eps: float) -> list[str]:
 
 # Per data set: teacher name -> overrides of its experiment's teacher (fig3's), and the two families.
 TEACHERS = {
-    "synthetic": {"mlp32": ["teacher.model.hidden=[32]"], "mlp256x2": [],
-                  "mlp1024x3": ["teacher.model.hidden=[1024,1024,1024]"],
-                  "mlp256x2-ls0.1": label_smoothed(0.1), "mlp256x2-ls0.2": label_smoothed(0.2)},
+    "synthetic": {
+        "mlp32": ["teacher.model.hidden=[32]"],
+        "mlp256x2": [],
+        "mlp1024x3": ["teacher.model.hidden=[1024,1024,1024]"],
+        "mlp256x2-ls0.1": label_smoothed(0.1),
+        "mlp256x2-ls0.2": label_smoothed(0.2),
+    },
     # Widths halved and doubled: 0.25x and 4x the compute of fig3's teacher (the student is cnn8's size).
-    "fashion_mnist": {"cnn8": ["teacher.model.widths=[8,16,32]"], "cnn16": [],
-                      "cnn32": ["teacher.model.widths=[32,64,128]"],
-                      "cnn16-ls0.1": label_smoothed(0.1), "cnn16-ls0.2": label_smoothed(0.2)},
-    "cifar100": {"resnet20": ["model@teacher.model=resnet20"], "resnet56": [],
-                 "resnet110": ["model@teacher.model=resnet110"],
-                 "resnet56-ls0.1": label_smoothed(0.1), "resnet56-ls0.2": label_smoothed(0.2)},
+    "fashion_mnist": {
+        "cnn8": ["teacher.model.widths=[8,16,32]"],
+        "cnn16": [],
+        "cnn32": ["teacher.model.widths=[32,64,128]"],
+        "cnn16-ls0.1": label_smoothed(0.1),
+        "cnn16-ls0.2": label_smoothed(0.2),
+    },
+    "cifar100": {
+        "resnet20": ["model@teacher.model=resnet20"],
+        "resnet56": [],
+        "resnet110": ["model@teacher.model=resnet110"],
+        "resnet56-ls0.1": label_smoothed(0.1),
+        "resnet56-ls0.2": label_smoothed(0.2),
+    },
 }
 FAMILIES = {
-    "synthetic": {"label smoothing": ["mlp256x2", "mlp256x2-ls0.1", "mlp256x2-ls0.2"],
-                  "capacity": ["mlp32", "mlp256x2", "mlp1024x3"]},
-    "fashion_mnist": {"label smoothing": ["cnn16", "cnn16-ls0.1", "cnn16-ls0.2"],
-                      "capacity": ["cnn8", "cnn16", "cnn32"]},
-    "cifar100": {"label smoothing": ["resnet56", "resnet56-ls0.1", "resnet56-ls0.2"],
-                 "capacity": ["resnet20", "resnet56", "resnet110"]},
+    "synthetic": {
+        "label smoothing": ["mlp256x2", "mlp256x2-ls0.1", "mlp256x2-ls0.2"],
+        "capacity": ["mlp32", "mlp256x2", "mlp1024x3"],
+    },
+    "fashion_mnist": {
+        "label smoothing": ["cnn16", "cnn16-ls0.1", "cnn16-ls0.2"],
+        "capacity": ["cnn8", "cnn16", "cnn32"],
+    },
+    "cifar100": {
+        "label smoothing": ["resnet56", "resnet56-ls0.1", "resnet56-ls0.2"],
+        "capacity": ["resnet20", "resnet56", "resnet110"],
+    },
 }
 # The teacher the others are compared with: fig3's, both the eps = 0 and the middle-capacity one.
 BASE = {"synthetic": "mlp256x2", "fashion_mnist": "cnn16", "cifar100": "resnet56"}
@@ -80,16 +111,21 @@ METHODS = {"kd": "KD", "kd_pt": "KD-pt (instance)", "kd_sim": "KD-sim (domain)"}
 DEFAULT_METHODS = {"fashion_mnist": ["kd"]}
 TEMPERATURES = [1.0, 2.0, 4.0]
 REFERENCE = "ce"  # the teacher-free student
-SCORES = {"superclass_score": "probabilities, tau 1", "superclass_high_tau_score": "probabilities, tau 4",
-          "weights_score": "logit-layer cosine"}
+SCORES = {
+    "superclass_score": "probabilities, tau 1",
+    "superclass_high_tau_score": "probabilities, tau 4",
+    "weights_score": "logit-layer cosine",
+}
 # The diagnosis quantities each teacher is compared on with fig3's teacher.
 COMPARED = {"q_c_q50": "median q_c", "q_c_std": "std q_c", **{key: f"score, {what}" for key, what in SCORES.items()}}
 # The sign the paper's diagnosis predicts for (teacher - fig3's teacher), for the teachers past fig3's
 # in a family (more smoothing, more capacity): a quantity of ``COMPARED`` or a student's accuracy.
 # A student from a label-smoothed teacher is predicted worse above tau 1 only: at tau 1 published
 # results find it no worse (HARMLESS_AT_TAU_1: held unless it is worse beyond the seed spread).
-PREDICTED = {"label smoothing": {"superclass_score": -1, "superclass_high_tau_score": -1, "kd": -1},
-             "capacity": {"q_c_q50": +1, "q_c_std": -1, "kd_pt": -1, "kd": -1}}
+PREDICTED = {
+    "label smoothing": {"superclass_score": -1, "superclass_high_tau_score": -1, "kd": -1},
+    "capacity": {"q_c_q50": +1, "q_c_std": -1, "kd_pt": -1, "kd": -1},
+}
 HARMLESS_AT_TAU_1 = {"label smoothing"}
 # A student's name: <method>-tau<t>@<teacher>; the CE reference is plain "ce".
 STUDENT = re.compile(r"(?P<student>[^@]+?)-tau(?P<tau>[^@]+)@(?P<teacher>.+)")
@@ -101,8 +137,12 @@ def student_label(method: str, teacher: str, tau: float) -> str:
 
 def variants(teachers, methods, temperatures) -> dict[str, list[str]]:
     """The CE reference and every (method, teacher, temperature) student, as ``build_jobs`` methods."""
-    students = {student_label(m, t, tau): [f"objective={m}", f"objective.temperature={tau}", *extra]
-                for t, extra in teachers.items() for tau in temperatures for m in methods}
+    students = {
+        student_label(m, t, tau): [f"objective={m}", f"objective.temperature={tau}", *extra]
+        for t, extra in teachers.items()
+        for tau in temperatures
+        for m in methods
+    }
     return {REFERENCE: [f"objective={REFERENCE}"], **students}
 
 
@@ -110,8 +150,9 @@ def with_teacher(df: pd.DataFrame) -> pd.DataFrame:
     """``collect``'s rows with the student's objective, temperature and teacher apart (CE: no teacher,
     teacher "" and tau NaN)."""
     parts = df.method.str.extract(STUDENT)
-    return df.assign(student=parts.student.fillna(df.method), tau=parts.tau.astype(float),
-                     teacher=parts.teacher.fillna(""))
+    return df.assign(
+        student=parts.student.fillna(df.method), tau=parts.tau.astype(float), teacher=parts.teacher.fillna("")
+    )
 
 
 def diagnose_teachers(runs: pd.DataFrame, jobs: dict, root: str):
@@ -135,30 +176,47 @@ def mean_std(values) -> tuple[float, float]:
     return values.mean(), values.std() if len(values) > 1 else 0.0
 
 
-def plot(students: pd.DataFrame, teachers: pd.DataFrame, examples: pd.DataFrame, families: dict, at: str,
-         metric: str = "test_acc_last"):
+def plot(
+    students: pd.DataFrame,
+    teachers: pd.DataFrame,
+    examples: pd.DataFrame,
+    families: dict,
+    at: str,
+    metric: str = "test_acc_last",
+):
     """One row per family: q_c over the training set, superclass scores, student accuracy per temperature."""
     ok = students[students.status == "completed"]
     series = ok[ok.teacher != ""][["student", "tau"]].drop_duplicates().sort_values(["student", "tau"])
-    fig, axes = plt.subplots(len(families), 3, figsize=(15, 4.4 * len(families)), constrained_layout=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(families), 3, figsize=(15, 4.4 * len(families)), constrained_layout=True, squeeze=False
+    )
     for row, (family, names) in zip(axes, families.items()):
         names = [t for t in names if t in set(teachers.teacher)]
         x = np.arange(len(names))
-        ticks = [f"{t}\nacc {mean_std(teachers[teachers.teacher == t].acc)[0]:.3f}, "
-                 f"ECE {mean_std(teachers[teachers.teacher == t].ece)[0]:.3f}" for t in names]
+        ticks = [
+            f"{t}\nacc {mean_std(teachers[teachers.teacher == t].acc)[0]:.3f}, "
+            f"ECE {mean_std(teachers[teachers.teacher == t].ece)[0]:.3f}"
+            for t in names
+        ]
         row[0].violinplot([examples[examples.teacher == t].q_c for t in names], x, showmedians=True)
         row[0].set_ylabel("teacher's q_c (tau 1) on the student's training set (all seeds)")
         for i, (key, what) in enumerate(SCORES.items()):
             stats = [mean_std(teachers[teachers.teacher == t][key]) for t in names]
-            row[1].errorbar(x + 0.1 * (i - 1), [m for m, _ in stats], yerr=[s for _, s in stats], fmt="o-",
-                            capsize=3, label=what)
+            row[1].errorbar(
+                x + 0.1 * (i - 1), [m for m, _ in stats], yerr=[s for _, s in stats], fmt="o-", capsize=3, label=what
+            )
         row[1].axhline(0, color="k", lw=0.5)
         row[1].set_ylabel("superclass score: within - between")
         for i, r in enumerate(series.itertuples()):
             stats = [mean_std(ok[ok.method == student_label(r.student, t, r.tau)][metric]) for t in names]
-            row[2].errorbar(x + 0.06 * (i - (len(series) - 1) / 2), [m for m, _ in stats], yerr=[s for _, s in stats],
-                            fmt="o-", capsize=3, label=f"{METHODS[r.student]}, tau {r.tau:g}")
+            row[2].errorbar(
+                x + 0.06 * (i - (len(series) - 1) / 2),
+                [m for m, _ in stats],
+                yerr=[s for _, s in stats],
+                fmt="o-",
+                capsize=3,
+                label=f"{METHODS[r.student]}, tau {r.tau:g}",
+            )
         ce_mean, ce_std = mean_std(ok[ok.method == REFERENCE][metric])
         row[2].axhline(ce_mean, ls=":", color="grey", label=f"CE student: {ce_mean:.3f}")
         row[2].axhspan(ce_mean - ce_std, ce_mean + ce_std, color="grey", alpha=0.1)
@@ -191,8 +249,14 @@ def lookup(gaps: pd.DataFrame, **where) -> str:
 
 
 def teacher_table(teachers: pd.DataFrame, names: list[str]) -> list[str]:
-    columns = {"acc": "test acc", "ece": "ECE", "q_c_q10": "q_c 10%", "w_start_std": "std w (start)",
-               "effective_smoothing": "effective eps", **COMPARED}
+    columns = {
+        "acc": "test acc",
+        "ece": "ECE",
+        "q_c_q10": "q_c 10%",
+        "w_start_std": "std w (start)",
+        "effective_smoothing": "effective eps",
+        **COMPARED,
+    }
     lines = ["| teacher | " + " | ".join(columns.values()) + " |", "|---|" + "---|" * len(columns)]
     for t in names:
         rows = teachers[teachers.teacher == t]
@@ -200,8 +264,9 @@ def teacher_table(teachers: pd.DataFrame, names: list[str]) -> list[str]:
     return lines
 
 
-def student_table(ok: pd.DataFrame, names: list[str], methods: list[str], tau: float, base: str,
-                  vs_base: pd.DataFrame, metric: str) -> list[str]:
+def student_table(
+    ok: pd.DataFrame, names: list[str], methods: list[str], tau: float, base: str, vs_base: pd.DataFrame, metric: str
+) -> list[str]:
     """At one temperature: accuracy per teacher and method, KD's paired gains over CE and over KD-pt
     (the domain level), and each method's gap to the same method distilled from fig3's teacher."""
     gains = {"KD - CE": lambda t: (student_label("kd", t, tau), REFERENCE)}
@@ -223,13 +288,15 @@ def teacher_of(labels: pd.Series) -> pd.Series:
     return labels.str.extract(STUDENT).teacher.fillna("")
 
 
-def against_base(teachers: pd.DataFrame, ok: pd.DataFrame, others: list[str], base: str, temperatures,
-                 metric: str) -> pd.DataFrame:
+def against_base(
+    teachers: pd.DataFrame, ok: pd.DataFrame, others: list[str], base: str, temperatures, metric: str
+) -> pd.DataFrame:
     """Each teacher minus fig3's teacher, paired by seed: ``paired_gaps`` rows with the teacher, the
     quantity (a column of ``COMPARED``, or a student method: its accuracy) and, for students, the tau."""
     by_teacher = teachers.assign(method=teachers.teacher)
-    frames = [paired_gaps(by_teacher, [(t, base) for t in others], key, by="data").assign(quantity=key)
-              for key in COMPARED]
+    frames = [
+        paired_gaps(by_teacher, [(t, base) for t in others], key, by="data").assign(quantity=key) for key in COMPARED
+    ]
     frames = [f.assign(teacher=f.a, tau=np.nan) for f in frames]
     for m in METHODS:
         for tau in temperatures:
@@ -241,8 +308,9 @@ def against_base(teachers: pd.DataFrame, ok: pd.DataFrame, others: list[str], ba
 
 def base_table(gaps: pd.DataFrame, others: list[str]) -> list[str]:
     lines = ["| teacher | " + " | ".join(COMPARED.values()) + " |", "|---|" + "---|" * len(COMPARED)]
-    return lines + [f"| {t} | " + " | ".join(lookup(gaps, teacher=t, quantity=q) for q in COMPARED) + " |"
-                    for t in others]
+    return lines + [
+        f"| {t} | " + " | ".join(lookup(gaps, teacher=t, quantity=q) for q in COMPARED) + " |" for t in others
+    ]
 
 
 def verdicts(gaps: pd.DataFrame, families: dict, base: str) -> list[str]:
@@ -252,7 +320,7 @@ def verdicts(gaps: pd.DataFrame, families: dict, base: str) -> list[str]:
     lines = []
     for family, predicted in PREDICTED.items():
         names = families.get(family, [])
-        for t in names[names.index(base) + 1:] if base in names else []:
+        for t in names[names.index(base) + 1 :] if base in names else []:
             for quantity, sign in predicted.items():
                 for r in gaps[(gaps.teacher == t) & (gaps.quantity == quantity)].itertuples():
                     at = "" if np.isnan(r.tau) else f" at tau {r.tau:g}"
@@ -260,16 +328,27 @@ def verdicts(gaps: pd.DataFrame, families: dict, base: str) -> list[str]:
                     strength = "one seed" if r.n < 2 else spread
                     if family in HARMLESS_AT_TAU_1 and quantity in METHODS and r.tau == 1:
                         harmed = r.gap < 0 and r.exceeds_spread
-                        verdict = "against the prediction of no harm at tau 1" if harmed else "as predicted: no harm at tau 1"
+                        verdict = (
+                            "against the prediction of no harm at tau 1" if harmed else "as predicted: no harm at tau 1"
+                        )
                     else:
                         verdict = "as predicted" if np.sign(r.gap) == sign else "against the prediction"
-                    lines.append(f"- {family}: {t} - {base}, {labels[quantity]}{at}: {gap_text(r)}, {verdict} "
-                                 f"({strength}).")
+                    lines.append(
+                        f"- {family}: {t} - {base}, {labels[quantity]}{at}: {gap_text(r)}, {verdict} ({strength})."
+                    )
     return lines
 
 
-def summarise(students: pd.DataFrame, teachers: pd.DataFrame, families: dict, base: str, at: str,
-              seconds: float, metric: str = "test_acc_last", rerun: str = "`make reproduce-failures`") -> str:
+def summarise(
+    students: pd.DataFrame,
+    teachers: pd.DataFrame,
+    families: dict,
+    base: str,
+    at: str,
+    seconds: float,
+    metric: str = "test_acc_last",
+    rerun: str = "`make reproduce-failures`",
+) -> str:
     ok = students[students.status == "completed"]
     teachers = teachers.assign(data=ok.data.iloc[0])
     failed = students[students.status != "completed"]
@@ -279,27 +358,44 @@ def summarise(students: pd.DataFrame, teachers: pd.DataFrame, families: dict, ba
     methods = [m for m in METHODS if m in set(distilled.student)]
     temperatures = sorted(set(distilled.tau))
     gaps = against_base(teachers, ok, others, base, temperatures, metric)
-    lines = [f"# Failures of KD: label-smoothed and larger teachers ({at})", "",
-             f"{len(ok)} student runs completed, {len(failed)} failed; {ok.seed.nunique()} seeds; "
-             f"wall time {seconds / 60:.1f} min. Mean ± std over seeds; a gap is the mean over seeds of a "
-             "paired difference (same seed = same data) ± its std, * where |gap| exceeds that spread.", "",
-             "## Teachers (kd.analysis.diagnose)", "",
-             "Accuracy and ECE on the test split; the rest over the student's training set, the examples KD "
-             "distils on (the teacher trained on them too), at tau 1. w at the start of distillation (student p "
-             "uniform), a property of the teacher alone. Score = mean within-superclass minus mean "
-             "between-superclass entry of the teacher's class-probability correlation across examples (at tau 1 "
-             "and at tau 4), or of its logit-layer cosine (KD-sim's source).", "", *teacher_table(teachers, names), "",
-             f"## Each teacher minus fig3's teacher ({base})", "", *base_table(gaps, others), "",
-             f"## Students ({metric}), by the temperature they are distilled at", "",
-             f"CE student (no teacher): {cell(ok[ok.method == REFERENCE][metric])}.", "",
-             *(line for tau in temperatures for line in student_table(ok, names, methods, tau, base, gaps, metric)),
-             "## Against the paper's diagnosis", "",
-             "Predicted: label smoothing erases class relationships (lower superclass scores) and KD from such a "
-             "teacher does worse; a larger, over-confident teacher pushes q_c towards 1 and narrows its spread "
-             "(little instance-level signal), and KD-pt and KD from it do worse. Published results find "
-             "label-smoothed teachers harmless at tau 1 and harmful above it.", "", *verdicts(gaps, families, base)]
-    return ending(lines, failed, f"{rerun} (see README for settings and time).",
-                  describe=lambda r: f"{r.method} seed={r.seed}")
+    lines = [
+        f"# Failures of KD: label-smoothed and larger teachers ({at})",
+        "",
+        f"{len(ok)} student runs completed, {len(failed)} failed; {ok.seed.nunique()} seeds; "
+        f"wall time {seconds / 60:.1f} min. Mean ± std over seeds; a gap is the mean over seeds of a "
+        "paired difference (same seed = same data) ± its std, * where |gap| exceeds that spread.",
+        "",
+        "## Teachers (kd.analysis.diagnose)",
+        "",
+        "Accuracy and ECE on the test split; the rest over the student's training set, the examples KD "
+        "distils on (the teacher trained on them too), at tau 1. w at the start of distillation (student p "
+        "uniform), a property of the teacher alone. Score = mean within-superclass minus mean "
+        "between-superclass entry of the teacher's class-probability correlation across examples (at tau 1 "
+        "and at tau 4), or of its logit-layer cosine (KD-sim's source).",
+        "",
+        *teacher_table(teachers, names),
+        "",
+        f"## Each teacher minus fig3's teacher ({base})",
+        "",
+        *base_table(gaps, others),
+        "",
+        f"## Students ({metric}), by the temperature they are distilled at",
+        "",
+        f"CE student (no teacher): {cell(ok[ok.method == REFERENCE][metric])}.",
+        "",
+        *(line for tau in temperatures for line in student_table(ok, names, methods, tau, base, gaps, metric)),
+        "## Against the paper's diagnosis",
+        "",
+        "Predicted: label smoothing erases class relationships (lower superclass scores) and KD from such a "
+        "teacher does worse; a larger, over-confident teacher pushes q_c towards 1 and narrows its spread "
+        "(little instance-level signal), and KD-pt and KD from it do worse. Published results find "
+        "label-smoothed teachers harmless at tau 1 and harmful above it.",
+        "",
+        *verdicts(gaps, families, base),
+    ]
+    return ending(
+        lines, failed, f"{rerun} (see README for settings and time).", describe=lambda r: f"{r.method} seed={r.seed}"
+    )
 
 
 def main(argv=None) -> Path:
@@ -307,25 +403,29 @@ def main(argv=None) -> Path:
     cli.add_argument("--delta", type=float, default=0.5, help="synthetic data: the class-relationship strength")
     cli.add_argument("--per-class", type=int, default=60, help="fashion_mnist: the students' training images per class")
     cli.add_argument("--teachers", nargs="+", help="a subset of the teachers (default: all of the data set's)")
-    cli.add_argument("--methods", nargs="+", choices=list(METHODS),
-                     help="the distilled students (default: all; fashion_mnist: kd)")
-    cli.add_argument("--temperatures", type=float, nargs="+", default=TEMPERATURES,
-                     help="the taus every student is distilled at")
+    cli.add_argument(
+        "--methods", nargs="+", choices=list(METHODS), help="the distilled students (default: all; fashion_mnist: kd)"
+    )
+    cli.add_argument(
+        "--temperatures", type=float, nargs="+", default=TEMPERATURES, help="the taus every student is distilled at"
+    )
     args = cli.parse_args(argv)
     check_data(args.data, "failures", supported=tuple(DATA))
     known = TEACHERS[args.data]
     unknown = sorted(set(args.teachers or ()) - set(known))
     if unknown:
-        raise SystemExit(f"error: --teachers {unknown[0]} is not a teacher of --data={args.data}; choose from: "
-                         f"{', '.join(known)}")
+        raise SystemExit(
+            f"error: --teachers {unknown[0]} is not a teacher of --data={args.data}; choose from: {', '.join(known)}"
+        )
     if min(args.temperatures) <= 0:
         raise SystemExit(f"error: --temperatures {min(args.temperatures):g} must be positive")
     chosen = {t: known[t] for t in args.teachers or known}
     methods = args.methods or DEFAULT_METHODS.get(args.data, list(METHODS))
     families = {f: [t for t in names if t in chosen] for f, names in FAMILIES[args.data].items()}
     start = time.time()
-    jobs = build_jobs(args.data, axis_points(args), args.seeds, variants(chosen, methods, args.temperatures),
-                      run_overrides(args))
+    jobs = build_jobs(
+        args.data, axis_points(args), args.seeds, variants(chosen, methods, args.temperatures), run_overrides(args)
+    )
     require_data(next(iter(jobs.values())))
     records = sweep(jobs, args, "failures")
     runs = with_teacher(collect(records).assign(job=list(jobs), data=args.data))
@@ -335,10 +435,15 @@ def main(argv=None) -> Path:
     seconds = time.time() - start
     at = where(args.data, axis_points(args))
     summary = summarise(runs, teachers, families, BASE[args.data], at, seconds, rerun=rerun("failures", args.data))
-    out = publish("failures", args.out, {"failures": runs.drop(columns=["objective"]), "failures_teachers": teachers,
-                                         "failures_examples": examples},
-                  {"failures": plot(runs, teachers, examples, families, at)}, summary,
-                  wandb=not args.no_wandb, config=vars(args))
+    out = publish(
+        "failures",
+        args.out,
+        {"failures": runs.drop(columns=["objective"]), "failures_teachers": teachers, "failures_examples": examples},
+        {"failures": plot(runs, teachers, examples, families, at)},
+        summary,
+        wandb=not args.no_wandb,
+        config=vars(args),
+    )
     print(f"[kd] failures written to {out} in {seconds / 60:.1f} min")
     return out
 

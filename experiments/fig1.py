@@ -24,8 +24,20 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 from kd.analysis import instance
-from kd.drivers import (axis_points, build_jobs, check_data, collect, ending, load_job, parser, require_data, rerun,
-                        run_overrides, sweep, where)
+from kd.drivers import (
+    axis_points,
+    build_jobs,
+    check_data,
+    collect,
+    ending,
+    load_job,
+    parser,
+    require_data,
+    rerun,
+    run_overrides,
+    sweep,
+    where,
+)
 from kd.objectives import targets
 from kd.report import publish
 
@@ -46,23 +58,37 @@ def per_example(runs: pd.DataFrame, jobs: dict, root: str) -> pd.DataFrame:
         cfg, student, teacher, dm = load_job(root, r.job, jobs[r.job])
         weight_key, target = METHODS[r.method]
         for split in SPLITS:
-            rows = instance.per_example(student, teacher, dm, cfg.objective[weight_key], split,
-                                        cfg.objective.get("temperature", 1.0), target)
+            rows = instance.per_example(
+                student, teacher, dm, cfg.objective[weight_key], split, cfg.objective.get("temperature", 1.0), target
+            )
             frames.append(rows.assign(method=r.method, seed=r.seed, split=split))
     return pd.concat(frames, ignore_index=True)
 
 
 def binned(examples: pd.DataFrame, bins: int) -> pd.DataFrame:
     """``instance.binned`` per method and split, over all seeds."""
-    return pd.concat([instance.binned(g.q_c, g.w, bins).assign(method=m, split=s)
-                      for (m, s), g in examples.groupby(["method", "split"])], ignore_index=True)
+    return pd.concat(
+        [
+            instance.binned(g.q_c, g.w, bins).assign(method=m, split=s)
+            for (m, s), g in examples.groupby(["method", "split"])
+        ],
+        ignore_index=True,
+    )
 
 
 def per_seed(examples: pd.DataFrame) -> pd.DataFrame:
     """Per method, split and seed: Spearman correlation of w with q_c, median and spread of w."""
+
     def stats(g):
-        return pd.Series({"spearman": g.w.rank().corr(g.q_c.rank()), "median": g.w.median(),
-                          "iqr": g.w.quantile(0.75) - g.w.quantile(0.25), "near_zero": (g.w.abs() < 0.1).mean()})
+        return pd.Series(
+            {
+                "spearman": g.w.rank().corr(g.q_c.rank()),
+                "median": g.w.median(),
+                "iqr": g.w.quantile(0.75) - g.w.quantile(0.25),
+                "near_zero": (g.w.abs() < 0.1).mean(),
+            }
+        )
+
     return examples.groupby(["method", "split", "seed"])[["w", "q_c"]].apply(stats).reset_index()
 
 
@@ -75,8 +101,13 @@ def plot(examples: pd.DataFrame, curves: pd.DataFrame, at: str):
             below, above = (rows.w < W_RANGE[0]).sum(), (rows.w > W_RANGE[1]).sum()
             clipped = f"{below} points below {W_RANGE[0]:g}" + (f", {above} above {W_RANGE[1]:g}" if above else "")
             ax.scatter(rows.q_c, rows.w.clip(*W_RANGE), s=4, alpha=0.25, color=f"C{i}")
-            ax.plot(curve.q_c, curve.w_median, color=f"C{i}", marker="o",
-                    label=f"{LABELS[method]} (median per bin; {clipped} drawn at the edge)")
+            ax.plot(
+                curve.q_c,
+                curve.w_median,
+                color=f"C{i}",
+                marker="o",
+                label=f"{LABELS[method]} (median per bin; {clipped} drawn at the edge)",
+            )
             ax.fill_between(curve.q_c, curve.w_q25, curve.w_q75, color=f"C{i}", alpha=0.2)
         ax.axhline(0, color="k", lw=0.5)
         ax.set_ylim(W_RANGE[0] - 0.05, W_RANGE[1])
@@ -89,24 +120,44 @@ def plot(examples: pd.DataFrame, curves: pd.DataFrame, at: str):
     return fig
 
 
-def summarise(seeds: pd.DataFrame, curves: pd.DataFrame, runs: pd.DataFrame, at: str, seconds: float,
-              rerun: str = "`make reproduce-fig1`") -> str:
+def summarise(
+    seeds: pd.DataFrame,
+    curves: pd.DataFrame,
+    runs: pd.DataFrame,
+    at: str,
+    seconds: float,
+    rerun: str = "`make reproduce-fig1`",
+) -> str:
     failed = runs[runs.status != "completed"]
     ends = curves.sort_values("q_c").groupby(["method", "split"]).w_median.agg(["first", "last"])
-    agg = seeds.groupby(["method", "split"])[["spearman", "median", "iqr", "near_zero"]].agg(["mean", "std"]).fillna(0.0)
-    lines = [f"# Fig. 1: gradient rescaling factor w against the teacher's confidence q_c ({at})", "",
-             f"{len(runs) - len(failed)} runs completed, {len(failed)} failed; {seeds.seed.nunique()} seeds; "
-             f"wall time {seconds / 60:.1f} min. Mean ± std over seeds of per-seed statistics.", "",
-             "| method | examples | Spearman(w, q_c) | median w | IQR of w | share with abs(w) < 0.1 "
-             "| median w, lowest / highest q_c bin (all seeds) |", "|---|---|---|---|---|---|---|"]
+    agg = (
+        seeds.groupby(["method", "split"])[["spearman", "median", "iqr", "near_zero"]].agg(["mean", "std"]).fillna(0.0)
+    )
+    lines = [
+        f"# Fig. 1: gradient rescaling factor w against the teacher's confidence q_c ({at})",
+        "",
+        f"{len(runs) - len(failed)} runs completed, {len(failed)} failed; {seeds.seed.nunique()} seeds; "
+        f"wall time {seconds / 60:.1f} min. Mean ± std over seeds of per-seed statistics.",
+        "",
+        "| method | examples | Spearman(w, q_c) | median w | IQR of w | share with abs(w) < 0.1 "
+        "| median w, lowest / highest q_c bin (all seeds) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (method, split), row in agg.iterrows():
-        lines.append(f"| {LABELS[method]} | {split} | " + " | ".join(
-            f"{row[(c, 'mean')]:.3f} ± {row[(c, 'std')]:.3f}" for c in ("spearman", "median", "iqr", "near_zero"))
-            + f" | {ends.loc[(method, split), 'first']:.3f} / {ends.loc[(method, split), 'last']:.3f} |")
-    lines += ["", "How to read it: KD's w uses the teacher's q_c; LS's w uses only the student's own p_c, so any "
-              "correlation of LS's w with q_c comes from the student being confident where the teacher is. A "
-              "trained student near its optimum (p_c = 1 - lam (1 - q_c) for KD, 1 - eps (1 - 1/K) for LS) has "
-              "w near 0 on the examples it fits; w < 0 where it is more confident than its target."]
+        lines.append(
+            f"| {LABELS[method]} | {split} | "
+            + " | ".join(
+                f"{row[(c, 'mean')]:.3f} ± {row[(c, 'std')]:.3f}" for c in ("spearman", "median", "iqr", "near_zero")
+            )
+            + f" | {ends.loc[(method, split), 'first']:.3f} / {ends.loc[(method, split), 'last']:.3f} |"
+        )
+    lines += [
+        "",
+        "How to read it: KD's w uses the teacher's q_c; LS's w uses only the student's own p_c, so any "
+        "correlation of LS's w with q_c comes from the student being confident where the teacher is. A "
+        "trained student near its optimum (p_c = 1 - lam (1 - q_c) for KD, 1 - eps (1 - 1/K) for LS) has "
+        "w near 0 on the examples it fits; w < 0 where it is more confident than its target.",
+    ]
     return ending(lines, failed, f"{rerun} (see README for settings and time).")
 
 
@@ -127,9 +178,15 @@ def main(argv=None) -> Path:
     curves = binned(examples, args.bins)
     seconds = time.time() - start
     at = where(args.data, axis_points(args))
-    out = publish("fig1", args.out, {"fig1": examples, "fig1_binned": curves}, {"fig1": plot(examples, curves, at)},
-                  summarise(per_seed(examples), curves, runs, at, seconds, rerun("fig1", args.data)),
-                  wandb=not args.no_wandb, config=vars(args))
+    out = publish(
+        "fig1",
+        args.out,
+        {"fig1": examples, "fig1_binned": curves},
+        {"fig1": plot(examples, curves, at)},
+        summarise(per_seed(examples), curves, runs, at, seconds, rerun("fig1", args.data)),
+        wandb=not args.no_wandb,
+        config=vars(args),
+    )
     print(f"[kd] fig1 written to {out} in {seconds / 60:.1f} min")
     return out
 

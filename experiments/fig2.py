@@ -23,8 +23,20 @@ import pandas as pd
 import torch
 
 from kd.analysis import domain, universe
-from kd.drivers import (axis_points, build_jobs, check_data, collect, ending, load_job, parser, require_data, rerun,
-                        run_overrides, sweep, where)
+from kd.drivers import (
+    axis_points,
+    build_jobs,
+    check_data,
+    collect,
+    ending,
+    load_job,
+    parser,
+    require_data,
+    rerun,
+    run_overrides,
+    sweep,
+    where,
+)
 from kd.report import publish
 from kd.stats import paired_gaps
 
@@ -32,10 +44,12 @@ STUDENTS = ["ce", "ls", "kd"]
 
 
 def matrix_labels(tau: float) -> dict[str, str]:
-    return {"teacher_probs_tau1": "teacher probabilities, tau = 1",
-            f"teacher_probs_tau{tau:g}": f"teacher probabilities, tau = {tau:g}",
-            "weights_teacher": "teacher logit-layer cosine",
-            **{f"weights_{m}": f"{m.upper()} student logit-layer cosine" for m in STUDENTS}}
+    return {
+        "teacher_probs_tau1": "teacher probabilities, tau = 1",
+        f"teacher_probs_tau{tau:g}": f"teacher probabilities, tau = {tau:g}",
+        "weights_teacher": "teacher logit-layer cosine",
+        **{f"weights_{m}": f"{m.upper()} student logit-layer cosine" for m in STUDENTS},
+    }
 
 
 def seed_matrices(loaded: dict, tau: float, split: str):
@@ -61,7 +75,7 @@ def plot(matrices: dict, superclass_of: torch.Tensor, labels: dict, seed: int, a
         ax.set_title(f"{labels[name]}\nwithin - between = {score:+.2f}", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
-    for ax in list(axes.flat)[len(matrices):]:
+    for ax in list(axes.flat)[len(matrices) :]:
         ax.axis("off")
     fig.colorbar(image, ax=axes, shrink=0.6, label="correlation / cosine")
     fig.suptitle(f"Fig. 2: domain knowledge, classes ordered by superclass ({at}, seed {seed})")
@@ -73,32 +87,71 @@ def long_form(matrices: dict, seed: int) -> pd.DataFrame:
     frames = []
     for name, matrix in matrices.items():
         k = matrix.shape[0]
-        frames.append(pd.DataFrame({"seed": seed, "matrix": name, "row": torch.arange(k).repeat_interleave(k).numpy(),
-                                    "col": torch.arange(k).repeat(k).numpy(), "value": matrix.flatten().numpy()}))
+        frames.append(
+            pd.DataFrame(
+                {
+                    "seed": seed,
+                    "matrix": name,
+                    "row": torch.arange(k).repeat_interleave(k).numpy(),
+                    "col": torch.arange(k).repeat(k).numpy(),
+                    "value": matrix.flatten().numpy(),
+                }
+            )
+        )
     return pd.concat(frames, ignore_index=True)
 
 
-def summarise(scores: pd.DataFrame, smoothing: pd.DataFrame, failed: pd.DataFrame, labels: dict, tau: float,
-              split: str, seconds: float, at: str = "synthetic", rerun: str = "`make reproduce-fig2`") -> str:
+def summarise(
+    scores: pd.DataFrame,
+    smoothing: pd.DataFrame,
+    failed: pd.DataFrame,
+    labels: dict,
+    tau: float,
+    split: str,
+    seconds: float,
+    at: str = "synthetic",
+    rerun: str = "`make reproduce-fig2`",
+) -> str:
     stats = scores.groupby("matrix", sort=False)[["within", "between", "score"]].agg(["mean", "std"]).fillna(0.0)
-    lines = [f"# Fig. 2: domain knowledge ({at}; within- vs between-superclass similarity, mean ± std over seeds)", "",
-             f"{scores.seed.nunique()} seeds; teacher probabilities on the {split} split; wall time "
-             f"{seconds / 60:.1f} min.", "",
-             "| matrix | within superclass | between | within - between |", "|---|---|---|---|"]
+    lines = [
+        f"# Fig. 2: domain knowledge ({at}; within- vs between-superclass similarity, mean ± std over seeds)",
+        "",
+        f"{scores.seed.nunique()} seeds; teacher probabilities on the {split} split; wall time {seconds / 60:.1f} min.",
+        "",
+        "| matrix | within superclass | between | within - between |",
+        "|---|---|---|---|",
+    ]
     for name in stats.index:
         row = stats.loc[name]
-        lines.append(f"| {labels[name]} | " + " | ".join(f"{row[(c, 'mean')]:+.3f} ± {row[(c, 'std')]:.3f}"
-                                                         for c in ("within", "between", "score")) + " |")
-    lines += ["", "## The paper's claims, seed by seed", "",
-              "Gap = mean over seeds of the paired difference of within - between scores ± its std.", ""]
-    pairs = [(f"teacher_probs_tau{tau:g}", "teacher_probs_tau1"), ("weights_kd", "weights_ce"),
-             ("weights_kd", "weights_ls")]
+        lines.append(
+            f"| {labels[name]} | "
+            + " | ".join(f"{row[(c, 'mean')]:+.3f} ± {row[(c, 'std')]:.3f}" for c in ("within", "between", "score"))
+            + " |"
+        )
+    lines += [
+        "",
+        "## The paper's claims, seed by seed",
+        "",
+        "Gap = mean over seeds of the paired difference of within - between scores ± its std.",
+        "",
+    ]
+    pairs = [
+        (f"teacher_probs_tau{tau:g}", "teacher_probs_tau1"),
+        ("weights_kd", "weights_ce"),
+        ("weights_kd", "weights_ls"),
+    ]
     for r in paired_gaps(scores.assign(method=scores.matrix, delta=0), pairs, "score", by="delta").itertuples():
-        lines.append(f"- {labels[r.a]} > {labels[r.b]}: gap {r.gap:+.3f} ± {r.spread:.3f} over {r.n} seeds"
-                     f"{', beyond the seed spread' if r.exceeds_spread else ''}.")
+        lines.append(
+            f"- {labels[r.a]} > {labels[r.b]}: gap {r.gap:+.3f} ± {r.spread:.3f} over {r.n} seeds"
+            f"{', beyond the seed spread' if r.exceeds_spread else ''}."
+        )
     eps = smoothing.groupby("tau").effective_smoothing.agg(["mean", "std"]).fillna(0.0)
-    lines += ["", "Universe level: the teacher acts on average like label smoothing with eps = "
-              + ", ".join(f"{r['mean']:.3f} ± {r['std']:.3f} at tau = {t:g}" for t, r in eps.iterrows()) + "."]
+    lines += [
+        "",
+        "Universe level: the teacher acts on average like label smoothing with eps = "
+        + ", ".join(f"{r['mean']:.3f} ± {r['std']:.3f} at tau = {t:g}" for t, r in eps.iterrows())
+        + ".",
+    ]
     return ending(lines, failed, f"{rerun} (see README for settings and time).")
 
 
@@ -122,7 +175,9 @@ def main(argv=None) -> Path:
         found, superclass_of, eps = seed_matrices(loaded, args.tau, args.split)
         if superclass_of is None:
             raise SystemExit("error: fig2 orders and scores classes by superclass; this data set has none")
-        scores += [{"seed": seed, "matrix": name, **domain.superclass_score(m, superclass_of)} for name, m in found.items()]
+        scores += [
+            {"seed": seed, "matrix": name, **domain.superclass_score(m, superclass_of)} for name, m in found.items()
+        ]
         smoothing += [{"seed": seed, "tau": t, "effective_smoothing": e} for t, e in eps.items()]
         matrices.append(long_form(found, seed))
         figure = figure or plot(found, superclass_of, labels, seed, at)
@@ -130,10 +185,26 @@ def main(argv=None) -> Path:
         raise SystemExit(f"error: no fig2 run completed; see {args.runs}/runs/*/results.json")
     scores, smoothing = pd.DataFrame(scores), pd.DataFrame(smoothing)
     seconds = time.time() - start
-    summary = summarise(scores, smoothing, runs[runs.status != "completed"], labels, args.tau, args.split, seconds, at,
-                        rerun("fig2", args.data))
-    out = publish("fig2", args.out, {"fig2": scores, "fig2_matrices": pd.concat(matrices, ignore_index=True)},
-                  {"fig2": figure}, summary, wandb=not args.no_wandb, config=vars(args))
+    summary = summarise(
+        scores,
+        smoothing,
+        runs[runs.status != "completed"],
+        labels,
+        args.tau,
+        args.split,
+        seconds,
+        at,
+        rerun("fig2", args.data),
+    )
+    out = publish(
+        "fig2",
+        args.out,
+        {"fig2": scores, "fig2_matrices": pd.concat(matrices, ignore_index=True)},
+        {"fig2": figure},
+        summary,
+        wandb=not args.no_wandb,
+        config=vars(args),
+    )
     print(f"[kd] fig2 written to {out} in {seconds / 60:.1f} min")
     return out
 

@@ -21,12 +21,24 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
-
 from hydra.utils import instantiate
 
 from kd.analysis.domain import sibling_mass
-from kd.drivers import (AXES, DATA, axis_points, build_jobs, check_data, collect, ending, parser,
-                        require_data, rerun, run_overrides, sweep, teacher_accuracy)
+from kd.drivers import (
+    AXES,
+    DATA,
+    axis_points,
+    build_jobs,
+    check_data,
+    collect,
+    ending,
+    parser,
+    require_data,
+    rerun,
+    run_overrides,
+    sweep,
+    teacher_accuracy,
+)
 from kd.predict import probabilities
 from kd.report import publish
 from kd.runner import compose_config
@@ -35,8 +47,16 @@ from kd.stats import paired_gaps
 METHODS = ["ce", "ls", "kd_sim", "kd_pt", "kd_pt_sim", "kd", "kd_topk"]
 # Every method --methods takes, in the order of plots and tables: the default ones, then DKD, the peer
 # (with its own defaults, mdistiller's CIFAR-100 recipe; configs/objective/dkd.yaml).
-LABELS = {"ce": "CE (none)", "ls": "LS (universe)", "kd_sim": "KD-sim (domain)", "kd_pt": "KD-pt (instance)",
-          "kd_pt_sim": "KD-pt+sim", "kd": "KD", "kd_topk": "KD-topk", "dkd": "DKD (peer)"}
+LABELS = {
+    "ce": "CE (none)",
+    "ls": "LS (universe)",
+    "kd_sim": "KD-sim (domain)",
+    "kd_pt": "KD-pt (instance)",
+    "kd_pt_sim": "KD-pt+sim",
+    "kd": "KD",
+    "kd_topk": "KD-topk",
+    "dkd": "DKD (peer)",
+}
 # The paper's reported order of benefit, each level against the one below it.
 ORDERING = [("kd_pt", "kd_sim"), ("kd_sim", "ls"), ("ls", "ce")]
 
@@ -83,8 +103,14 @@ def plot(df: pd.DataFrame, metric: str = "test_acc_last"):
     positions = sorted(gaps[by].unique())
     for i, ((a, b), rows) in enumerate(gaps.groupby(["a", "b"], sort=False)):
         x = [positions.index(v) + 0.12 * (i - 1) for v in rows[by]]
-        right.errorbar(x, rows.gap, yerr=[rows.gap - rows.ci_low, rows.ci_high - rows.gap], fmt="o", capsize=4,
-                       label=f"{LABELS[a]} − {LABELS[b]}")
+        right.errorbar(
+            x,
+            rows.gap,
+            yerr=[rows.gap - rows.ci_low, rows.ci_high - rows.gap],
+            fmt="o",
+            capsize=4,
+            label=f"{LABELS[a]} − {LABELS[b]}",
+        )
     right.axhline(0, color="k", lw=0.8)
     right.set_xticks(range(len(positions)), [position(by, v) for v in positions])
     right.set_ylabel(f"paired gap in {metric.replace('_', ' ')} (95% paired-t interval)")
@@ -107,21 +133,35 @@ def generator(jobs: dict[str, list[str]]) -> pd.DataFrame:
         dm.setup()
         out = probabilities(dm.oracle_teacher(), dm, "test")
         m, k = dm.hparams.subclasses, dm.num_classes
-        rows.append({"delta": dm.hparams.delta, "seed": dm.hparams.seed,
-                     "bayes_acc": (out["probs"].argmax(1) == out["labels"]).float().mean().item(),
-                     "sibling_mass": sibling_mass(out["probs"], out["labels"], dm.superclass_of),
-                     "sibling_chance": (m - 1) / (k - 1)})
+        rows.append(
+            {
+                "delta": dm.hparams.delta,
+                "seed": dm.hparams.seed,
+                "bayes_acc": (out["probs"].argmax(1) == out["labels"]).float().mean().item(),
+                "sibling_mass": sibling_mass(out["probs"], out["labels"], dm.superclass_of),
+                "sibling_chance": (m - 1) / (k - 1),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def generator_lines(gen: pd.DataFrame) -> list[str]:
     stats = gen.groupby("delta")[["bayes_acc", "sibling_mass"]].agg(["mean", "std"])
-    lines = ["", "## The data at each delta (oracle teacher = exact Bayes posterior, test split)", "",
-             f"Sibling mass: share of the oracle's wrong-class mass on the true class's superclass siblings "
-             f"(chance {gen.sibling_chance.iloc[0]:.3f}).", "",
-             "| delta | Bayes accuracy | sibling mass |", "|---|---|---|"]
-    lines += [f"| {d:g} | {r[('bayes_acc', 'mean')]:.3f} ± {r[('bayes_acc', 'std')]:.3f} | "
-              f"{r[('sibling_mass', 'mean')]:.3f} ± {r[('sibling_mass', 'std')]:.3f} |" for d, r in stats.iterrows()]
+    lines = [
+        "",
+        "## The data at each delta (oracle teacher = exact Bayes posterior, test split)",
+        "",
+        f"Sibling mass: share of the oracle's wrong-class mass on the true class's superclass siblings "
+        f"(chance {gen.sibling_chance.iloc[0]:.3f}).",
+        "",
+        "| delta | Bayes accuracy | sibling mass |",
+        "|---|---|---|",
+    ]
+    lines += [
+        f"| {d:g} | {r[('bayes_acc', 'mean')]:.3f} ± {r[('bayes_acc', 'std')]:.3f} | "
+        f"{r[('sibling_mass', 'mean')]:.3f} ± {r[('sibling_mass', 'std')]:.3f} |"
+        for d, r in stats.iterrows()
+    ]
     return lines
 
 
@@ -130,52 +170,93 @@ def claim_lines(gaps: pd.DataFrame, by: str) -> list[str]:
     lines = []
     for (a, b), rows in gaps.groupby(["a", "b"], sort=False):
         counts = rows.verdict.value_counts()
-        tally = ", ".join(f"{verdict} at {counts[verdict]}/{len(rows)}" for verdict in ("holds", "unresolved", "reversed")
-                          if verdict in counts)
-        detail = "; ".join(f"{position(by, r[by])}: {r.gap:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] {r.verdict}"
-                           for _, r in rows.iterrows())
+        tally = ", ".join(
+            f"{verdict} at {counts[verdict]}/{len(rows)}"
+            for verdict in ("holds", "unresolved", "reversed")
+            if verdict in counts
+        )
+        detail = "; ".join(
+            f"{position(by, r[by])}: {r.gap:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] {r.verdict}"
+            for _, r in rows.iterrows()
+        )
         lines.append(f"- {LABELS[a]} > {LABELS[b]}: {tally} {by} values ({detail}).")
     return lines
 
 
-def summarise(df: pd.DataFrame, seconds: float, metric: str = "test_acc_last", gen: pd.DataFrame | None = None,
-              teachers: dict[str, float] | None = None, rerun: str = "`make reproduce-fig3`") -> str:
+def summarise(
+    df: pd.DataFrame,
+    seconds: float,
+    metric: str = "test_acc_last",
+    gen: pd.DataFrame | None = None,
+    teachers: dict[str, float] | None = None,
+    rerun: str = "`make reproduce-fig3`",
+) -> str:
     ok = df[df.status == "completed"]
     failed = df[df.status != "completed"]
     by = axis(df)
     stats = ok.groupby(["method", by])[metric].agg(["mean", "std", "count"]).reset_index()
-    lines = [f"# Fig. 3: ablation of the knowledge levels ({metric}, mean ± std over seeds)", "",
-             f"{len(ok)} runs completed, {len(failed)} failed; {ok.seed.nunique()} seeds; "
-             f"wall time {seconds / 60:.1f} min for this invocation (finished runs are reused), "
-             f"{ok.seconds.sum() / 60:.1f} min summed over the runs (teacher training included).", ""]
+    lines = [
+        f"# Fig. 3: ablation of the knowledge levels ({metric}, mean ± std over seeds)",
+        "",
+        f"{len(ok)} runs completed, {len(failed)} failed; {ok.seed.nunique()} seeds; "
+        f"wall time {seconds / 60:.1f} min for this invocation (finished runs are reused), "
+        f"{ok.seconds.sum() / 60:.1f} min summed over the runs (teacher training included).",
+        "",
+    ]
     cells = stats["mean"].map("{:.3f}".format) + " ± " + stats["std"].fillna(0).map("{:.3f}".format)
     pivot = stats.assign(cell=cells).pivot(index="method", columns=by, values="cell")
     pivot = pivot.reindex([m for m in LABELS if m in set(stats.method)]).fillna("n/a")  # n/a: every seed failed
-    lines += ["| method | " + " | ".join(position(by, d) for d in pivot.columns) + " |",
-              "|---|" + "---|" * len(pivot.columns)]
+    lines += [
+        "| method | " + " | ".join(position(by, d) for d in pivot.columns) + " |",
+        "|---|" + "---|" * len(pivot.columns),
+    ]
     lines += [f"| {LABELS[m]} | " + " | ".join(pivot.loc[m]) + " |" for m in pivot.index]
-    lines += ["", "## The paper's ordering: instance > domain > universe > none", "",
-              "Gap = mean over seeds of the paired difference (same seed = same data and teacher), with its 95% "
-              "paired-t interval over seeds (gap ± t(0.975, n - 1) · std / √n). Verdict: *holds* when the interval "
-              "is above 0, *reversed* when below, *unresolved* when it contains 0.", ""]
+    lines += [
+        "",
+        "## The paper's ordering: instance > domain > universe > none",
+        "",
+        "Gap = mean over seeds of the paired difference (same seed = same data and teacher), with its 95% "
+        "paired-t interval over seeds (gap ± t(0.975, n - 1) · std / √n). Verdict: *holds* when the interval "
+        "is above 0, *reversed* when below, *unresolved* when it contains 0.",
+        "",
+    ]
     lines += claim_lines(paired_gaps(ok, ORDERING, metric, by=by), by)
     if gen is not None:
         lines += generator_lines(gen)
     if teachers:
         accs = pd.Series(teachers)
-        lines += ["", f"Teacher ({accs.index[0]}): test accuracy {accs.iloc[0]:.3f} (last epoch)." if len(accs) == 1
-                  else f"{len(accs)} teachers: test accuracy {accs.mean():.3f} ± {accs.std():.3f}, "
-                       f"{accs.min():.3f} to {accs.max():.3f} (last epoch)."]
-    return ending(lines, failed, f"{rerun} (see README for settings and time).",
-                  describe=lambda r: f"{r.method} {position(by, getattr(r, by))} seed={r.seed}")
+        lines += [
+            "",
+            f"Teacher ({accs.index[0]}): test accuracy {accs.iloc[0]:.3f} (last epoch)."
+            if len(accs) == 1
+            else f"{len(accs)} teachers: test accuracy {accs.mean():.3f} ± {accs.std():.3f}, "
+            f"{accs.min():.3f} to {accs.max():.3f} (last epoch).",
+        ]
+    return ending(
+        lines,
+        failed,
+        f"{rerun} (see README for settings and time).",
+        describe=lambda r: f"{r.method} {position(by, getattr(r, by))} seed={r.seed}",
+    )
 
 
 def main(argv=None) -> Path:
     cli = parser("fig3", __doc__, seeds={"synthetic": range(10), None: (0, 1, 2)})
-    cli.add_argument("--deltas", dest="delta", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0],
-                     help="synthetic data: the class-relationship strengths")
-    cli.add_argument("--per-class", type=int, nargs="+", default=[20, 60, 200],
-                     help="fashion_mnist: the students' training images per class")
+    cli.add_argument(
+        "--deltas",
+        dest="delta",
+        type=float,
+        nargs="+",
+        default=[0.5, 1.0, 2.0, 4.0],
+        help="synthetic data: the class-relationship strengths",
+    )
+    cli.add_argument(
+        "--per-class",
+        type=int,
+        nargs="+",
+        default=[20, 60, 200],
+        help="fashion_mnist: the students' training images per class",
+    )
     cli.add_argument("--methods", nargs="+", default=METHODS, choices=list(LABELS))
     args = cli.parse_args(argv)
     check_data(args.data, "fig3", supported=tuple(DATA))
@@ -188,8 +269,9 @@ def main(argv=None) -> Path:
     tables = {"fig3": df.drop(columns=["objective"])}
     if args.data == "synthetic":
         tables["fig3_generator"] = generator(jobs)
-    summary = summarise(df, seconds, gen=tables.get("fig3_generator"), teachers=teacher_accuracy(jobs),
-                        rerun=rerun("fig3", args.data))
+    summary = summarise(
+        df, seconds, gen=tables.get("fig3_generator"), teachers=teacher_accuracy(jobs), rerun=rerun("fig3", args.data)
+    )
     out = publish("fig3", args.out, tables, {"fig3": plot(df)}, summary, wandb=not args.no_wandb, config=vars(args))
     print(f"[kd] fig3 written to {out} in {seconds / 60:.1f} min")
     return out

@@ -20,8 +20,19 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from kd.drivers import (axis_points, build_jobs, check_data, collect, ending, parser, require_data, rerun,
-                        run_overrides, sweep, where)
+from kd.drivers import (
+    axis_points,
+    build_jobs,
+    check_data,
+    collect,
+    ending,
+    parser,
+    require_data,
+    rerun,
+    run_overrides,
+    sweep,
+    where,
+)
 from kd.objectives import TOPK_TAILS
 from kd.report import publish
 from kd.stats import paired_gaps
@@ -38,16 +49,21 @@ def topk_label(k: float, tail: str) -> str:
 
 def variants(ks, tails) -> dict[str, list[str]]:
     """The reference objectives and KD-topk at every (k, tail), as ``build_jobs`` methods."""
-    topk = {topk_label(k, tail): ["objective=kd_topk", f"objective.k={k}", f"objective.tail={tail}"]
-            for tail in tails for k in ks}
+    topk = {
+        topk_label(k, tail): ["objective=kd_topk", f"objective.k={k}", f"objective.tail={tail}"]
+        for tail in tails
+        for k in ks
+    }
     return {**{m: [f"objective={m}"] for m in REFERENCES}, **topk}
 
 
 def with_k(df: pd.DataFrame, ks, tails) -> pd.DataFrame:
     """``collect``'s rows with the k and tail of each KD-topk job (NaN / "" for the references)."""
     params = {topk_label(k, tail): (k, tail) for tail in tails for k in ks}
-    return df.assign(k=df.method.map(lambda m: params.get(m, (float("nan"), ""))[0]),
-                     tail=df.method.map(lambda m: params.get(m, (0, ""))[1]))
+    return df.assign(
+        k=df.method.map(lambda m: params.get(m, (float("nan"), ""))[0]),
+        tail=df.method.map(lambda m: params.get(m, (0, ""))[1]),
+    )
 
 
 def plot(df: pd.DataFrame, at: str, metric: str = "test_acc_last"):
@@ -63,8 +79,9 @@ def plot(df: pd.DataFrame, at: str, metric: str = "test_acc_last"):
     for tail, rows in ok[ok["tail"] != ""].groupby("tail"):
         stats = rows.groupby("k")[metric].agg(["mean", "std"]).fillna(0.0)
         line = ax.plot(stats.index, stats["mean"], marker="o", label=f"KD-topk, tail={tail}")[0]
-        ax.fill_between(stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"],
-                        color=line.get_color(), alpha=0.15)
+        ax.fill_between(
+            stats.index, stats["mean"] - stats["std"], stats["mean"] + stats["std"], color=line.get_color(), alpha=0.15
+        )
     ax.set_xlabel("k (fraction of the classes whose teacher probability is kept)")
     ax.set_ylabel(f"student {metric.replace('_', ' ')} (mean ± std over seeds)")
     ax.set_title(f"Fig. 4: KD-topk ({at})")
@@ -73,8 +90,9 @@ def plot(df: pd.DataFrame, at: str, metric: str = "test_acc_last"):
     return fig
 
 
-def summarise(df: pd.DataFrame, seconds: float, at: str, metric: str = "test_acc_last",
-              rerun: str = "`make reproduce-fig4`") -> str:
+def summarise(
+    df: pd.DataFrame, seconds: float, at: str, metric: str = "test_acc_last", rerun: str = "`make reproduce-fig4`"
+) -> str:
     ok = df[df.status == "completed"]
     failed = df[df.status != "completed"]
     stats = ok.groupby("method")[metric].agg(["mean", "std"]).fillna(0.0)
@@ -83,22 +101,36 @@ def summarise(df: pd.DataFrame, seconds: float, at: str, metric: str = "test_acc
     def cell(method: str) -> str:
         return f"{stats.loc[method, 'mean']:.3f} ± {stats.loc[method, 'std']:.3f}" if method in stats.index else "n/a"
 
-    lines = [f"# Fig. 4: KD-topk ({metric}, mean ± std over seeds)", "",
-             f"{at}; {len(ok)} runs completed, "
-             f"{len(failed)} failed; {ok.seed.nunique()} seeds; wall time {seconds / 60:.1f} min.", "",
-             *[f"- {label}: {cell(m)}" for m, label in REFERENCES.items()], "",
-             "Gap vs KD = mean over seeds of the paired difference (same seed = same data and teacher) ± its std.", "",
-             "| tail | k | accuracy | gap vs KD | beyond seed spread |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Fig. 4: KD-topk ({metric}, mean ± std over seeds)",
+        "",
+        f"{at}; {len(ok)} runs completed, "
+        f"{len(failed)} failed; {ok.seed.nunique()} seeds; wall time {seconds / 60:.1f} min.",
+        "",
+        *[f"- {label}: {cell(m)}" for m, label in REFERENCES.items()],
+        "",
+        "Gap vs KD = mean over seeds of the paired difference (same seed = same data and teacher) ± its std.",
+        "",
+        "| tail | k | accuracy | gap vs KD | beyond seed spread |",
+        "|---|---|---|---|---|",
+    ]
     for row in ok[ok["tail"] != ""].drop_duplicates("method").sort_values(["tail", "k"]).itertuples():
         gap = gaps.loc[row.method] if row.method in gaps.index else None
-        lines.append(f"| {row.tail} | {row.k:g} | {cell(row.method)} | "
-                     + (f"{gap.gap:+.3f} ± {gap.spread:.3f} | {'yes' if gap.exceeds_spread else 'no'} |"
-                        if gap is not None else "n/a | n/a |"))
+        lines.append(
+            f"| {row.tail} | {row.k:g} | {cell(row.method)} | "
+            + (
+                f"{gap.gap:+.3f} ± {gap.spread:.3f} | {'yes' if gap.exceeds_spread else 'no'} |"
+                if gap is not None
+                else "n/a | n/a |"
+            )
+        )
     for tail, rows in ok[ok["tail"] != ""].groupby("tail"):
         best = rows.groupby("k")[metric].mean()
-        lines.append(f"\nBest k with tail={tail}: {best.idxmax():g} ({best.max():.3f}); the paper reports 0.25 on "
-                     "CIFAR-100 and 0.5 on ImageNet. k = 1 is the KD loss itself: it differs from KD only by "
-                     "run-to-run noise.")
+        lines.append(
+            f"\nBest k with tail={tail}: {best.idxmax():g} ({best.max():.3f}); the paper reports 0.25 on "
+            "CIFAR-100 and 0.5 on ImageNet. k = 1 is the KD loss itself: it differs from KD only by "
+            "run-to-run noise."
+        )
     return ending(lines, failed, f"{rerun} (see README for settings and time).")
 
 
@@ -106,8 +138,14 @@ def main(argv=None) -> Path:
     cli = parser("fig4", __doc__)
     cli.add_argument("--delta", type=float, default=1.0, help="synthetic data: the class-relationship strength")
     cli.add_argument("--per-class", type=int, default=60, help="fashion_mnist: the students' training images per class")
-    cli.add_argument("--ks", type=float, nargs="+", help="fractions of the classes kept (default: per data set, "
-                     + "; ".join(f"{data}: {' '.join(f'{k:g}' for k in ks)}" for data, ks in KS.items()) + ")")
+    cli.add_argument(
+        "--ks",
+        type=float,
+        nargs="+",
+        help="fractions of the classes kept (default: per data set, "
+        + "; ".join(f"{data}: {' '.join(f'{k:g}' for k in ks)}" for data, ks in KS.items())
+        + ")",
+    )
     cli.add_argument("--tail", nargs="+", default=["uniform"], choices=TOPK_TAILS)
     args = cli.parse_args(argv)
     check_data(args.data, "fig4")
@@ -119,9 +157,15 @@ def main(argv=None) -> Path:
     df = df.assign(data=args.data)
     seconds = time.time() - start
     at = where(args.data, axis_points(args))
-    out = publish("fig4", args.out, {"fig4": df.drop(columns=["objective"])}, {"fig4": plot(df, at)},
-                  summarise(df, seconds, at, rerun=rerun("fig4", args.data)), wandb=not args.no_wandb,
-                  config=vars(args))
+    out = publish(
+        "fig4",
+        args.out,
+        {"fig4": df.drop(columns=["objective"])},
+        {"fig4": plot(df, at)},
+        summarise(df, seconds, at, rerun=rerun("fig4", args.data)),
+        wandb=not args.no_wandb,
+        config=vars(args),
+    )
     print(f"[kd] fig4 written to {out} in {seconds / 60:.1f} min")
     return out
 

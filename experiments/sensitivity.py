@@ -29,8 +29,11 @@ from kd.stats import paired_gaps
 # variant -> (what it changes, the methods of the ordering it changes, their extra overrides).
 # Defaults (fig3): similarity_source=teacher_weights_cosine, beta=0.2, eps=0.1, tau=1.
 VARIANTS = {
-    "mean_probs": ("KD-sim's similarity: the teacher's mean probabilities", ["kd_sim"],
-                   ["objective.similarity_source=mean_teacher_probs"]),
+    "mean_probs": (
+        "KD-sim's similarity: the teacher's mean probabilities",
+        ["kd_sim"],
+        ["objective.similarity_source=mean_teacher_probs"],
+    ),
     "beta0.1": ("KD-sim's beta 0.1 (sharper)", ["kd_sim"], ["objective.beta=0.1"]),
     "beta0.5": ("KD-sim's beta 0.5 (flatter)", ["kd_sim"], ["objective.beta=0.5"]),
     "eps0.05": ("LS's eps 0.05", ["ls"], ["objective.eps=0.05"]),
@@ -63,8 +66,10 @@ def under(df: pd.DataFrame, variant: str) -> pd.DataFrame:
 
 def claims(df: pd.DataFrame, metric: str = "test_acc_last") -> pd.DataFrame:
     ok = df[df.status == "completed"]
-    return pd.concat([paired_gaps(under(ok, v), ORDERING, metric, by="delta").assign(variant=v)
-                      for v in [DEFAULT, *VARIANTS]], ignore_index=True)
+    return pd.concat(
+        [paired_gaps(under(ok, v), ORDERING, metric, by="delta").assign(variant=v) for v in [DEFAULT, *VARIANTS]],
+        ignore_index=True,
+    )
 
 
 def plot(gaps: pd.DataFrame):
@@ -79,8 +84,15 @@ def plot(gaps: pd.DataFrame):
             x = [deltas.index(d) + 0.1 * (i - (len(shown) - 1) / 2) for d in rows.delta]
             label = "fig3's settings" if variant == DEFAULT else VARIANTS[variant][0]
             color = "k" if variant == DEFAULT else f"C{list(VARIANTS).index(variant)}"  # the same in every panel
-            ax.errorbar(x, rows.gap, yerr=[rows.gap - rows.ci_low, rows.ci_high - rows.gap], fmt="o", capsize=3,
-                        label=label, color=color)
+            ax.errorbar(
+                x,
+                rows.gap,
+                yerr=[rows.gap - rows.ci_low, rows.ci_high - rows.gap],
+                fmt="o",
+                capsize=3,
+                label=label,
+                color=color,
+            )
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xticks(range(len(deltas)), [position("delta", d) for d in deltas])
         ax.set_title(f"{LABELS[a]} − {LABELS[b]}", fontsize=10)
@@ -95,27 +107,42 @@ def summarise(df: pd.DataFrame, gaps: pd.DataFrame, seconds: float) -> str:
     ok = df[df.status == "completed"]
     failed = df[df.status != "completed"]
     header = [f"{LABELS[a]} > {LABELS[b]}" for a, b in ORDERING]
-    lines = ["# Sensitivity of fig3's ordering to our reconstruction (test_acc_last)", "",
-             f"{len(ok)} runs completed, {len(failed)} failed; {ok.seed.nunique()} seeds; wall time "
-             f"{seconds / 60:.1f} min for this invocation (fig3's runs are reused). Each cell: at how many of the "
-             f"{gaps.delta.nunique()} deltas the 95% paired-t interval of the gap is above 0 (holds) / contains 0 / "
-             "is below 0 (reversed), and the gap's range over deltas.", "",
-             "| variant | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    lines = [
+        "# Sensitivity of fig3's ordering to our reconstruction (test_acc_last)",
+        "",
+        f"{len(ok)} runs completed, {len(failed)} failed; {ok.seed.nunique()} seeds; wall time "
+        f"{seconds / 60:.1f} min for this invocation (fig3's runs are reused). Each cell: at how many of the "
+        f"{gaps.delta.nunique()} deltas the 95% paired-t interval of the gap is above 0 (holds) / contains 0 / "
+        "is below 0 (reversed), and the gap's range over deltas.",
+        "",
+        "| variant | " + " | ".join(header) + " |",
+        "|---|" + "---|" * len(header),
+    ]
     for variant in [DEFAULT, *VARIANTS]:
         cells = []
         for a, b in ORDERING:
             rows = gaps[(gaps.a == a) & (gaps.b == b) & (gaps.variant == variant)]
             counts = rows.verdict.value_counts()
-            cells.append(f"{counts.get('holds', 0)} / {counts.get('unresolved', 0)} / {counts.get('reversed', 0)} "
-                         f"({rows.gap.min():+.3f} to {rows.gap.max():+.3f})")
+            cells.append(
+                f"{counts.get('holds', 0)} / {counts.get('unresolved', 0)} / {counts.get('reversed', 0)} "
+                f"({rows.gap.min():+.3f} to {rows.gap.max():+.3f})"
+            )
         name = "fig3's settings" if variant == DEFAULT else VARIANTS[variant][0]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Each variant in detail", ""]
     for variant in VARIANTS:
-        lines += [f"### {VARIANTS[variant][0]}", "",
-                  *claim_lines(gaps[gaps.variant == variant].drop(columns="variant"), "delta"), ""]
-    return ending(lines, failed, "`make reproduce-sensitivity` (see README for settings and time).",
-                  describe=lambda r: f"{r.method} delta={r.delta:g} seed={r.seed}")
+        lines += [
+            f"### {VARIANTS[variant][0]}",
+            "",
+            *claim_lines(gaps[gaps.variant == variant].drop(columns="variant"), "delta"),
+            "",
+        ]
+    return ending(
+        lines,
+        failed,
+        "`make reproduce-sensitivity` (see README for settings and time).",
+        describe=lambda r: f"{r.method} delta={r.delta:g} seed={r.seed}",
+    )
 
 
 def main(argv=None) -> Path:
@@ -130,9 +157,15 @@ def main(argv=None) -> Path:
     df = collect(sweep(jobs, args, "sensitivity")).assign(data=args.data)
     gaps = claims(df)
     seconds = time.time() - start
-    out = publish("sensitivity", args.out, {"sensitivity": df.drop(columns=["objective"]), "sensitivity_claims": gaps},
-                  {"sensitivity": plot(gaps)}, summarise(df, gaps, seconds), wandb=not args.no_wandb,
-                  config=vars(args))
+    out = publish(
+        "sensitivity",
+        args.out,
+        {"sensitivity": df.drop(columns=["objective"]), "sensitivity_claims": gaps},
+        {"sensitivity": plot(gaps)},
+        summarise(df, gaps, seconds),
+        wandb=not args.no_wandb,
+        config=vars(args),
+    )
     print(f"[kd] sensitivity written to {out} in {seconds / 60:.1f} min")
     return out
 

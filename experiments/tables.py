@@ -42,13 +42,23 @@ class Table:
 
 
 TABLES = {
-    "table1": Table("cifar100", "CIFAR-100, CRD recipe", (("resnet56", "resnet20"), ("resnet32x4", "resnet8x4")),
-                    {("resnet56", "resnet20"): {"teacher": 72.34, "ce": 69.06, "kd": 70.66},
-                     ("resnet32x4", "resnet8x4"): {"teacher": 79.42, "ce": 72.50, "kd": 73.33}},
-                    "the CRD benchmark (RepDistiller), last epoch, single run"),
-    "table2": Table("imagenet", "ImageNet", (("resnet34", "resnet18"),),
-                    {("resnet34", "resnet18"): {"teacher": 73.31, "ce": 69.76, "kd": 71.03}},
-                    "torchvision's teacher and student; KD under this recipe (batch 512, lr 0.2)"),
+    "table1": Table(
+        "cifar100",
+        "CIFAR-100, CRD recipe",
+        (("resnet56", "resnet20"), ("resnet32x4", "resnet8x4")),
+        {
+            ("resnet56", "resnet20"): {"teacher": 72.34, "ce": 69.06, "kd": 70.66},
+            ("resnet32x4", "resnet8x4"): {"teacher": 79.42, "ce": 72.50, "kd": 73.33},
+        },
+        "the CRD benchmark (RepDistiller), last epoch, single run",
+    ),
+    "table2": Table(
+        "imagenet",
+        "ImageNet",
+        (("resnet34", "resnet18"),),
+        {("resnet34", "resnet18"): {"teacher": 73.31, "ce": 69.76, "kd": 71.03}},
+        "torchvision's teacher and student; KD under this recipe (batch 512, lr 0.2)",
+    ),
 }
 
 
@@ -100,9 +110,16 @@ def teacher_rows(table: str, overrides) -> pd.DataFrame:
     for t, s in TABLES[table].pairs:
         record = completed_record(teacher_run(cell_config(table, f"{t}_{s}_kd", overrides))) or {}
         metrics = record.get("metrics", {})
-        rows.append({"teacher": t, "student": s, "method": "teacher", "seed": record.get("config", {}).get("seed"),
-                     "status": "completed" if record else "missing",
-                     **{m: metrics.get(m.replace("test_", "test/")) for m in METRICS}})
+        rows.append(
+            {
+                "teacher": t,
+                "student": s,
+                "method": "teacher",
+                "seed": record.get("config", {}).get("seed"),
+                "status": "completed" if record else "missing",
+                **{m: metrics.get(m.replace("test_", "test/")) for m in METRICS},
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -130,33 +147,53 @@ def summarise(table: str, stats: pd.DataFrame, runs: pd.DataFrame, seconds: floa
     spec = TABLES[table]
     students = runs[runs.method != "teacher"]
     ok, failed = students[students.status == "completed"], students[students.status != "completed"]
-    lines = [f"# {table.replace('table', 'Table ')}: ablation of the knowledge levels, {spec.title}", "",
-             "Metric: **test top-1 accuracy (%)** at the last epoch and at the best epoch (best chosen on the "
-             "validation split carved from train), mean ± std over seeds. Teacher: one CE run (its seed), shared "
-             f"by every student. Published: {spec.source} (reference/anchors.md); its CE row is the student "
-             "trained alone.", "",
-             f"{len(ok)} student runs completed, {len(failed)} failed; seeds {sorted(ok.seed.unique().tolist())}; "
-             f"wall time {seconds / 60:.1f} min.", ""]
+    lines = [
+        f"# {table.replace('table', 'Table ')}: ablation of the knowledge levels, {spec.title}",
+        "",
+        "Metric: **test top-1 accuracy (%)** at the last epoch and at the best epoch (best chosen on the "
+        "validation split carved from train), mean ± std over seeds. Teacher: one CE run (its seed), shared "
+        f"by every student. Published: {spec.source} (reference/anchors.md); its CE row is the student "
+        "trained alone.",
+        "",
+        f"{len(ok)} student runs completed, {len(failed)} failed; seeds {sorted(ok.seed.unique().tolist())}; "
+        f"wall time {seconds / 60:.1f} min.",
+        "",
+    ]
     labels = {"teacher": "teacher (CE)", **LABELS}
     for (t, s), rows in stats.groupby(["teacher", "student"], sort=False):
-        lines += [f"## {t} -> {s}", "",
-                  "| method | test top-1 (%), last epoch | test top-1 (%), best epoch | seeds | published test top-1 (%) |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {labels[r.method]} | {cell_text(r.test_acc_last_mean, r.test_acc_last_std)} | "
-                  f"{cell_text(r.test_acc_best_mean, r.test_acc_best_std)} | {r.seeds} | "
-                  f"{'' if pd.isna(r.published_test_acc) else f'{r.published_test_acc:.2f}'} |"
-                  for r in rows.itertuples()]
+        lines += [
+            f"## {t} -> {s}",
+            "",
+            "| method | test top-1 (%), last epoch | test top-1 (%), best epoch | seeds | published test top-1 (%) |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {labels[r.method]} | {cell_text(r.test_acc_last_mean, r.test_acc_last_std)} | "
+            f"{cell_text(r.test_acc_best_mean, r.test_acc_best_std)} | {r.seeds} | "
+            f"{'' if pd.isna(r.published_test_acc) else f'{r.published_test_acc:.2f}'} |"
+            for r in rows.itertuples()
+        ]
         lines.append("")
     gaps = paired_gaps(ok.assign(pair=ok.teacher + " -> " + ok.student), ORDERING, "test_acc_last", by="pair")
     if len(gaps):
-        lines += ["## The paper's ordering: instance > domain > universe > none (last epoch)", "",
-                  "Gap = mean over seeds of the paired difference (same seed = same validation split and batch "
-                  "order); it *exceeds the seed spread* when |gap| > the std of the paired differences.", ""]
+        lines += [
+            "## The paper's ordering: instance > domain > universe > none (last epoch)",
+            "",
+            "Gap = mean over seeds of the paired difference (same seed = same validation split and batch "
+            "order); it *exceeds the seed spread* when |gap| > the std of the paired differences.",
+            "",
+        ]
     for r in gaps.itertuples():
-        lines.append(f"- {r.pair}: {LABELS[r.a]} - {LABELS[r.b]} = {100 * r.gap:+.2f} ± {100 * r.spread:.2f} points "
-                     f"({'beyond' if r.exceeds_spread else 'within'} the seed spread, {r.n} seeds)")
-    return ending(lines, failed, f"`make reproduce-{table}` (teachers first: `make teachers DATA={spec.data}`; "
-                  "see docs/real_data.md).", describe=lambda r: f"{r.teacher} -> {r.student} {r.method} seed={r.seed}")
+        lines.append(
+            f"- {r.pair}: {LABELS[r.a]} - {LABELS[r.b]} = {100 * r.gap:+.2f} ± {100 * r.spread:.2f} points "
+            f"({'beyond' if r.exceeds_spread else 'within'} the seed spread, {r.n} seeds)"
+        )
+    return ending(
+        lines,
+        failed,
+        f"`make reproduce-{table}` (teachers first: `make teachers DATA={spec.data}`; see docs/real_data.md).",
+        describe=lambda r: f"{r.teacher} -> {r.student} {r.method} seed={r.seed}",
+    )
 
 
 def main(table: str, argv=None) -> Path:
@@ -167,14 +204,24 @@ def main(table: str, argv=None) -> Path:
     overrides = run_overrides(args)
     table_cells = cells(table, args.methods)
     require_data(cell_overrides(table, next(iter(table_cells)), overrides))
-    jobs = {f"{cell}-s{seed}": [*cell_overrides(table, cell, overrides), f"seed={seed}"]
-            for cell in table_cells for seed in args.seeds}
+    jobs = {
+        f"{cell}-s{seed}": [*cell_overrides(table, cell, overrides), f"seed={seed}"]
+        for cell in table_cells
+        for seed in args.seeds
+    }
     runs = collect(sweep(jobs, args, table)).drop(columns=["objective"])
     runs[["teacher", "student", "method"]] = [table_cells[cell] for cell in runs.method]
     runs = pd.concat([teacher_rows(table, overrides), runs], ignore_index=True)
     stats = summary_table(table, runs)
     seconds = time.time() - start
-    out = publish(table, args.out, {table: stats, f"{table}_runs": runs}, {}, summarise(table, stats, runs, seconds),
-                  wandb=not args.no_wandb, config=vars(args))
+    out = publish(
+        table,
+        args.out,
+        {table: stats, f"{table}_runs": runs},
+        {},
+        summarise(table, stats, runs, seconds),
+        wandb=not args.no_wandb,
+        config=vars(args),
+    )
     print(f"[kd] {table} written to {out} in {seconds / 60:.1f} min")
     return out

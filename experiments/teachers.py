@@ -21,8 +21,9 @@ from kd.train import REPORTED, run
 
 def main(argv=None) -> dict[str, str]:
     """Train what is missing; return ``{teacher folder: "done" | "trained"}``."""
-    cli = argparse.ArgumentParser(prog="python -m experiments.teachers", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli = argparse.ArgumentParser(
+        prog="python -m experiments.teachers", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_argument("--data", required=True, choices=sorted({t.data for t in TABLES.values()}))
     cli.add_argument("overrides", nargs="*", help="Hydra overrides, as given to the table driver")
     args = cli.parse_args(argv)

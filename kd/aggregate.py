@@ -71,8 +71,12 @@ def read_job(job: Path, root: Path) -> dict:
         row = {"status": "missing", "error": MISSING}
     else:
         config = flatten(record.get("config") or {})
-        row = {"status": record.get("status", "failed"), "error": record.get("error", ""),
-               "seconds": record.get("seconds"), **(record.get("metrics") or {})}
+        row = {
+            "status": record.get("status", "failed"),
+            "error": record.get("error", ""),
+            "seconds": record.get("seconds"),
+            **(record.get("metrics") or {}),
+        }
     row = {"dir": str(job.relative_to(root)) if job != root else ".", **row, **config}
     if (hydra_dir / "hydra.yaml").is_file():
         choices = OmegaConf.load(hydra_dir / "hydra.yaml").hydra.runtime.choices
@@ -94,8 +98,9 @@ def collect(root) -> pd.DataFrame:
 def swept_keys(runs: pd.DataFrame) -> list[str]:
     """The override keys whose value differs between jobs, seed excepted: the default ``--by``."""
     overrides = runs["overrides"] if "overrides" in runs else []
-    parsed = [dict(o.lstrip("+~").partition("=")[::2] for o in ovr) if isinstance(ovr, list) else {}
-              for ovr in overrides]
+    parsed = [
+        dict(o.lstrip("+~").partition("=")[::2] for o in ovr) if isinstance(ovr, list) else {} for ovr in overrides
+    ]
     keys = dict.fromkeys(key for job in parsed for key in job)
     return [key for key in keys if key != "seed" and len({job.get(key) for job in parsed}) > 1]
 
@@ -108,8 +113,9 @@ def summarise(runs: pd.DataFrame, by, metrics=METRICS) -> pd.DataFrame:
     unknown = [k for k in by if k not in runs] + [m for m in metrics if any_completed and m not in runs]
     if unknown:
         known = [c for c in runs.columns if "/" in c or c.startswith(("objective", "data.", "seed"))]
-        raise UserError(f"{', '.join(unknown)}: no such config key or metric in these runs; some there are: "
-                        f"{', '.join(known)}")
+        raise UserError(
+            f"{', '.join(unknown)}: no such config key or metric in these runs; some there are: {', '.join(known)}"
+        )
     keyed = runs.assign(**{k: runs[k].map(lambda v: v if isinstance(v, Hashable) else str(v)) for k in by})
     groups = keyed.groupby(by, dropna=False, sort=True) if by else [((), keyed)]
     rows = []

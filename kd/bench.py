@@ -81,12 +81,24 @@ SHAPE = (3, 32, 32)
 CLASSES = 100
 # Per device type: speeds are at least (``at_least``), the others at most their target; a target is
 # judged when its measurement ran.
-TARGETS = {"cpu": {"kd_step.ratio": 1.3, "kd_step.fp32_ratio": 1.0, "mlp.lightning_over_plain": 1.2,
-                   "mlp.population_per_student_over_plain": 0.3, "fig3.wall_over_floor": 2.0,
-                   "images.population_over_single": 0.75, "images.population_over_bare": 1.2},
-           "cuda": {"kd_step.ours_img_s": 25000, "kd_step.ratio": 5.0, "epoch.projected_min": 10.0,
-                    "images.cifar_population_img_s": 100000,
-                    "parity.gap_over_fp32_spread": 1.0}}
+TARGETS = {
+    "cpu": {
+        "kd_step.ratio": 1.3,
+        "kd_step.fp32_ratio": 1.0,
+        "mlp.lightning_over_plain": 1.2,
+        "mlp.population_per_student_over_plain": 0.3,
+        "fig3.wall_over_floor": 2.0,
+        "images.population_over_single": 0.75,
+        "images.population_over_bare": 1.2,
+    },
+    "cuda": {
+        "kd_step.ours_img_s": 25000,
+        "kd_step.ratio": 5.0,
+        "epoch.projected_min": 10.0,
+        "images.cifar_population_img_s": 100000,
+        "parity.gap_over_fp32_spread": 1.0,
+    },
+}
 MEASUREMENTS = ("kd_step", "mlp", "fig3", "epoch", "parity", "images")
 # parity: pixel noise 1.5 times the class textures' scale (template_images). On a CPU, resnet8 trained
 # 3 epochs on 5,000 images (120 steps) reached 13%, 5% and 2% test accuracy at noise 1, 2 and 3
@@ -141,8 +153,11 @@ class RandomCIFAR(CIFARDataModule):
         n = self.size + 2 * self.eval_size
         x, y = random_images(n) if self.noise is None else template_images(n, self.noise)
         x, y = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y)
-        ends = {"train": (0, self.size), "val": (self.size, self.size + self.eval_size),
-                "test": (self.size + self.eval_size, n)}
+        ends = {
+            "train": (0, self.size),
+            "val": (self.size, self.size + self.eval_size),
+            "test": (self.size + self.eval_size, n),
+        }
         self.splits = {split: IndexedTensors(x[a:b], y[a:b]) for split, (a, b) in ends.items()}
 
 
@@ -207,32 +222,52 @@ class PILImages(VisionDataset):
 
 # ---- (a) a KD step on CIFAR-shaped data ----------------------------------------------------------
 
+
 def teacher_checkpoint(path: Path, model: str = "resnet56", shape=SHAPE, classes: int = CLASSES) -> None:
     """A randomly initialised ``model`` in the layout of a run's checkpoint (speed needs no training)."""
     net = get_model(model, num_classes=classes, input_shape=shape)
-    torch.save({"hyper_parameters": {"model": {"_target_": "kd.models.get", "name": model},
-                                     "num_classes": classes, "input_shape": list(shape)},
-                "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, path)
+    torch.save(
+        {
+            "hyper_parameters": {
+                "model": {"_target_": "kd.models.get", "name": model},
+                "num_classes": classes,
+                "input_shape": list(shape),
+            },
+            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+        },
+        path,
+    )
 
 
 def kd_overrides(root: Path, mode: list[str], batch: int, warmup: int, steps: int) -> list[str]:
     """experiment=fig3_cifar100 (resnet56 -> resnet20, KD) for one epoch of warmup + steps, timed by StepTimer."""
     return [
-        *QUIET, "experiment=fig3_cifar100", "logger=none", "callbacks=none", *mode,
-        "data._target_=kd.bench.RandomCIFAR", f"+data.size={(warmup + steps) * batch}",
-        f"data.batch_size={batch}", f"data.eval_batch_size={batch}",
-        "teacher=checkpoint", f"teacher.path={root / 'resnet56.ckpt'}",
-        "+callbacks.timer._target_=kd.bench.StepTimer", f"+callbacks.timer.warmup={warmup}",
-        "trainer.max_epochs=1", "+trainer.limit_val_batches=0",
-        "+trainer.limit_test_batches=1", f"paths.root_dir={root}",
+        *QUIET,
+        "experiment=fig3_cifar100",
+        "logger=none",
+        "callbacks=none",
+        *mode,
+        "data._target_=kd.bench.RandomCIFAR",
+        f"+data.size={(warmup + steps) * batch}",
+        f"data.batch_size={batch}",
+        f"data.eval_batch_size={batch}",
+        "teacher=checkpoint",
+        f"teacher.path={root / 'resnet56.ckpt'}",
+        "+callbacks.timer._target_=kd.bench.StepTimer",
+        f"+callbacks.timer.warmup={warmup}",
+        "trainer.max_epochs=1",
+        "+trainer.limit_val_batches=0",
+        "+trainer.limit_test_batches=1",
+        f"paths.root_dir={root}",
     ]
 
 
 def ours_kd(root: Path, tag: str, mode: list[str], batch: int, warmup: int, steps: int) -> tuple[float, dict]:
     """Images per second of ``kd.train.run`` on ``kd_overrides``' run, and the run's record."""
     torch.compiler.reset()  # each run compiles afresh, as in a new process, and within the warm-up
-    record = run(compose_config(kd_overrides(root, mode, batch, warmup, steps),
-                                tempfile.mkdtemp(prefix=f"kd-{tag}-", dir=root)))
+    record = run(
+        compose_config(kd_overrides(root, mode, batch, warmup, steps), tempfile.mkdtemp(prefix=f"kd-{tag}-", dir=root))
+    )
     return StepTimer.last, record
 
 
@@ -240,10 +275,22 @@ def reference_kd(device: torch.device, batch: int, warmup: int, steps: int, work
     """Images per second of the common plain loop (RepDistiller's, in fp32, cuDNN autotuned as there)."""
     torch.backends.cudnn.benchmark = True
     mean, std = MEAN_STD["cifar100"]
-    transform = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                                    transforms.ToTensor(), transforms.Normalize(mean, std)])
-    loader = DataLoader(PILImages(*random_images((warmup + steps) * batch), transform), batch_size=batch,
-                        shuffle=True, num_workers=workers, pin_memory=device.type == "cuda", drop_last=True)
+    transform = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+    loader = DataLoader(
+        PILImages(*random_images((warmup + steps) * batch), transform),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=True,
+    )
     student = get_model("resnet20", num_classes=CLASSES, input_shape=SHAPE).to(device)
     teacher = get_model("resnet56", num_classes=CLASSES, input_shape=SHAPE).to(device).eval()
     optimizer = torch.optim.SGD(student.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
@@ -267,11 +314,22 @@ def reference_kd(device: torch.device, batch: int, warmup: int, steps: int, work
 
 # ---- (b) the synthetic MLP student ---------------------------------------------------------------
 
+
 def mlp_config(root: Path, tag: str, extra: list[str]):
     """fig3_synthetic's KD run on the benchmark's threads (the plain loop runs on the same)."""
-    return compose_config([*QUIET, "experiment=fig3_synthetic", "objective=kd", "data.delta=1.0", "seed=0",
-                           f"threads={torch.get_num_threads()}", f"paths.root_dir={root}", *extra],
-                          tempfile.mkdtemp(prefix=f"mlp-{tag}-", dir=root))
+    return compose_config(
+        [
+            *QUIET,
+            "experiment=fig3_synthetic",
+            "objective=kd",
+            "data.delta=1.0",
+            "seed=0",
+            f"threads={torch.get_num_threads()}",
+            f"paths.root_dir={root}",
+            *extra,
+        ],
+        tempfile.mkdtemp(prefix=f"mlp-{tag}-", dir=root),
+    )
 
 
 def parts(cfg, teacher_path: Path):
@@ -345,9 +403,16 @@ class BareModule(L.LightningModule):
 
 def bare_mlp(cfg, teacher_path: Path) -> tuple[float, float]:
     module = BareModule(cfg, teacher_path)
-    trainer = L.Trainer(max_epochs=cfg.trainer.max_epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        limit_val_batches=1)
+    trainer = L.Trainer(
+        max_epochs=cfg.trainer.max_epochs,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+    )
     trainer.fit(module, train_dataloaders=module.data.train_dataloader(), val_dataloaders=module.data.val_dataloader())
     last = accuracy(module.net, module.data.splits["test"])
     module.net.load_state_dict(module.best_state)
@@ -356,16 +421,28 @@ def bare_mlp(cfg, teacher_path: Path) -> tuple[float, float]:
 
 # ---- (d) the epoch time of the CRD KD run, (e) fp32 against bf16 -------------------------------
 
+
 def epoch_times(root: Path, mode: list[str], size: int, eval_size: int, epochs: int, extra: list[str]) -> dict:
     """A few epochs of experiment=fig3_cifar100 objective=kd (the CRD recipe) on ``mode``, timed by
     ``EpochTimer``, and the wall time of the recipe's full run projected from them: the first epoch
     (compilation, the teacher's pass over the validation split) + the others at the median speed
     of epochs 2.. + what the run spends outside epochs (set-up, the tests of the last and best epoch)."""
     recipe = ["experiment=fig3_cifar100", "objective=kd"]
-    overrides = [*QUIET, *recipe, "logger=none", *mode, "data._target_=kd.bench.RandomCIFAR",
-                 f"+data.size={size}", f"+data.eval_size={eval_size}", "teacher=checkpoint",
-                 f"teacher.path={root / 'resnet56.ckpt'}", "+callbacks.epochs._target_=kd.bench.EpochTimer",
-                 f"trainer.max_epochs={epochs}", f"paths.root_dir={root}", *extra]
+    overrides = [
+        *QUIET,
+        *recipe,
+        "logger=none",
+        *mode,
+        "data._target_=kd.bench.RandomCIFAR",
+        f"+data.size={size}",
+        f"+data.eval_size={eval_size}",
+        "teacher=checkpoint",
+        f"teacher.path={root / 'resnet56.ckpt'}",
+        "+callbacks.epochs._target_=kd.bench.EpochTimer",
+        f"trainer.max_epochs={epochs}",
+        f"paths.root_dir={root}",
+        *extra,
+    ]
     torch.compiler.reset()
     start = time.perf_counter()
     run(compose_config(overrides, tempfile.mkdtemp(prefix="kd-epoch-", dir=root)))
@@ -373,21 +450,48 @@ def epoch_times(root: Path, mode: list[str], size: int, eval_size: int, epochs: 
     full = compose_config(recipe).trainer.max_epochs
     steady = statistics.median(seconds[1:] or seconds)
     projected = seconds[0] + (full - 1) * steady + wall - sum(seconds)
-    return {"epoch.first_s": seconds[0], "epoch.steady_s": steady, "epoch.train_images": size,
-            "epoch.batch": compose_config([*recipe, *extra]).data.batch_size, "epoch.recipe_epochs": full,
-            "epoch.projected_min": projected / 60, "samples.epoch.seconds": seconds}
+    return {
+        "epoch.first_s": seconds[0],
+        "epoch.steady_s": steady,
+        "epoch.train_images": size,
+        "epoch.batch": compose_config([*recipe, *extra]).data.batch_size,
+        "epoch.recipe_epochs": full,
+        "epoch.projected_min": projected / 60,
+        "samples.epoch.seconds": seconds,
+    }
 
 
-def parity(root: Path, modes: dict[str, list[str]], seeds: list[int], size: int, eval_size: int, epochs: int,
-           noise: float, extra: list[str], device: torch.device) -> dict:
+def parity(
+    root: Path,
+    modes: dict[str, list[str]],
+    seeds: list[int],
+    size: int,
+    eval_size: int,
+    epochs: int,
+    noise: float,
+    extra: list[str],
+    device: torch.device,
+) -> dict:
     """Test accuracy (last epoch) of a CE student per mode and seed on class textures under pixel
     noise (``RandomCIFAR(noise=...)``), the same data and epochs for every mode, and how far the
     bf16 mean is from the fp32 mean, in fp32 seed spreads (sample std); then KD at tau 4 from the
     fp32 net to the bf16 one with the teacher's logits in bf16 (``bf16_teacher_kd_error``)."""
-    base = [*QUIET, "recipe=crd_cifar100", "model=resnet20", "objective=ce", "logger=none", "callbacks=none",
-            "data._target_=kd.bench.RandomCIFAR", f"+data.size={size}", f"+data.eval_size={eval_size}",
-            f"+data.noise={noise}", "scheduler=cosine", f"trainer.max_epochs={epochs}",
-            f"paths.root_dir={root}", *extra]
+    base = [
+        *QUIET,
+        "recipe=crd_cifar100",
+        "model=resnet20",
+        "objective=ce",
+        "logger=none",
+        "callbacks=none",
+        "data._target_=kd.bench.RandomCIFAR",
+        f"+data.size={size}",
+        f"+data.eval_size={eval_size}",
+        f"+data.noise={noise}",
+        "scheduler=cosine",
+        f"trainer.max_epochs={epochs}",
+        f"paths.root_dir={root}",
+        *extra,
+    ]
     acc, trained = {name: [] for name in modes}, {}
     for seed in seeds:
         for name, mode in modes.items():
@@ -398,15 +502,23 @@ def parity(root: Path, modes: dict[str, list[str]], seeds: list[int], size: int,
     fp32, bf16 = acc["fp32"], acc["bf16"]
     spread = statistics.stdev(fp32) if len(fp32) > 1 else float("nan")
     gap = statistics.mean(bf16) - statistics.mean(fp32)
-    return {"parity.fp32_acc": statistics.mean(fp32), "parity.fp32_std": spread,
-            "parity.bf16_acc": statistics.mean(bf16),
-            "parity.bf16_std": statistics.stdev(bf16) if len(bf16) > 1 else float("nan"),
-            "parity.gap": gap, "parity.gap_over_fp32_spread": abs(gap) / spread if spread > 0 else float("nan"),
-            "parity.model": record["config"]["model"]["name"], "parity.seeds": len(seeds), "parity.epochs": epochs,
-            "parity.train_images": size, "parity.noise": noise,
-            **{f"samples.parity.{k}_acc": v for k, v in acc.items()},
-            **bf16_teacher_kd_error(trained["fp32"].module.net.network(0), trained["bf16"].module.net.network(0),
-                                    trained["fp32"].data, device)}
+    return {
+        "parity.fp32_acc": statistics.mean(fp32),
+        "parity.fp32_std": spread,
+        "parity.bf16_acc": statistics.mean(bf16),
+        "parity.bf16_std": statistics.stdev(bf16) if len(bf16) > 1 else float("nan"),
+        "parity.gap": gap,
+        "parity.gap_over_fp32_spread": abs(gap) / spread if spread > 0 else float("nan"),
+        "parity.model": record["config"]["model"]["name"],
+        "parity.seeds": len(seeds),
+        "parity.epochs": epochs,
+        "parity.train_images": size,
+        "parity.noise": noise,
+        **{f"samples.parity.{k}_acc": v for k, v in acc.items()},
+        **bf16_teacher_kd_error(
+            trained["fp32"].module.net.network(0), trained["bf16"].module.net.network(0), trained["fp32"].data, device
+        ),
+    }
 
 
 class Trained(L.Callback):
@@ -416,8 +528,9 @@ class Trained(L.Callback):
         self.module, self.data = pl_module, trainer.datamodule
 
 
-def bf16_teacher_kd_error(teacher: torch.nn.Module, student: torch.nn.Module, data, device: torch.device,
-                          tau: float = 4.0) -> dict:
+def bf16_teacher_kd_error(
+    teacher: torch.nn.Module, student: torch.nn.Module, data, device: torch.device, tau: float = 4.0
+) -> dict:
     """KD's loss at ``tau`` (CE weight 0) on the test split, and its gradient in the student's
     logits, from the teacher's logits under bf16 autocast against fp32: relative errors. The
     student's logits are the same fp32 for both, so the errors are the teacher's bf16 alone."""
@@ -435,12 +548,16 @@ def bf16_teacher_kd_error(teacher: torch.nn.Module, student: torch.nn.Module, da
         loss = loss_fn(z, y, targets)
         losses.append(loss.item())
         grads.append(torch.autograd.grad(loss, z)[0])
-    return {"parity.kd_tau": tau, "parity.kd_loss_rel_err": abs(losses[1] - losses[0]) / abs(losses[0]),
-            "parity.kd_grad_rel_err": ((grads[1] - grads[0]).norm() / grads[0].norm()).item(),
-            "parity.kd_teacher_logit_err": (rounded - exact).abs().max().item()}
+    return {
+        "parity.kd_tau": tau,
+        "parity.kd_loss_rel_err": abs(losses[1] - losses[0]) / abs(losses[0]),
+        "parity.kd_grad_rel_err": ((grads[1] - grads[0]).norm() / grads[0].norm()).item(),
+        "parity.kd_teacher_logit_err": (rounded - exact).abs().max().item(),
+    }
 
 
 # ---- (g) populations of image students -----------------------------------------------------------
+
 
 class RandomFashion(FashionMNISTDataModule):
     """Fashion-MNIST's shapes and sizes (60,000 training and 10,000 test images of 1 x 28 x 28, ten
@@ -454,10 +571,25 @@ class RandomFashion(FashionMNISTDataModule):
 
 def fashion_configs(root: Path, tag: str, names: list[str], extra: list[str]) -> list:
     """fig3's students on Fashion-MNIST at 60 per class, seed 0 (one data draw), of one (random) cnn teacher."""
-    return [compose_config([*QUIET, "experiment=fig3_fashion_mnist", "data._target_=kd.bench.RandomFashion",
-                            "data.train_per_class=60", f"objective={name}", "seed=0", "teacher=checkpoint",
-                            f"teacher.path={root / 'cnn.ckpt'}", f"threads={torch.get_num_threads()}",
-                            f"paths.root_dir={root}", *extra], root / f"images-{tag}" / name) for name in names]
+    return [
+        compose_config(
+            [
+                *QUIET,
+                "experiment=fig3_fashion_mnist",
+                "data._target_=kd.bench.RandomFashion",
+                "data.train_per_class=60",
+                f"objective={name}",
+                "seed=0",
+                "teacher=checkpoint",
+                f"teacher.path={root / 'cnn.ckpt'}",
+                f"threads={torch.get_num_threads()}",
+                f"paths.root_dir={root}",
+                *extra,
+            ],
+            root / f"images-{tag}" / name,
+        )
+        for name in names
+    ]
 
 
 def bare_student(cfg, teacher_path: Path) -> None:
@@ -467,8 +599,10 @@ def bare_student(cfg, teacher_path: Path) -> None:
     data, teacher, net, loss_fn, optimizer, scheduler = parts(cfg, teacher_path)
     layout = torch.channels_last if cfg.get("channels_last") else torch.contiguous_format
     net.to(memory_format=layout), teacher.to(memory_format=layout)
-    split = {k: IndexedTensors(data.prepare_eval_batch(v.x).contiguous(memory_format=layout), v.y)
-             for k, v in data.splits.items()}
+    split = {
+        k: IndexedTensors(data.prepare_eval_batch(v.x).contiguous(memory_format=layout), v.y)
+        for k, v in data.splits.items()
+    }
     train, batch, eval_batch = split["train"], cfg.data.batch_size, cfg.data.eval_batch_size
     with torch.no_grad():
         logits = torch.cat([teacher(x) for x in train.x.split(eval_batch)])
@@ -509,29 +643,58 @@ def images(args, root: Path) -> dict:
         times["population"].append(timed(run, members) / len(members))
         times["bare"].append(timed(bare_student, single, root / "cnn.ckpt"))
         times["cifar_single_img_s"].append(ours_kd(root, f"single{r}", fast, *step)[0])
-        run([compose_config([*kd_overrides(root, fast, *step), f"objective={seven[g % 7]}", f"seed={g // 7}"],
-                            root / f"cifar-population{r}" / str(g)) for g in range(args.cifar_members)])
+        run(
+            [
+                compose_config(
+                    [*kd_overrides(root, fast, *step), f"objective={seven[g % 7]}", f"seed={g // 7}"],
+                    root / f"cifar-population{r}" / str(g),
+                )
+                for g in range(args.cifar_members)
+            ]
+        )
         times["cifar_population_img_s"].append(StepTimer.last)
-        print(f"[bench] images round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{k} {v[-1]:.2f}" for k, v in times.items()), flush=True)
+        print(
+            f"[bench] images round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in times.items()),
+            flush=True,
+        )
     median = {f"images.{k}{'' if k.endswith('img_s') else '_s'}": statistics.median(v) for k, v in times.items()}
-    return {**median, "images.epochs": args.image_epochs, "images.cifar_members": args.cifar_members,
-            "images.population_over_single": median["images.population_s"] / median["images.single_s"],
-            "images.population_over_bare": median["images.population_s"] / median["images.bare_s"],
-            "images.cifar_population_over_single": median["images.cifar_population_img_s"]
-            / median["images.cifar_single_img_s"],
-            **{f"samples.images.{k}": v for k, v in times.items()}}
+    return {
+        **median,
+        "images.epochs": args.image_epochs,
+        "images.cifar_members": args.cifar_members,
+        "images.population_over_single": median["images.population_s"] / median["images.single_s"],
+        "images.population_over_bare": median["images.population_s"] / median["images.bare_s"],
+        "images.cifar_population_over_single": median["images.cifar_population_img_s"]
+        / median["images.cifar_single_img_s"],
+        **{f"samples.images.{k}": v for k, v in times.items()},
+    }
 
 
 # ---- (f) populations and fig3's compute floor ------------------------------------------------------
+
 
 def population_configs(root: Path, tag: str, members: int, extra: list[str]) -> list:
     """``members`` fig3 students at delta 1.0 (the seven objectives in turn, init seeds 0, 1, ...) that
     share the bench's data (data.seed=0) and its cached teacher: a population of mlp_config's run."""
     objectives_ = ["ce", "ls", "kd_sim", "kd_pt", "kd_pt_sim", "kd", "kd_topk"]
-    return [compose_config([*QUIET, "experiment=fig3_synthetic", f"objective={objectives_[g % 7]}", "data.delta=1.0",
-                            f"seed={g // 7}", "data.seed=0", "teacher.seed=0", f"threads={torch.get_num_threads()}",
-                            f"paths.root_dir={root}", *extra], root / f"pop-{tag}" / str(g)) for g in range(members)]
+    return [
+        compose_config(
+            [
+                *QUIET,
+                "experiment=fig3_synthetic",
+                f"objective={objectives_[g % 7]}",
+                "data.delta=1.0",
+                f"seed={g // 7}",
+                "data.seed=0",
+                "teacher.seed=0",
+                f"threads={torch.get_num_threads()}",
+                f"paths.root_dir={root}",
+                *extra,
+            ],
+            root / f"pop-{tag}" / str(g),
+        )
+        for g in range(members)
+    ]
 
 
 def gemm_rate(n: int = 512, repeats: int = 10, members: int = 0, rows: int | None = None, trials: int = 5) -> float:
@@ -573,18 +736,24 @@ def fig3_flops(seeds: int = 10, deltas: int = 4) -> float:
     cfg = compose_config(["experiment=fig3_synthetic"], "/unused")
     data = instantiate(cfg.data)
     k, shape = data.num_classes, data.input_shape
-    nets = {who: get_model("mlp", num_classes=k, input_shape=shape, hidden=list(c.hidden))
-            for who, c in (("student", cfg.model), ("teacher", cfg.teacher.model))}
+    nets = {
+        who: get_model("mlp", num_classes=k, input_shape=shape, hidden=list(c.hidden))
+        for who, c in (("student", cfg.model), ("teacher", cfg.teacher.model))
+    }
     (s_fwd, s_train), (t_fwd, t_train) = (flops_per_example(nets[w], shape, k) for w in ("student", "teacher"))
     n = {split: cfg.data[f"{split}_per_class"] * k for split in ("train", "val", "test")}
     n_teacher = cfg.teacher.data.train_per_class * k
-    teacher = ((n_teacher * t_train + n["val"] * t_fwd) * cfg.teacher.trainer.max_epochs + 2 * n["test"] * t_fwd
-               + (n["train"] + n["val"] + n["test"]) * t_fwd)
+    teacher = (
+        (n_teacher * t_train + n["val"] * t_fwd) * cfg.teacher.trainer.max_epochs
+        + 2 * n["test"] * t_fwd
+        + (n["train"] + n["val"] + n["test"]) * t_fwd
+    )
     student = (n["train"] * s_train + n["val"] * s_fwd) * cfg.trainer.max_epochs + 2 * n["test"] * s_fwd
     return seeds * deltas * (teacher + 7 * student)
 
 
 # ---- the measurements -----------------------------------------------------------------------------
+
 
 def timed(fn, *args) -> float:
     start = time.perf_counter()
@@ -598,8 +767,12 @@ def fig3_wall(run_it: bool, root: Path) -> tuple[float | None, str]:
     if run_it:
         args = f"--runs {root / 'runs'} --out {root / 'results'} --no-wandb"
         start = time.perf_counter()
-        subprocess.run(["make", "-s", "reproduce-fig3", f"ARGS={args}"], cwd=REPO, check=True,
-                       env={**os.environ, "KD_ROOT": str(root)})
+        subprocess.run(
+            ["make", "-s", "reproduce-fig3", f"ARGS={args}"],
+            cwd=REPO,
+            check=True,
+            env={**os.environ, "KD_ROOT": str(root)},
+        )
         return time.perf_counter() - start, "measured now (make reproduce-fig3, fresh folders, teachers trained)"
     summary = REPO / "results" / "fig3" / "fig3.md"
     found = re.search(r"wall time ([\d.]+) min", summary.read_text()) if summary.is_file() else None
@@ -616,15 +789,24 @@ def kd_step(args, root: Path) -> dict:
         kd["ours"].append(img_s)
         kd["reference"].append(reference_kd(args.device, *step, args.workers))
         kd["ours_fp32"].append(ours_kd(root, "fp32", args.fp32, *step)[0])
-        print(f"[bench] kd_step round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{k} {v[-1]:.1f} img/s" for k, v in kd.items()), flush=True)
+        print(
+            f"[bench] kd_step round {r + 1}/{args.rounds}: "
+            + ", ".join(f"{k} {v[-1]:.1f} img/s" for k, v in kd.items()),
+            flush=True,
+        )
     median = {f"kd_step.{k}_img_s": statistics.median(v) for k, v in kd.items()}
-    return {**median, "kd_step.ratio": median["kd_step.ours_img_s"] / median["kd_step.reference_img_s"],
-            "kd_step.fp32_ratio": median["kd_step.ours_fp32_img_s"] / median["kd_step.reference_img_s"],
-            "kd_step.batch": args.batch, "kd_step.steps": args.steps, "kd_step.warmup": args.warmup,
-            "kd_step.fast_path": " ".join(args.fast),
-            "kd_step.fast_precision": record["config"]["trainer"]["precision"],
-            "kd_step.reference_workers": args.workers, **{f"samples.kd_step.{k}_img_s": v for k, v in kd.items()}}
+    return {
+        **median,
+        "kd_step.ratio": median["kd_step.ours_img_s"] / median["kd_step.reference_img_s"],
+        "kd_step.fp32_ratio": median["kd_step.ours_fp32_img_s"] / median["kd_step.reference_img_s"],
+        "kd_step.batch": args.batch,
+        "kd_step.steps": args.steps,
+        "kd_step.warmup": args.warmup,
+        "kd_step.fast_path": " ".join(args.fast),
+        "kd_step.fast_precision": record["config"]["trainer"]["precision"],
+        "kd_step.reference_workers": args.workers,
+        **{f"samples.kd_step.{k}_img_s": v for k, v in kd.items()},
+    }
 
 
 def mlp(args, root: Path) -> dict:
@@ -643,15 +825,20 @@ def mlp(args, root: Path) -> dict:
         times["bare"].append(timed(bare_mlp, cfg, teacher_path))
         members = population_configs(root, str(r), args.members, args.mlp_overrides)
         times["population"].append(timed(run, members) / len(members))
-        print(f"[bench] mlp round {r + 1}/{args.rounds}: " + ", ".join(
-            f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)
+        print(
+            f"[bench] mlp round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()),
+            flush=True,
+        )
     median = {f"mlp.{k}_s": statistics.median(v) for k, v in times.items()}
-    return {**median, "mlp.lightning_over_plain": median["mlp.lightning_s"] / median["mlp.plain_s"],
-            "mlp.bare_lightning_over_plain": median["mlp.bare_s"] / median["mlp.plain_s"],
-            "mlp.no_checkpoints_over_plain": median["mlp.no_checkpoints_s"] / median["mlp.plain_s"],
-            "mlp.population_members": args.members,
-            "mlp.population_per_student_over_plain": median["mlp.population_s"] / median["mlp.plain_s"],
-            **{f"samples.mlp.{k}_s": v for k, v in times.items()}}
+    return {
+        **median,
+        "mlp.lightning_over_plain": median["mlp.lightning_s"] / median["mlp.plain_s"],
+        "mlp.bare_lightning_over_plain": median["mlp.bare_s"] / median["mlp.plain_s"],
+        "mlp.no_checkpoints_over_plain": median["mlp.no_checkpoints_s"] / median["mlp.plain_s"],
+        "mlp.population_members": args.members,
+        "mlp.population_per_student_over_plain": median["mlp.population_s"] / median["mlp.plain_s"],
+        **{f"samples.mlp.{k}_s": v for k, v in times.items()},
+    }
 
 
 def fig3(args, root: Path) -> dict:
@@ -660,9 +847,16 @@ def fig3(args, root: Path) -> dict:
     floor = flops / (rate * cores)
     # fig3's own hidden layers, for comparison: 20 teachers' 256 x 256 at batch 256, 140 students' 128 x 128 at 64.
     shapes = {"teachers": gemm_rate(256, members=20, rows=256), "students": gemm_rate(128, 40, members=140, rows=64)}
-    return {"fig3.wall_s": seconds, "fig3.source": source, "fig3.flops": flops, "fig3.gemm_flop_s_per_core": rate,
-            **{f"fig3.gemm_{who}_flop_s": r for who, r in shapes.items()},
-            "fig3.cores": cores, "fig3.floor_s": floor, **({"fig3.wall_over_floor": seconds / floor} if seconds else {})}
+    return {
+        "fig3.wall_s": seconds,
+        "fig3.source": source,
+        "fig3.flops": flops,
+        "fig3.gemm_flop_s_per_core": rate,
+        **{f"fig3.gemm_{who}_flop_s": r for who, r in shapes.items()},
+        "fig3.cores": cores,
+        "fig3.floor_s": floor,
+        **({"fig3.wall_over_floor": seconds / floor} if seconds else {}),
+    }
 
 
 def epoch(args, root: Path) -> dict:
@@ -671,8 +865,16 @@ def epoch(args, root: Path) -> dict:
 
 def parity_fp32_bf16(args, root: Path) -> dict:
     modes = {"fp32": args.fp32, "bf16": [*args.fast, "compile=false", "trainer.precision=bf16-mixed"]}
-    return parity(root, modes, args.seeds, *args.parity_size, args.parity_epochs, args.parity_noise,
-                  args.parity_overrides, args.device)
+    return parity(
+        root,
+        modes,
+        args.seeds,
+        *args.parity_size,
+        args.parity_epochs,
+        args.parity_noise,
+        args.parity_overrides,
+        args.device,
+    )
 
 
 MEASURE = {"kd_step": kd_step, "mlp": mlp, "fig3": fig3, "epoch": epoch, "parity": parity_fp32_bf16, "images": images}
@@ -687,8 +889,15 @@ def measure(args, publish) -> dict:
     args.fast = ["trainer=gpu_fast", f"trainer.accelerator={accelerator}", f"compile={str(args.compile).lower()}"]
     args.fp32 = ["trainer=gpu"] if accelerator == "gpu" else [f"trainer.accelerator={accelerator}"]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-    result = {"device": device_name, "device_type": device.type, "cpu": cpu_features(), "measured": [], "failed": {},
-              "rounds": args.rounds, "threads": torch.get_num_threads()}
+    result = {
+        "device": device_name,
+        "device_type": device.type,
+        "cpu": cpu_features(),
+        "measured": [],
+        "failed": {},
+        "rounds": args.rounds,
+        "threads": torch.get_num_threads(),
+    }
     with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
         root = Path(tmp)
         teacher_checkpoint(root / "resnet56.ckpt")
@@ -719,39 +928,51 @@ def report(result: dict) -> str:
             ("kd_step: ours, 32-true (img/s)", "kd_step.ours_fp32_img_s"),
             ("kd_step: reference, fp32 (img/s)", "kd_step.reference_img_s"),
             ("kd_step: ratio ours / reference", "kd_step.ratio"),
-            ("kd_step: ratio ours 32-true / reference", "kd_step.fp32_ratio")],
+            ("kd_step: ratio ours 32-true / reference", "kd_step.fp32_ratio"),
+        ],
         "mlp": [
             ("mlp: kd.train.run (s)", "mlp.lightning_s"),
             ("mlp: kd.train.run callbacks=none, no checkpoints (s)", "mlp.no_checkpoints_s"),
-            ("mlp: plain loop (s)", "mlp.plain_s"), ("mlp: bare LightningModule (s)", "mlp.bare_s"),
+            ("mlp: plain loop (s)", "mlp.plain_s"),
+            ("mlp: bare LightningModule (s)", "mlp.bare_s"),
             ("mlp: Hydra compose, not in the run (s)", "mlp.compose_s"),
             ("mlp: overhead kd.train.run / plain", "mlp.lightning_over_plain"),
             ("mlp: overhead kd.train.run callbacks=none / plain", "mlp.no_checkpoints_over_plain"),
             ("mlp: overhead bare Lightning / plain", "mlp.bare_lightning_over_plain"),
             (f"mlp: population of {result.get('mlp.population_members')}, seconds per student", "mlp.population_s"),
-            ("mlp: population per student / plain loop", "mlp.population_per_student_over_plain")],
+            ("mlp: population per student / plain loop", "mlp.population_per_student_over_plain"),
+        ],
         "epoch": [
             ("epoch: CRD KD, fast path, first epoch (s)", "epoch.first_s"),
             ("epoch: CRD KD, fast path, later epochs, median (s)", "epoch.steady_s"),
-            (f"epoch: {result.get('epoch.recipe_epochs')}-epoch run, projected (min)", "epoch.projected_min")],
+            (f"epoch: {result.get('epoch.recipe_epochs')}-epoch run, projected (min)", "epoch.projected_min"),
+        ],
         "images": [
-            (f"images: 7 cnn students (Fashion-MNIST shapes, {result.get('images.epochs')} epochs) as one population, "
-             "seconds per student", "images.population_s"),
+            (
+                f"images: 7 cnn students (Fashion-MNIST shapes, {result.get('images.epochs')} epochs) as one population, "
+                "seconds per student",
+                "images.population_s",
+            ),
             ("images: one student's single run (s)", "images.single_s"),
             ("images: one student's bare arithmetic, a plain loop (s)", "images.bare_s"),
             ("images: population per student / single run", "images.population_over_single"),
             ("images: population per student / bare arithmetic", "images.population_over_bare"),
-            (f"images: {result.get('images.cifar_members')} resnet20 students of one resnet56 (CIFAR shapes) as one "
-             "population, training img/s summed", "images.cifar_population_img_s"),
+            (
+                f"images: {result.get('images.cifar_members')} resnet20 students of one resnet56 (CIFAR shapes) as one "
+                "population, training img/s summed",
+                "images.cifar_population_img_s",
+            ),
             ("images: one resnet20 student's single run, training img/s", "images.cifar_single_img_s"),
-            ("images: population / single run", "images.cifar_population_over_single")],
+            ("images: population / single run", "images.cifar_population_over_single"),
+        ],
         "parity": [
             ("parity: test accuracy, fp32, mean (std)", "parity.fp32_acc"),
             ("parity: test accuracy, bf16-mixed, mean (std)", "parity.bf16_acc"),
             ("parity: bf16 - fp32 (mean) / fp32 seed std", "parity.gap_over_fp32_spread"),
             ("parity: KD loss at tau 4, teacher logits in bf16, relative error", "parity.kd_loss_rel_err"),
             ("parity: its gradient in the student's logits, relative error", "parity.kd_grad_rel_err"),
-            ("parity: the teacher's logits, largest bf16 error", "parity.kd_teacher_logit_err")],
+            ("parity: the teacher's logits, largest bf16 error", "parity.kd_teacher_logit_err"),
+        ],
     }
     for key in ("parity.kd_loss_rel_err", "parity.kd_grad_rel_err", "parity.kd_teacher_logit_err"):
         if key in result:
@@ -765,42 +986,69 @@ def report(result: dict) -> str:
         f["fig3.flops"] = f"{result['fig3.flops']:.3g}"
         for key in ("gemm_flop_s_per_core", "gemm_teachers_flop_s", "gemm_students_flop_s"):
             f[f"fig3.{key}"] = f"{result[f'fig3.{key}'] / 1e9:.1f}"
-        rows["fig3"] = [("fig3: make reproduce-fig3 wall time", "fig3.wall"),
-                        ("fig3: matrix FLOPs (teachers and students, training and evaluation)", "fig3.flops"),
-                        ("fig3: GEMM rate per core, fp32 512^3 (GFLOP/s)", "fig3.gemm_flop_s_per_core"),
-                        ("fig3: its teachers' hidden layer, 20 x (256 x 256 @ 256 x 256) (GFLOP/s)",
-                         "fig3.gemm_teachers_flop_s"),
-                        ("fig3: its students' hidden layer, 140 x (64 x 128 @ 128 x 128) (GFLOP/s)",
-                         "fig3.gemm_students_flop_s"),
-                        (f"fig3: compute floor on {result['fig3.cores']} cores (s)", "fig3.floor_s"),
-                        *([("fig3: wall time / compute floor", "fig3.wall_over_floor")]
-                          if "fig3.wall_over_floor" in result else [])]
+        rows["fig3"] = [
+            ("fig3: make reproduce-fig3 wall time", "fig3.wall"),
+            ("fig3: matrix FLOPs (teachers and students, training and evaluation)", "fig3.flops"),
+            ("fig3: GEMM rate per core, fp32 512^3 (GFLOP/s)", "fig3.gemm_flop_s_per_core"),
+            ("fig3: its teachers' hidden layer, 20 x (256 x 256 @ 256 x 256) (GFLOP/s)", "fig3.gemm_teachers_flop_s"),
+            ("fig3: its students' hidden layer, 140 x (64 x 128 @ 128 x 128) (GFLOP/s)", "fig3.gemm_students_flop_s"),
+            (f"fig3: compute floor on {result['fig3.cores']} cores (s)", "fig3.floor_s"),
+            *(
+                [("fig3: wall time / compute floor", "fig3.wall_over_floor")]
+                if "fig3.wall_over_floor" in result
+                else []
+            ),
+        ]
     table = [f"| {label} | {f[key]} |" for name in result["measured"] for label, key in rows[name]]
     cpu = result["cpu"]
-    lines = [f"# Benchmark ({result['device']}, {result['threads']} intra-op thread(s), "
-             f"median of {result['rounds']} alternating rounds)", "",
-             f"Command: `{result['command']}`; load average {result['load_before']} before, "
-             f"{result['load_after']} after. CPU: {cpu['model']}, kernels {cpu['capability']}, native bf16: "
-             f"{'yes' if cpu['bf16_native'] else 'no'}.", ""]
+    lines = [
+        f"# Benchmark ({result['device']}, {result['threads']} intra-op thread(s), "
+        f"median of {result['rounds']} alternating rounds)",
+        "",
+        f"Command: `{result['command']}`; load average {result['load_before']} before, "
+        f"{result['load_after']} after. CPU: {cpu['model']}, kernels {cpu['capability']}, native bf16: "
+        f"{'yes' if cpu['bf16_native'] else 'no'}.",
+        "",
+    ]
     if "kd_step" in result["measured"]:
-        lines += [f"kd_step: batch {result['kd_step.batch']}, {result['kd_step.steps']} timed steps after "
-                  f"{result['kd_step.warmup']}; fast path: `{result['kd_step.fast_path']}`, which chose "
-                  f"precision {result['kd_step.fast_precision']}.", ""]
+        lines += [
+            f"kd_step: batch {result['kd_step.batch']}, {result['kd_step.steps']} timed steps after "
+            f"{result['kd_step.warmup']}; fast path: `{result['kd_step.fast_path']}`, which chose "
+            f"precision {result['kd_step.fast_precision']}.",
+            "",
+        ]
     if "epoch" in result["measured"]:
-        lines += [f"epoch: {result['epoch.train_images']} training images, batch {result['epoch.batch']}; "
-                  f"seconds per epoch: {', '.join(f'{s:.1f}' for s in result['samples.epoch.seconds'])}.", ""]
+        lines += [
+            f"epoch: {result['epoch.train_images']} training images, batch {result['epoch.batch']}; "
+            f"seconds per epoch: {', '.join(f'{s:.1f}' for s in result['samples.epoch.seconds'])}.",
+            "",
+        ]
     if "parity" in result["measured"]:
-        lines += [f"parity: {result['parity.model']}, CE, {result['parity.train_images']} training images of class "
-                  f"textures under pixel noise {result['parity.noise']}, {result['parity.epochs']} epochs, "
-                  f"{result['parity.seeds']} seeds (chance: {1 / CLASSES:.2f}); "
-                  + "; ".join(f"{name} " + ", ".join(f"{a:.3f}" for a in result[f"samples.parity.{name}_acc"])
-                              for name in ("fp32", "bf16")) + "."
-                  + ("" if 5 / CLASSES < result["parity.fp32_acc"] < 0.98 else " Accuracy near chance or 100%: "
-                     "not informative; run again with another --parity-noise (lower: easier)."), ""]
-    targets = {k: (v, result[k] >= v if at_least(k) else result[k] <= v)
-               for k, v in TARGETS.get(result["device_type"], {}).items() if k in result}
-    verdicts = [f"{k} {'>=' if at_least(k) else '<='} {v:g}: {'met' if ok else 'NOT met'}"
-                for k, (v, ok) in targets.items()]
+        lines += [
+            f"parity: {result['parity.model']}, CE, {result['parity.train_images']} training images of class "
+            f"textures under pixel noise {result['parity.noise']}, {result['parity.epochs']} epochs, "
+            f"{result['parity.seeds']} seeds (chance: {1 / CLASSES:.2f}); "
+            + "; ".join(
+                f"{name} " + ", ".join(f"{a:.3f}" for a in result[f"samples.parity.{name}_acc"])
+                for name in ("fp32", "bf16")
+            )
+            + "."
+            + (
+                ""
+                if 5 / CLASSES < result["parity.fp32_acc"] < 0.98
+                else " Accuracy near chance or 100%: "
+                "not informative; run again with another --parity-noise (lower: easier)."
+            ),
+            "",
+        ]
+    targets = {
+        k: (v, result[k] >= v if at_least(k) else result[k] <= v)
+        for k, v in TARGETS.get(result["device_type"], {}).items()
+        if k in result
+    }
+    verdicts = [
+        f"{k} {'>=' if at_least(k) else '<='} {v:g}: {'met' if ok else 'NOT met'}" for k, (v, ok) in targets.items()
+    ]
     lines += ["| measure | value |", "|---|---|", *table, "", "Targets: " + (", ".join(verdicts) or "none judged")]
     lines += [f"\nFailed: {name} ({error})" for name, error in result.get("failed", {}).items()]
     return "\n".join(lines) + "\n"
@@ -808,40 +1056,78 @@ def report(result: dict) -> str:
 
 def parser() -> argparse.ArgumentParser:
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(prog="scripts/benchmark.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="scripts/benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if cuda else "cpu")
-    p.add_argument("--measure", nargs="+", choices=MEASUREMENTS, default=["kd_step", "mlp", "images", "fig3"],
-                   help="what to measure, in this order (default: kd_step mlp images fig3)")
+    p.add_argument(
+        "--measure",
+        nargs="+",
+        choices=MEASUREMENTS,
+        default=["kd_step", "mlp", "images", "fig3"],
+        help="what to measure, in this order (default: kd_step mlp images fig3)",
+    )
     p.add_argument("--batch", type=int, default=512 if cuda else 32, help="kd_step batch (CRD recipe: 64)")
     p.add_argument("--steps", type=int, default=100 if cuda else 16, help="timed kd steps per measurement")
     p.add_argument("--warmup", type=int, default=20 if cuda else 3, help="kd steps before the timer starts")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="DataLoader workers of the reference")
-    p.add_argument("--threads", type=int, default=None if cuda else 1,
-                   help="torch intra-op threads for every path (default on CPU: 1, steady on a shared machine)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=cuda,
-                   help="torch.compile in our fast path (default: on GPU only; CPU compiles take minutes)")
+    p.add_argument(
+        "--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers of the reference"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None if cuda else 1,
+        help="torch intra-op threads for every path (default on CPU: 1, steady on a shared machine)",
+    )
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=cuda,
+        help="torch.compile in our fast path (default: on GPU only; CPU compiles take minutes)",
+    )
     p.add_argument("--fig3", action="store_true", help="run make reproduce-fig3 and time it (minutes)")
-    p.add_argument("--members", type=int, default=70, help="students in mlp's timed population (fig3: 7 objectives "
-                                                           "x 10 seeds at one delta)")
-    p.add_argument("--image-epochs", type=int, default=20, help="images: epochs of each Fashion-MNIST student "
-                   "(fig3 trains 60; 20 keeps the measurement to minutes)")
+    p.add_argument(
+        "--members",
+        type=int,
+        default=70,
+        help="students in mlp's timed population (fig3: 7 objectives x 10 seeds at one delta)",
+    )
+    p.add_argument(
+        "--image-epochs",
+        type=int,
+        default=20,
+        help="images: epochs of each Fashion-MNIST student (fig3 trains 60; 20 keeps the measurement to minutes)",
+    )
     p.add_argument("--cifar-members", type=int, default=8, help="images: resnet20 students in the CIFAR population")
     p.add_argument("--epochs", type=int, default=3, help="epoch: epochs run (the first one compiles)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="parity: seeds per precision")
     p.add_argument("--parity-epochs", type=int, default=15)
-    p.add_argument("--parity-noise", type=float, default=PARITY_NOISE,
-                   help="parity: pixel noise over the class textures (more: harder, lower accuracy)")
+    p.add_argument(
+        "--parity-noise",
+        type=float,
+        default=PARITY_NOISE,
+        help="parity: pixel noise over the class textures (more: harder, lower accuracy)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script, not the speed")
     p.add_argument("--out", default=str(REPO / "results" / "bench"))
     p.add_argument("--name", default="bench", help="the output files' name: <out>/<name>.json and <name>.md")
     return p
 
 
-SMOKE = {"batch": 4, "steps": 2, "warmup": 1, "rounds": 1, "workers": 0, "epochs": 2, "seeds": [0, 1],
-         "parity_epochs": 1, "members": 3, "image_epochs": 1, "cifar_members": 2}
+SMOKE = {
+    "batch": 4,
+    "steps": 2,
+    "warmup": 1,
+    "rounds": 1,
+    "workers": 0,
+    "epochs": 2,
+    "seeds": [0, 1],
+    "parity_epochs": 1,
+    "members": 3,
+    "image_epochs": 1,
+    "cifar_members": 2,
+}
 SMOKE_MLP = ["trainer.max_epochs=2", "teacher.trainer.max_epochs=1", "data.test_per_class=10", "data.val_per_class=5"]
 # (training images, validation = test images): CIFAR-100's 45,000 / 5,000 for the epoch time; for
 # parity, 200 training images per class, 100 held out for each of validation and test.
@@ -871,8 +1157,12 @@ def main(argv=None) -> dict:
     out = Path(args.out)
 
     def publish(result: dict) -> None:
-        result.update(command=f'make bench ARGS="{given}"' if given else "make bench", load_before=load_before,
-                      load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()), hardware=hardware())
+        result.update(
+            command=f'make bench ARGS="{given}"' if given else "make bench",
+            load_before=load_before,
+            load_after=" ".join(f"{x:.2f}" for x in os.getloadavg()),
+            hardware=hardware(),
+        )
         write_json_atomic(out / f"{args.name}.json", result)
         write_text_atomic(out / f"{args.name}.md", report(result))
 

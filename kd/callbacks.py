@@ -102,8 +102,12 @@ def defer_requeue_signal() -> None:
 
 def _defer(signum, frame) -> None:
     _received.add(signum)
-    print("[kd] SIGUSR1 (SLURM's requeue signal) outside training: deferred; a training that follows in this job "
-          "checkpoints and requeues at its first step, else the job goes on to its end", file=sys.stderr, flush=True)
+    print(
+        "[kd] SIGUSR1 (SLURM's requeue signal) outside training: deferred; a training that follows in this job "
+        "checkpoints and requeues at its first step, else the job goes on to its end",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 class ResumeState(L.Callback):
@@ -140,7 +144,8 @@ class ResumeState(L.Callback):
             if name.startswith("net.") and value.is_floating_point() and not torch.isfinite(value).all():
                 raise TrainingDiverged(
                     f"weights {name} are not finite at step {trainer.global_step} (epoch {trainer.current_epoch}); "
-                    "they were not saved; lower the learning rate")
+                    "they were not saved; lower the learning rate"
+                )
         device = trainer.strategy.root_device  # the rank's own GPU: get_rng_state_all would wake every GPU
         checkpoint[self.KEY] = {
             "torch_rng": torch.get_rng_state(),

@@ -45,8 +45,12 @@ def slurm_gpus(accelerator: str, devices, gres: str | None) -> int | None:
 
 
 def register() -> None:
-    for name, resolver in (("run_name", run_name), ("fast_precision", fast_precision), ("not", lambda x: not x),
-                           ("slurm_gpus", slurm_gpus)):
+    for name, resolver in (
+        ("run_name", run_name),
+        ("fast_precision", fast_precision),
+        ("not", lambda x: not x),
+        ("slurm_gpus", slurm_gpus),
+    ):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, resolver)
 

@@ -50,8 +50,11 @@ def with_teachers_data(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         trained["root"] = "${paths.data_dir}/" + Path(trained["root"]).name
     with open_dict(cfg):
         cfg.data = OmegaConf.create(trained)
-    print(f"[kd] data: the teacher's own, from {Path(cfg.teacher.path).parent.parent / 'results.json'} "
-          "(data overrides choose other data)", flush=True)
+    print(
+        f"[kd] data: the teacher's own, from {Path(cfg.teacher.path).parent.parent / 'results.json'} "
+        "(data overrides choose other data)",
+        flush=True,
+    )
     return cfg
 
 
@@ -69,23 +72,30 @@ def spread_line(found: dict, name: str) -> str:
     return f"mean {found[f'{name}_mean']:.4f}  std {found[f'{name}_std']:.4f}  |  {quantiles}"
 
 
-def report(found: dict, source: str, kd_weight: float, temperature: float,
-           high_temperature: float = HIGH_TEMPERATURE) -> str:
+def report(
+    found: dict, source: str, kd_weight: float, temperature: float, high_temperature: float = HIGH_TEMPERATURE
+) -> str:
     """The diagnosis as the lines ``python -m kd.diagnose`` prints."""
-    rows = {"accuracy (test)": f"{found['acc']:.4f}",
-            "ECE (test, 15 bins)": f"{found['ece']:.4f}",
-            f"q_c (training split, tau {temperature:g})": spread_line(found, "q_c"),
-            f"w at the start of KD (kd_weight {kd_weight:g})": spread_line(found, "w_start"),
-            "effective smoothing (LS eps)": f"{found['effective_smoothing']:.4f}  "
-                                            f"(mean entropy {found['entropy']:.4f} nats)"}
-    scores = {"superclass": f"probabilities, tau {temperature:g}",
-              "superclass_high_tau": f"probabilities, tau {high_temperature:g}",
-              "weights": "logit-layer cosine (KD-sim's)"}
+    rows = {
+        "accuracy (test)": f"{found['acc']:.4f}",
+        "ECE (test, 15 bins)": f"{found['ece']:.4f}",
+        f"q_c (training split, tau {temperature:g})": spread_line(found, "q_c"),
+        f"w at the start of KD (kd_weight {kd_weight:g})": spread_line(found, "w_start"),
+        "effective smoothing (LS eps)": f"{found['effective_smoothing']:.4f}  "
+        f"(mean entropy {found['entropy']:.4f} nats)",
+    }
+    scores = {
+        "superclass": f"probabilities, tau {temperature:g}",
+        "superclass_high_tau": f"probabilities, tau {high_temperature:g}",
+        "weights": "logit-layer cosine (KD-sim's)",
+    }
     for key, what in scores.items():
         if f"{key}_score" in found:
-            rows[f"superclass score, {what}"] = (f"within {found[f'{key}_within']:+.4f}  between "
-                                                 f"{found[f'{key}_between']:+.4f}  within - between "
-                                                 f"{found[f'{key}_score']:+.4f}")
+            rows[f"superclass score, {what}"] = (
+                f"within {found[f'{key}_within']:+.4f}  between "
+                f"{found[f'{key}_between']:+.4f}  within - between "
+                f"{found[f'{key}_score']:+.4f}"
+            )
     if "superclass_score" not in found:
         rows["superclass score"] = "n/a (the data has no superclasses)"
     width = max(map(len, rows)) + 2
@@ -104,11 +114,15 @@ def main(argv=None) -> dict:
         cfg = with_teachers_data(compose_config([*QUIET, *overrides], NO_OUTPUT), overrides)
         teacher, datamodule = setup_teacher(cfg)
         if teacher is None:
-            raise UserError("teacher=none: nothing to diagnose; use teacher=checkpoint teacher.path=..., "
-                            "a teacher config (teacher=mlp) or teacher=oracle")
+            raise UserError(
+                "teacher=none: nothing to diagnose; use teacher=checkpoint teacher.path=..., "
+                "a teacher config (teacher=mlp) or teacher=oracle"
+            )
         if "kd_weight" not in cfg.objective:
-            raise UserError(f"objective={cfg.objective.name} has no kd_weight for w; "
-                            "use objective=kd (the default) or another kd_* objective")
+            raise UserError(
+                f"objective={cfg.objective.name} has no kd_weight for w; "
+                "use objective=kd (the default) or another kd_* objective"
+            )
         kd_weight, temperature = cfg.objective.kd_weight, cfg.objective.temperature
         found = diagnose(teacher, datamodule, kd_weight, temperature)
         print(report(found, describe(cfg), kd_weight, temperature))

@@ -35,21 +35,29 @@ class Axis(NamedTuple):
 
 # Synthetic data: the generator's class-relationship strength; Fashion-MNIST: the students' training
 # images per class (data-limited students). A data set without an axis (CIFAR-100) is one point.
-AXES = {"synthetic": Axis("delta", "data.delta", float, "delta={:g}",
-                          "delta (subclass spread; small = strongly related classes)"),
-        "fashion_mnist": Axis("per_class", "data.train_per_class", int, "{:d} per class",
-                              "the student's training images per class")}
+AXES = {
+    "synthetic": Axis(
+        "delta", "data.delta", float, "delta={:g}", "delta (subclass spread; small = strongly related classes)"
+    ),
+    "fashion_mnist": Axis(
+        "per_class", "data.train_per_class", int, "{:d} per class", "the student's training images per class"
+    ),
+}
 # Data sets whose runs are small one-thread CPU jobs: a driver runs several at once by default
 # (--jobs); on the other real data one run holds the accelerator, so they run one after another.
 PARALLEL = ("synthetic", "fashion_mnist")
 # --quick: a few epochs, and small evaluation splits where the data is generated, a small teacher set on
 # real images; checks the pipeline, not the science.
 QUICK = ["trainer.max_epochs=3", "teacher.trainer.max_epochs=2"]
-QUICK_DATA = {"synthetic": ["data.test_per_class=50", "data.val_per_class=10"],
-              "fashion_mnist": ["teacher.data.train_per_class=50", "data.val_size=200"]}
+QUICK_DATA = {
+    "synthetic": ["data.test_per_class=50", "data.val_per_class=10"],
+    "fashion_mnist": ["teacher.data.train_per_class=50", "data.val_size=200"],
+}
 # A job's name: <label>[-<axis column><value>]-s<seed> (see build_jobs).
-JOB_NAME = re.compile(rf"(?P<label>.+?)(?:-(?P<axis>{'|'.join(a.column for a in AXES.values())})(?P<value>[^-]+))?"
-                      r"-s(?P<seed>\d+)")
+JOB_NAME = re.compile(
+    rf"(?P<label>.+?)(?:-(?P<axis>{'|'.join(a.column for a in AXES.values())})(?P<value>[^-]+))?"
+    r"-s(?P<seed>\d+)"
+)
 
 
 class DriverParser(argparse.ArgumentParser):
@@ -80,26 +88,50 @@ def parser(name: str, doc: str, seeds=(0, 1, 2), data: str | None = None) -> arg
     bound to one data set passes ``data`` and gets no ``--data`` flag. ``seeds``: the default
     seeds, or ``{data set: seeds}`` with ``None`` for the others."""
     defaults = seeds if isinstance(seeds, dict) else {None: seeds}
-    p = DriverParser(name, data is not None, defaults, prog=f"python -m experiments.{name}", description=doc,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = DriverParser(
+        name,
+        data is not None,
+        defaults,
+        prog=f"python -m experiments.{name}",
+        description=doc,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     if data is None:
         p.add_argument("--data", default="synthetic", help=f"one of: {', '.join(DATA)}")
     else:
         p.set_defaults(data=data)
-    p.add_argument("--seeds", type=int, nargs="+", help="default: " + "; ".join(
-        f"{' '.join(map(str, v))}{f' on {k}' if k else ''}" for k, v in defaults.items()))
-    p.add_argument("--out", help=f"where the figures and tables go (default: results/{name}, "
-                                 f"results/{name}_<data> on real data, under $KD_ROOT if set)")
-    p.add_argument("--runs", help=f"run folders: checkpoints, results.json (default: logs/{name}, "
-                                  f"logs/{name}_<data> on real data, under $KD_ROOT if set)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="default: " + "; ".join(f"{' '.join(map(str, v))}{f' on {k}' if k else ''}" for k, v in defaults.items()),
+    )
+    p.add_argument(
+        "--out",
+        help=f"where the figures and tables go (default: results/{name}, "
+        f"results/{name}_<data> on real data, under $KD_ROOT if set)",
+    )
+    p.add_argument(
+        "--runs",
+        help=f"run folders: checkpoints, results.json (default: logs/{name}, "
+        f"logs/{name}_<data> on real data, under $KD_ROOT if set)",
+    )
     p.add_argument("--quick", action="store_true", help="a few epochs: checks the pipeline, not the science")
     p.add_argument("--no-wandb", action="store_true")
-    p.add_argument("--jobs", type=int, default=None,
-                   help="worker processes (default: one per core, at most 8, on synthetic data and "
-                        "Fashion-MNIST; 1 on the others); results do not depend on it")
-    p.add_argument("--population", choices=("on", "off"), default="on",
-                   help="on: runs that share an architecture and data shapes train at once as one stacked model "
-                        "(kd.population); off: every run alone")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="worker processes (default: one per core, at most 8, on synthetic data and "
+        "Fashion-MNIST; 1 on the others); results do not depend on it",
+    )
+    p.add_argument(
+        "--population",
+        choices=("on", "off"),
+        default="on",
+        help="on: runs that share an architecture and data shapes train at once as one stacked model "
+        "(kd.population); off: every run alone",
+    )
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     return p
 
@@ -170,7 +202,9 @@ def build_jobs(data: str, points, seeds, methods, overrides) -> dict[str, list[s
     axis = [(f"-{AXES[data].column}{p}", [f"{AXES[data].key}={p}"]) for p in points] if data in AXES else [("", [])]
     return {
         f"{label}{tag}-s{s}": [f"experiment={DATA[data]}", *extra, *point, f"seed={s}", *overrides]
-        for tag, point in axis for s in seeds for label, extra in variants.items()
+        for tag, point in axis
+        for s in seeds
+        for label, extra in variants.items()
     }
 
 
@@ -184,10 +218,20 @@ def collect(records: dict[str, dict]) -> pd.DataFrame:
         metrics = rec.get("metrics", {})
         job = JOB_NAME.fullmatch(name)
         point = {job["axis"]: kinds[job["axis"]](job["value"])} if job["axis"] else {}
-        rows.append({"method": job["label"], **point, "seed": int(job["seed"]), "status": rec["status"],
-                     "test_acc_last": metrics.get("test/acc_last"), "test_acc_best": metrics.get("test/acc_best"),
-                     "val_acc_best": metrics.get("val/acc_best"), "seconds": rec.get("seconds"),
-                     "error": rec.get("error", ""), "objective": str(cfg.get("objective", ""))})
+        rows.append(
+            {
+                "method": job["label"],
+                **point,
+                "seed": int(job["seed"]),
+                "status": rec["status"],
+                "test_acc_last": metrics.get("test/acc_last"),
+                "test_acc_best": metrics.get("test/acc_best"),
+                "val_acc_best": metrics.get("val/acc_best"),
+                "seconds": rec.get("seconds"),
+                "error": rec.get("error", ""),
+                "objective": str(cfg.get("objective", "")),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -195,8 +239,9 @@ def teacher_accuracy(jobs: dict[str, list[str]]) -> dict[str, float]:
     """Test accuracy (last epoch) of each trained teacher the jobs distil from, by its cache folder
     (jobs that differ only in their objective share a teacher)."""
     found = {}
-    for group in {tuple(o for o in overrides if not o.startswith(("objective=", "objective.")))
-                  for overrides in jobs.values()}:
+    for group in {
+        tuple(o for o in overrides if not o.startswith(("objective=", "objective."))) for overrides in jobs.values()
+    }:
         cfg = compose_config(list(group), "unused")  # a run folder: the trainer config refers to one
         if cfg.teacher.kind == "trained":
             record = completed_record(teachers.teacher_config(cfg).paths.output_dir)
@@ -228,8 +273,9 @@ def load_job(root, name: str, overrides: list[str]):
     """
     out = Path(root) / "runs" / name
     cfg, teacher, datamodule = load_teacher(overrides, out)
-    student = teachers.load_checkpoint(teachers.checkpoint_in(out, "last"), datamodule.num_classes,
-                                       datamodule.input_shape)
+    student = teachers.load_checkpoint(
+        teachers.checkpoint_in(out, "last"), datamodule.num_classes, datamodule.input_shape
+    )
     return cfg, student, teacher, datamodule
 
 

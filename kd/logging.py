@@ -46,7 +46,7 @@ def build_loggers(cfg: DictConfig, output_dir: Path, several: bool = False) -> l
     """The run's loggers; ``several``: one of several runs that log at once, from one process (the
     members of a population), each W&B run a run of its own (``reinit="create_new"``)."""
     loggers = []
-    for name, spec in (cfg.get("logger") or {}).items():
+    for spec in (cfg.get("logger") or {}).values():
         if spec is None:
             continue
         if "Wandb" in spec._target_:
@@ -81,4 +81,4 @@ def finish_loggers(loggers: list, failed: bool = False) -> None:
             try:
                 logger.experiment.finish(exit_code=1 if failed else 0)
             except OSError as err:  # ConnectionResetError from a killed service
-                warnings.warn(f"the W&B run did not finish cleanly ({err}); its files so far are kept")
+                warnings.warn(f"the W&B run did not finish cleanly ({err}); its files so far are kept", stacklevel=2)

@@ -25,16 +25,39 @@ class MemberMetrics(Metric):
         ``loss``: whether ``update`` receives the step's loss of each member."""
         super().__init__()
         self.members, self.with_loss = members, loss
-        self.register_buffer("has_teacher", torch.zeros(members, dtype=torch.bool) if agreement is None
-                             else torch.as_tensor(agreement, dtype=torch.bool), persistent=False)
+        self.register_buffer(
+            "has_teacher",
+            torch.zeros(members, dtype=torch.bool)
+            if agreement is None
+            else torch.as_tensor(agreement, dtype=torch.bool),
+            persistent=False,
+        )
         per_member = ["examples", "correct", "nll", "agree"] + (["loss", "steps"] if loss else [])
         for name in per_member:
-            self.add_state(name, torch.zeros(members, ), dist_reduce_fx="sum")
+            self.add_state(
+                name,
+                torch.zeros(
+                    members,
+                ),
+                dist_reduce_fx="sum",
+            )
         for name in ("bin_count", "bin_conf", "bin_correct"):  # the bin edges, then 1.0 alone (torchmetrics')
-            self.add_state(name, torch.zeros(members, N_BINS + 1, ), dist_reduce_fx="sum")
+            self.add_state(
+                name,
+                torch.zeros(
+                    members,
+                    N_BINS + 1,
+                ),
+                dist_reduce_fx="sum",
+            )
 
-    def update(self, probs: torch.Tensor, target: torch.Tensor, teacher_top: torch.Tensor | None = None,
-               loss: torch.Tensor | None = None) -> None:
+    def update(
+        self,
+        probs: torch.Tensor,
+        target: torch.Tensor,
+        teacher_top: torch.Tensor | None = None,
+        loss: torch.Tensor | None = None,
+    ) -> None:
         """``probs`` (G, B, K), ``target`` (G, B), ``teacher_top`` (G, B) the teacher's top classes,
         ``loss`` (G,) the members' losses of this step."""
         confidence, top = probs.max(-1)
@@ -57,8 +80,11 @@ class MemberMetrics(Metric):
         """(G,) per metric; ``agreement`` is NaN for members without a teacher."""
         count = self.bin_count.clamp_min(1)
         gap = (self.bin_correct / count - self.bin_conf / count).abs()
-        values = {"acc": self.correct / self.examples, "ece": (gap * self.bin_count).sum(-1) / self.examples,
-                  "nll": self.nll / self.examples}
+        values = {
+            "acc": self.correct / self.examples,
+            "ece": (gap * self.bin_count).sum(-1) / self.examples,
+            "nll": self.nll / self.examples,
+        }
         if bool(self.has_teacher.any()):
             values["agreement"] = torch.where(self.has_teacher, self.agree / self.examples, torch.nan)
         if self.with_loss:

@@ -121,9 +121,14 @@ class DistillationModule(L.LightningModule):
         objective_list = [dict(o) for o in _as_members(objective, 1)]
         self.members = len(objective_list)
         # Plain values only, so a checkpoint alone can rebuild the network (kd.teachers.load_checkpoint).
-        self.save_hyperparameters({"model": model_config, "num_classes": num_classes,
-                                   "input_shape": list(input_shape or ()),
-                                   "objective": objective_list if self.members > 1 else objective_list[0]})
+        self.save_hyperparameters(
+            {
+                "model": model_config,
+                "num_classes": num_classes,
+                "input_shape": list(input_shape or ()),
+                "objective": objective_list if self.members > 1 else objective_list[0],
+            }
+        )
         self.net = net if isinstance(net, population.Members) else population.Loop([net])
         member_teachers = _as_members(teacher, self.members)
         unique = list({id(t): t for t in member_teachers if t is not None}.values())
@@ -143,11 +148,14 @@ class DistillationModule(L.LightningModule):
         similarities = _as_members(class_similarity, self.members)
         self.loss_groups = self._loss_groups(objective_list, similarities)
         # (name, parameters, class similarity) of each member's objective (member_loss)
-        self.member_objectives = [(o["name"], _loss_params(o), similarities[g] if o["name"] in objectives.NEEDS_SIMILARITY
-                                   else None) for g, o in enumerate(objective_list)]
+        self.member_objectives = [
+            (o["name"], _loss_params(o), similarities[g] if o["name"] in objectives.NEEDS_SIMILARITY else None)
+            for g, o in enumerate(objective_list)
+        ]
         self.member_loggers: list[list] = [[] for _ in range(self.members)]  # a population's (kd.train)
-        self.register_buffer("grouped_order", torch.cat([group.members for group in self.loss_groups]),
-                             persistent=False)  # the members in the order of the groups' losses
+        self.register_buffer(
+            "grouped_order", torch.cat([group.members for group in self.loss_groups]), persistent=False
+        )  # the members in the order of the groups' losses
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.test_tag = "last"
         self.teacher_outputs: dict[str, TeacherOutputs] = {}  # by stage, for the data's fixed-input splits
@@ -155,10 +163,14 @@ class DistillationModule(L.LightningModule):
         self.member_axis = True  # whether batches come with the member axis (setup)
         taught = torch.zeros(self.members, dtype=torch.bool)
         taught[self.taught] = True
-        self.metrics = nn.ModuleDict({  # keys "train_", ...: ModuleDict keys may not shadow nn.Module.train
-            f"{stage}_": MemberMetrics(self.members, agreement=taught if self.taught else None, loss=stage == "train")
-            for stage in STAGES
-        })
+        self.metrics = nn.ModuleDict(
+            {  # keys "train_", ...: ModuleDict keys may not shadow nn.Module.train
+                f"{stage}_": MemberMetrics(
+                    self.members, agreement=taught if self.taught else None, loss=stage == "train"
+                )
+                for stage in STAGES
+            }
+        )
         for metric in self.metrics.values():  # in checkpoints: a run resumed mid-epoch reports its whole epoch
             metric.persistent(True)
         # The latest epoch's metrics of each member, (G,) tensors by name: what the run records.
@@ -246,8 +258,9 @@ class DistillationModule(L.LightningModule):
             return torch.stack([passes[t, self.inputs_of[g]] for g, t in zip(self.taught, self.teacher_of)])
 
         outputs = self.teacher_outputs.get(stage)
-        logits = run_teachers() if outputs is None else outputs(lambda: run_teachers(fixed=True),
-                                                                index[self.taught_index])
+        logits = (
+            run_teachers() if outputs is None else outputs(lambda: run_teachers(fixed=True), index[self.taught_index])
+        )
         if len(self.taught) == self.members:
             return logits
         return logits.new_zeros((self.members, *logits.shape[1:])).index_copy(0, self.taught_index, logits)
@@ -260,8 +273,12 @@ class DistillationModule(L.LightningModule):
         teacher_logits = self._teacher_logits(stage, x, index)
         probs = logits.detach().float().softmax(-1)
         loss = self._losses(logits, y, teacher_logits) if stage == "train" else None
-        self.metrics[f"{stage}_"].update(probs, y, None if teacher_logits is None else teacher_logits.argmax(-1),
-                                         None if loss is None else loss.detach())
+        self.metrics[f"{stage}_"].update(
+            probs,
+            y,
+            None if teacher_logits is None else teacher_logits.argmax(-1),
+            None if loss is None else loss.detach(),
+        )
         return loss
 
     def _losses(self, logits, y, teacher_logits) -> torch.Tensor:
@@ -269,9 +286,12 @@ class DistillationModule(L.LightningModule):
         if len(self.loss_groups) == 1:
             group = self.loss_groups[0]
             return group.loss(logits, y, teacher_logits if group.needs_teacher else None)
-        parts = [group.loss(logits[group.members], y[group.members],
-                            teacher_logits[group.members] if group.needs_teacher else None)
-                 for group in self.loss_groups]
+        parts = [
+            group.loss(
+                logits[group.members], y[group.members], teacher_logits[group.members] if group.needs_teacher else None
+            )
+            for group in self.loss_groups
+        ]
         return logits.new_zeros(self.members).index_copy(0, self.grouped_order, torch.cat(parts))
 
     def training_step(self, batch, batch_idx):
@@ -303,8 +323,10 @@ class DistillationModule(L.LightningModule):
         step, epoch = self.nonfinite_at[member].tolist()
         if step < 0:
             return None
-        return (f"loss is {self.nonfinite_loss[member].item()} at step {step} (epoch {epoch}); "
-                "lower the learning rate or check the data")
+        return (
+            f"loss is {self.nonfinite_loss[member].item()} at step {step} (epoch {epoch}); "
+            "lower the learning rate or check the data"
+        )
 
     def _raise_if_diverged(self) -> None:
         """Stop the run once every member's loss has gone non-finite (it reads the record back from
@@ -338,8 +360,10 @@ class DistillationModule(L.LightningModule):
         completeness, the epoch metrics kept (and logged for a single run) and reset."""
         if stage in self.teacher_outputs:
             self.teacher_outputs[stage].end_of_pass()
-        values = {f"{stage}/{name}{suffix}": value.reshape(self.members)  # torchmetrics squeezes one member's away
-                  for name, value in self.metrics[f"{stage}_"].compute().items()}
+        values = {
+            f"{stage}/{name}{suffix}": value.reshape(self.members)  # torchmetrics squeezes one member's away
+            for name, value in self.metrics[f"{stage}_"].compute().items()
+        }
         self.metrics[f"{stage}_"].reset()
         self._keep(values)
         return values
@@ -412,8 +436,11 @@ class DistillationModule(L.LightningModule):
 
     def member_metrics(self, member: int = 0) -> dict[str, float]:
         """``member``'s latest epoch metrics and tests, as its single run records them."""
-        return {name: float(value[member]) for name, value in self.epoch_values.items()
-                if not (name.split("/")[1].startswith("agreement") and member not in self.taught)}
+        return {
+            name: float(value[member])
+            for name, value in self.epoch_values.items()
+            if not (name.split("/")[1].startswith("agreement") and member not in self.taught)
+        }
 
     def on_test_epoch_end(self):
         self._end_epoch("test", suffix=f"_{self.test_tag}")
@@ -426,18 +453,23 @@ class DistillationModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teachers.")}
-        checkpoint["kd_members"] = {"epoch_values": _on_host(self.epoch_values),
-                                    "best_state": _on_host(self.best_state), "best_epoch": self.best_epoch}
+        checkpoint["kd_members"] = {
+            "epoch_values": _on_host(self.epoch_values),
+            "best_state": _on_host(self.best_state),
+            "best_epoch": self.best_epoch,
+        }
         for name, metric in self.metrics.items():  # every rank's counts, summed: the whole job's epoch so far
             with metric.sync_context(should_sync=self.data_parallel):
-                checkpoint["state_dict"].update({f"metrics.{name}.{k}": v.clone()
-                                                 for k, v in metric.metric_state.items()})
+                checkpoint["state_dict"].update(
+                    {f"metrics.{name}.{k}": v.clone() for k, v in metric.metric_state.items()}
+                )
 
     def on_load_checkpoint(self, checkpoint):
         checkpoint["state_dict"].update({f"teachers.{k}": v for k, v in self.teachers.state_dict().items()})
         if self.global_rank > 0:  # the job's counts so far are rank 0's to carry on (on_save_checkpoint)
-            checkpoint["state_dict"].update({k: torch.zeros_like(v) for k, v in checkpoint["state_dict"].items()
-                                             if k.startswith("metrics.")})
+            checkpoint["state_dict"].update(
+                {k: torch.zeros_like(v) for k, v in checkpoint["state_dict"].items() if k.startswith("metrics.")}
+            )
         kept = checkpoint.get("kd_members")
         if kept is not None:
             self.epoch_values = {k: v.to(self.device) for k, v in kept["epoch_values"].items()}

@@ -47,9 +47,13 @@ def key(cfg: DictConfig) -> str | None:
     if not (isinstance(data_cls, type) and issubclass(data_cls, TensorDataModule)) or not data_cls.POPULATION_KEYS:
         return None
     trainer = cfg.trainer
-    if cfg.get("compile") or trainer.get("gradient_clip_val") \
-            or trainer.get("devices", 1) != 1 or trainer.get("num_nodes", 1) != 1 \
-            or any(c and c.get("monitor") for c in (cfg.get("callbacks") or {}).values()):
+    if (
+        cfg.get("compile")
+        or trainer.get("gradient_clip_val")
+        or trainer.get("devices", 1) != 1
+        or trainer.get("num_nodes", 1) != 1
+        or any(c and c.get("monitor") for c in (cfg.get("callbacks") or {}).values())
+    ):
         return None
     # Unresolved: a value that follows a member's own (``${seed}``, ``${paths.output_dir}/...``) is alike.
     plain = OmegaConf.to_container(cfg, resolve=False)
@@ -77,9 +81,11 @@ def check(cfgs: list[DictConfig]) -> None:
         return
     keys = {key(cfg) for cfg in cfgs}
     if None in keys or len(keys) > 1:
-        raise UserError("these runs cannot train as one population: they must share everything but seed, "
-                        "objective, teacher and data values, and train on one device without compile "
-                        "(see kd.population.key)")
+        raise UserError(
+            "these runs cannot train as one population: they must share everything but seed, "
+            "objective, teacher and data values, and train on one device without compile "
+            "(see kd.population.key)"
+        )
     outs = [str(Path(cfg.paths.output_dir).resolve()) for cfg in cfgs]
     if len(set(outs)) < len(outs):
         raise UserError(f"two members of a population share the folder {max(set(outs), key=outs.count)}")
@@ -219,13 +225,13 @@ class Loop(Members):
 def _network_names(module: Loop, state: dict, prefix: str, local_metadata) -> None:
     """``nets.0.<name>`` -> ``<name>``: a population of one saves its weights as its network would."""
     for k in [k for k in state if k.startswith(f"{prefix}nets.0.")]:
-        state[prefix + k[len(prefix) + len("nets.0."):]] = state.pop(k)
+        state[prefix + k[len(prefix) + len("nets.0.") :]] = state.pop(k)
 
 
 def _member_names(state: dict, prefix: str, *args) -> None:
     """``<name>`` -> ``nets.0.<name>``: and loads them back (a single run's checkpoint, or a teacher's)."""
     for k in [k for k in state if k.startswith(prefix) and not k.startswith(f"{prefix}nets.")]:
-        state[f"{prefix}nets.0.{k[len(prefix):]}"] = state.pop(k)
+        state[f"{prefix}nets.0.{k[len(prefix) :]}"] = state.pop(k)
 
 
 STRATEGIES = {"stack": Stack, "loop": Loop}
@@ -247,7 +253,7 @@ def network(nets: list[nn.Module], device: torch.device, strategy: str = "auto")
     return STRATEGIES[strategy](nets)
 
 
-def data(members: list) -> "Data | SplitDataModule":
+def data(members: list) -> Data | SplitDataModule:
     """The members' data as one data module: a single run's is its own (any kind), whose batches
     have no member axis (kd.module adds it)."""
     return members[0] if len(members) == 1 else Data(members)
@@ -318,10 +324,15 @@ class Data(SplitDataModule):
         for split in first.splits:
             shapes = {(tuple(m.splits[split].x.shape), m.num_classes) for m in self.unique}
             if len(shapes) > 1:
-                raise UserError(f"the members' {split} splits differ in shape ({sorted(shapes)}): they cannot "
-                                "train as one population")
-            self.splits[split] = StackedTensors(torch.stack([m.splits[split].x for m in self.unique]),
-                                                torch.stack([m.splits[split].y for m in self.unique]), self.data_of)
+                raise UserError(
+                    f"the members' {split} splits differ in shape ({sorted(shapes)}): they cannot "
+                    "train as one population"
+                )
+            self.splits[split] = StackedTensors(
+                torch.stack([m.splits[split].x for m in self.unique]),
+                torch.stack([m.splits[split].y for m in self.unique]),
+                self.data_of,
+            )
 
     @property
     def num_classes(self) -> int:
@@ -357,7 +368,9 @@ class Data(SplitDataModule):
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         if (split, device) not in self._resident:
             data = self.splits[split]
-            self._resident[split, device] = StackedTensors(data.x.to(device), data.y.to(device), data.data_of.to(device))
+            self._resident[split, device] = StackedTensors(
+                data.x.to(device), data.y.to(device), data.data_of.to(device)
+            )
         if not shuffle and batch_size is None:  # members x examples within EVAL_ROWS
             batch_size = max(1, min(self.unique[0].eval_batch_size, EVAL_ROWS // len(self.members)))
         sampler = StackedSampler([m.sampler(split, shuffle, batch_size, device) for m in self.members])

@@ -28,8 +28,15 @@ def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
     return paths
 
 
-def publish(name: str, out_dir, tables: dict[str, pd.DataFrame], figures: dict, summary: str,
-            wandb: bool = True, config: dict | None = None) -> Path:
+def publish(
+    name: str,
+    out_dir,
+    tables: dict[str, pd.DataFrame],
+    figures: dict,
+    summary: str,
+    wandb: bool = True,
+    config: dict | None = None,
+) -> Path:
     """Write tables as CSV, figures as PNG/PDF and ``<name>.md``; log them all to one W&B run named
     after ``out_dir``'s folder."""
     out_dir = Path(out_dir)
@@ -45,12 +52,23 @@ def publish(name: str, out_dir, tables: dict[str, pd.DataFrame], figures: dict, 
 def _log_wandb(name, label, tables, images, summary, config) -> None:
     import wandb as wb
 
-    run = wb.init(project="kd", group=label, job_type="figure", name=label, mode=wandb_mode(),
-                  config=config or {}, reinit="finish_previous")
+    run = wb.init(
+        project="kd",
+        group=label,
+        job_type="figure",
+        name=label,
+        mode=wandb_mode(),
+        config=config or {},
+        reinit="finish_previous",
+    )
     try:
         # A figure and a table may share a name (fig3.png, fig3.csv): kinds get keys of their own.
-        run.log({**{f"{name}/figure/{k}": wb.Image(str(v)) for k, v in images.items()},
-                 **{f"{name}/table/{k}": wb.Table(dataframe=t) for k, t in tables.items()}})
+        run.log(
+            {
+                **{f"{name}/figure/{k}": wb.Image(str(v)) for k, v in images.items()},
+                **{f"{name}/table/{k}": wb.Table(dataframe=t) for k, t in tables.items()},
+            }
+        )
         run.summary["summary_md"] = summary
     finally:
         run.finish()

@@ -135,6 +135,7 @@ def _remove_if(path: Path, owner: str) -> None:
 @functools.cache
 def _heartbeat() -> None:
     """Start, once per process, the thread that refreshes the time of every lock file held."""
+
     def beat():
         while True:
             time.sleep(HEARTBEAT_S)
@@ -143,6 +144,7 @@ def _heartbeat() -> None:
                     os.utime(held.path)
                 except OSError:
                     pass
+
     threading.Thread(target=beat, daemon=True, name="kd-lock-heartbeat").start()
 
 
@@ -180,8 +182,11 @@ def cpu_features() -> dict:
 
 def _cpu_model() -> str:
     try:
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                 if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
     except OSError:
         names = []
     return names[0] if names else platform.processor() or platform.machine()
@@ -195,9 +200,16 @@ def tf32() -> dict:
 
 
 def hardware() -> dict:
-    info = {"platform": platform.platform(), "machine": platform.machine(), "cpus": os.cpu_count(),
-            "cpu": cpu_features(), "torch_threads": torch.get_num_threads(), "cuda": torch.version.cuda, "gpus": [],
-            "tf32": tf32()}
+    info = {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "cpu": cpu_features(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "gpus": [],
+        "tf32": tf32(),
+    }
     if torch.cuda.is_available():
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
@@ -216,11 +228,25 @@ def completed_record(run_dir) -> dict | None:
 # callbacks, names, progress), where its data lie, and the devices it runs on (a run requeued onto fewer
 # GPUs resumes; its record's data_parallel says what it ran on). A run folder whose config differs from
 # a job's only here is that job's run.
-NOT_DEFINING = {"paths": None, "logger": None, "callbacks": None, "task_name": None, "tags": None,
-                "optimized_metric": None,
-                "data": ("download",),
-                "trainer": ("default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps",
-                            "accelerator", "devices", "num_nodes", "strategy")}
+NOT_DEFINING = {
+    "paths": None,
+    "logger": None,
+    "callbacks": None,
+    "task_name": None,
+    "tags": None,
+    "optimized_metric": None,
+    "data": ("download",),
+    "trainer": (
+        "default_root_dir",
+        "enable_progress_bar",
+        "enable_model_summary",
+        "log_every_n_steps",
+        "accelerator",
+        "devices",
+        "num_nodes",
+        "strategy",
+    ),
+}
 
 
 def definition(config: dict) -> dict:
@@ -228,8 +254,10 @@ def definition(config: dict) -> dict:
     under one of its ``paths`` written as ``${paths.<key>}/...`` (the run's checkpoint folder, wherever
     it is, reads the same); and its data known by the name of their folder, not where it lies
     (``/scratch/job7/cifar100`` is ``cifar100``: staged data, the same data set)."""
-    paths = sorted(((v.rstrip("/"), k) for k, v in (config.get("paths") or {}).items() if isinstance(v, str) and v),
-                   key=lambda found: -len(found[0]))
+    paths = sorted(
+        ((v.rstrip("/"), k) for k, v in (config.get("paths") or {}).items() if isinstance(v, str) and v),
+        key=lambda found: -len(found[0]),
+    )
 
     def portable(value):
         if isinstance(value, dict):
@@ -239,7 +267,7 @@ def definition(config: dict) -> dict:
         if isinstance(value, str):
             for prefix, key in paths:
                 if value == prefix or value.startswith(prefix + "/"):
-                    return "${paths." + key + "}" + value[len(prefix):]
+                    return "${paths." + key + "}" + value[len(prefix) :]
         return value
 
     kept = {}
@@ -283,6 +311,8 @@ def check_same_run(run_dir, config: dict) -> None:
         shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in list(changed.items())[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
         what = "a finished run" if record.get("status") == "completed" else "an unfinished run"
-        raise UserError(f"{run_dir} holds {what} of other settings ({shown}{more}); it is not reused: delete "
-                        "that folder to run there again, or give the run another folder (a driver's --runs, "
-                        "kd.train's hydra.run.dir)")
+        raise UserError(
+            f"{run_dir} holds {what} of other settings ({shown}{more}); it is not reused: delete "
+            "that folder to run there again, or give the run another folder (a driver's --runs, "
+            "kd.train's hydra.run.dir)"
+        )

@@ -58,9 +58,11 @@ GROUPS = {p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir()}  # data, mod
 def structure(overrides: list[str]) -> tuple[str, ...]:
     """The overrides that choose config files (``group=option``, ``group@package=option``): jobs
     alike in them compose alike, so one of them stands for all in ``check``."""
+
     def chooses(override: str) -> bool:
         key = override.lstrip("+~").split("=", 1)[0]
         return "@" in key or "/" in key or key in GROUPS
+
     return tuple(o for o in overrides if chooses(o))
 
 
@@ -119,8 +121,10 @@ def check(jobs: dict[str, list[str]]) -> dict[tuple, DictConfig]:
             try:
                 found[shape] = compose_config([*QUIET, *overrides], "/unused")
             except Exception as err:  # Hydra's own errors: an override it cannot apply, an unknown option
-                raise UserError(f"job {name}: {one_line(err)} (the extra overrides go to every job of the "
-                                "driver; see its --help for what it sweeps itself)") from None
+                raise UserError(
+                    f"job {name}: {one_line(err)} (the extra overrides go to every job of the "
+                    "driver; see its --help for what it sweeps itself)"
+                ) from None
     return found
 
 
@@ -152,8 +156,11 @@ def population_of(overrides: list[str], cfg: DictConfig) -> tuple | None:
     own = {f"data.{k}" for k in get_object(cfg.data._target_).POPULATION_KEYS} | {"seed"}
     choices = structure(overrides)
     values = [o for o in overrides if o not in choices]
-    return key, tuple(o for o in values
-                      if override_key(o) not in own and override_key(o).split(".")[0] not in ("objective", "teacher"))
+    return key, tuple(
+        o
+        for o in values
+        if override_key(o) not in own and override_key(o).split(".")[0] not in ("objective", "teacher")
+    )
 
 
 def teacher_group(overrides: list[str]) -> tuple:
@@ -161,8 +168,9 @@ def teacher_group(overrides: list[str]) -> tuple:
     return tuple(o for o in overrides if override_key(o).split(".")[0] != "objective")
 
 
-def units(jobs: dict[str, list[str]], configs: dict[tuple, DictConfig], workers: int,
-          population: bool) -> list[list[str]]:
+def units(
+    jobs: dict[str, list[str]], configs: dict[tuple, DictConfig], workers: int, population: bool
+) -> list[list[str]]:
     """The work as units (lists of job names): each population cut into ``workers`` parts at teacher
     boundaries (so parallel workers train different teachers), and every other job alone; the
     larger units first."""
@@ -266,8 +274,14 @@ class _Bar:
     """One progress bar for the sweep: whole jobs done, plus the epochs reported by units in flight."""
 
     def __init__(self, total: int, initial: int, desc: str):
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="run", dynamic_ncols=True,
-                        bar_format="{l_bar}{bar}| {n:.0f}/{total} runs [{elapsed}<{remaining}{postfix}]")
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=desc,
+            unit="run",
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n:.0f}/{total} runs [{elapsed}<{remaining}{postfix}]",
+        )
         self.done, self.partial, self.lock = initial, {}, threading.Lock()
 
     def advance(self, unit: str, fraction: float, size: int) -> None:
@@ -286,8 +300,9 @@ class _Bar:
         self.bar.update(self.done + sum(self.partial.values()) - self.bar.n)
 
 
-def run_jobs(jobs: dict[str, list[str]], root: str | Path, desc: str = "runs", workers: int = 1,
-             population: bool = True) -> dict[str, dict]:
+def run_jobs(
+    jobs: dict[str, list[str]], root: str | Path, desc: str = "runs", workers: int = 1, population: bool = True
+) -> dict[str, dict]:
     """Run every ``name -> overrides`` job into ``root/runs/<name>``; return their records, in the
     order of ``jobs`` whatever the order they finish in.
 
@@ -312,8 +327,12 @@ def run_jobs(jobs: dict[str, list[str]], root: str | Path, desc: str = "runs", w
 
     if workers <= 1:
         for names in plan:
-            done(names, run_unit(names, todo, outs,
-                                 report=lambda fraction, unit=names[0]: bar.advance(unit, fraction, size[unit])))
+            done(
+                names,
+                run_unit(
+                    names, todo, outs, report=lambda fraction, unit=names[0]: bar.advance(unit, fraction, size[unit])
+                ),
+            )
     else:
         _run_in_pool(plan, todo, outs, workers, bar, size, done)
     bar.bar.close()
@@ -346,8 +365,7 @@ def _run_in_pool(plan, jobs, outs, workers, bar, size, done) -> None:
         synced.wait(timeout=10)
 
     address = _reports_address()
-    reader = threading.Thread(target=lambda: [advance(*message) for message in iter(reports.get, None)],
-                              daemon=True)
+    reader = threading.Thread(target=lambda: [advance(*message) for message in iter(reports.get, None)], daemon=True)
     reader.start()
     try:
         pending, suspects, tries = list(plan), [], {}
@@ -362,17 +380,20 @@ def _run_in_pool(plan, jobs, outs, workers, bar, size, done) -> None:
                     tries[names[0]] = tries.get(names[0], 0) + 1
                     # It broke a pool it had to itself (its start report can be lost with its worker: twice is enough).
                     if names[0] in started or tries[names[0]] >= 2:
-                        error = RuntimeError("its worker process died while it ran alone (killed by the OS, "
-                                             "e.g. out of memory)")
+                        error = RuntimeError(
+                            "its worker process died while it ran alone (killed by the OS, e.g. out of memory)"
+                        )
                         done(names, {name: failed(error, outs[name]) for name in names})
                 suspects = [names for names in rest if names[0] not in started and tries[names[0]] < 2]
             else:
                 suspects = [names for names in rest if names[0] in started]
                 pending = [names for names in rest if names[0] not in started]
                 if rest:
-                    tqdm.write(f"[kd] a worker process died (killed by the OS?): {len(suspects)} job group(s) "
-                               "that were running then run again one at a time; the other "
-                               f"{sum(map(len, pending))} jobs go on in a fresh pool")
+                    tqdm.write(
+                        f"[kd] a worker process died (killed by the OS?): {len(suspects)} job group(s) "
+                        "that were running then run again one at a time; the other "
+                        f"{sum(map(len, pending))} jobs go on in a fresh pool"
+                    )
             started.clear()
     finally:
         reports.put(None)
@@ -382,8 +403,9 @@ def _run_in_pool(plan, jobs, outs, workers, bar, size, done) -> None:
 def executor(workers: int, context, address) -> ProcessPoolExecutor:
     """A pool of ``workers`` processes that report to ``address``, each on a GPU of its own where there
     are several (``_start_worker``)."""
-    return ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                               initargs=(address, context.Value("i", 0), gpus()))
+    return ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_start_worker, initargs=(address, context.Value("i", 0), gpus())
+    )
 
 
 def _pool(batch, jobs, outs, workers, done, context, address) -> list[list[str]]:

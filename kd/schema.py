@@ -48,12 +48,18 @@ def check_cublas(plain: dict) -> None:
     """deterministic=true on CUDA fails at its first matrix product where torch's CUDA started
     without a deterministic CUBLAS_WORKSPACE_CONFIG, which torch reads once (kd/__init__.py)."""
     value = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    if (plain.get("deterministic") is True and plain.get("trainer", {}).get("accelerator") != "cpu"
-            and torch.cuda.is_initialized() and value not in CUBLAS_DETERMINISTIC):
+    if (
+        plain.get("deterministic") is True
+        and plain.get("trainer", {}).get("accelerator") != "cpu"
+        and torch.cuda.is_initialized()
+        and value not in CUBLAS_DETERMINISTIC
+    ):
         good = CUBLAS_DETERMINISTIC[0]
-        raise UserError(f"deterministic=true needs CUBLAS_WORKSPACE_CONFIG={good} before torch's first CUDA matrix "
-                        f"product, and CUDA started in this process with it {value or 'unset'}; export "
-                        f"CUBLAS_WORKSPACE_CONFIG={good} before starting Python, or import kd before using CUDA")
+        raise UserError(
+            f"deterministic=true needs CUBLAS_WORKSPACE_CONFIG={good} before torch's first CUDA matrix "
+            f"product, and CUDA started in this process with it {value or 'unset'}; export "
+            f"CUBLAS_WORKSPACE_CONFIG={good} before starting Python, or import kd before using CUDA"
+        )
 
 
 def resolved(cfg: DictConfig) -> dict:
@@ -62,8 +68,9 @@ def resolved(cfg: DictConfig) -> dict:
         return OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", None) or "a key"
-        raise UserError(f"{key} has no usable value ({str(err).splitlines()[0]}); "
-                        f"set it on the command line: {key}=...") from None
+        raise UserError(
+            f"{key} has no usable value ({str(err).splitlines()[0]}); set it on the command line: {key}=..."
+        ) from None
 
 
 def check_targets(node, raw, path: str = "") -> None:
@@ -92,19 +99,20 @@ def check_target(path: str, node: dict, raw: dict) -> None:
             raise UserError(f"{path}.{key} is not an option of {callee}; valid: {', '.join(params)}")
         if not _accepts(params[key], value):
             origin = f" (from {raw[key]})" if "${" in str(raw.get(key)) else ""
-            raise UserError(f"{path}.{key}={value!r}{origin} has the wrong type for {callee}; "
-                            f"expected {inspect.formatannotation(params[key])}")
+            raise UserError(
+                f"{path}.{key}={value!r}{origin} has the wrong type for {callee}; "
+                f"expected {inspect.formatannotation(params[key])}"
+            )
 
 
-@functools.lru_cache(maxsize=None)  # a sweep checks many configs of a few targets: inspect each once
+@functools.cache  # a sweep checks many configs of a few targets: inspect each once
 def _options(path: str, target_name: str, name) -> tuple[str, dict, bool] | None:
     """What the node at ``path`` with this ``_target_`` (and registry ``name``) takes: the callable's
     name, its parameters' types, whether it takes any keyword; None if it has no signature."""
     try:
         target = get_object(target_name)
     except Exception as err:  # noqa: BLE001  (import errors of every kind)
-        raise UserError(f"{path}._target_={target_name!r} cannot be imported "
-                        f"({type(err).__name__}: {err})") from None
+        raise UserError(f"{path}._target_={target_name!r} cannot be imported ({type(err).__name__}: {err})") from None
     chain = [target]
     registry = getattr(inspect.getmodule(target), "REGISTRY", None)
     if _takes_any_keyword(target) and isinstance(registry, dict) and name is not _NO_NAME:

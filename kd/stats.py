@@ -38,7 +38,18 @@ def paired_gaps(df: pd.DataFrame, pairs, metric: str, by: str) -> pd.DataFrame:
             spread = d.std() if n > 1 else float("nan")
             half = stats.t.ppf(0.5 + LEVEL / 2, n - 1) * spread / n**0.5 if n > 1 else float("nan")
             low, high = mean - half, mean + half
-            rows.append({"a": a, "b": b, by: key, "gap": mean, "spread": spread, "n": n,
-                         "exceeds_spread": bool(n > 1 and abs(mean) > spread), "ci_low": low, "ci_high": high,
-                         "verdict": verdict(low, high) if n > 1 else "one seed"})
+            rows.append(
+                {
+                    "a": a,
+                    "b": b,
+                    by: key,
+                    "gap": mean,
+                    "spread": spread,
+                    "n": n,
+                    "exceeds_spread": bool(n > 1 and abs(mean) > spread),
+                    "ci_low": low,
+                    "ci_high": high,
+                    "verdict": verdict(low, high) if n > 1 else "one seed",
+                }
+            )
     return pd.DataFrame(rows, columns=[*COLUMNS[:2], by, *COLUMNS[2:]])

@@ -16,9 +16,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable
 
 import torch
 from hydra.utils import instantiate
@@ -34,17 +34,34 @@ from kd.results import completed_record, definition, differences, lock
 Train = Callable[..., object]
 
 # The keys each kind of teacher reads besides ``kind``; any other key is a user error.
-KEYS = {"none": (), "oracle": (), "checkpoint": ("path", "data_check"),
-        "trained": ("model", "objective", "data", "trainer", "optimizer", "scheduler", "seed", "checkpoint")}
+KEYS = {
+    "none": (),
+    "oracle": (),
+    "checkpoint": ("path", "data_check"),
+    "trained": ("model", "objective", "data", "trainer", "optimizer", "scheduler", "seed", "checkpoint"),
+}
 KINDS = tuple(KEYS)
 CHECKPOINTS = ("last", "best")
 # Data keys that pick, batch, load or locate examples, not which data set and classes they are: a
 # checkpoint teacher may have been trained with other values (fig3's teachers on 500 examples per
 # class, its students on 20). On data read from a root (images) the seed too only picks examples;
 # generated data (no root) are drawn from their seed, which then matters.
-SAMPLING = ("train_per_class", "val_per_class", "test_per_class", "val_size", "val_fraction", "split_seed",
-            "batch_size", "eval_batch_size", "min_epoch_size", "augment", "root", "download", "num_workers",
-            "pin_memory")
+SAMPLING = (
+    "train_per_class",
+    "val_per_class",
+    "test_per_class",
+    "val_size",
+    "val_fraction",
+    "split_seed",
+    "batch_size",
+    "eval_batch_size",
+    "min_epoch_size",
+    "augment",
+    "root",
+    "download",
+    "num_workers",
+    "pin_memory",
+)
 # A teacher trains in one process on one device, before a data-parallel student's ranks meet (they
 # wait on its lock); a DDP teacher would wait for ranks that are themselves waiting on the lock.
 _ONE_DEVICE = {"devices": 1, "num_nodes": 1, "strategy": "auto", "sync_batchnorm": False}
@@ -74,8 +91,13 @@ def teacher_id(tcfg: DictConfig) -> str:
     """``<model>-<objective>-<hash>``: the hash covers what defines the teacher
     (``kd.results.definition``), not where its data lie nor the devices it ran on: jobs that stage
     the data set into folders of their own share one teacher."""
-    keyed = definition({key: OmegaConf.to_container(tcfg[key], resolve=True)
-                        for key in ("data", "model", "objective", "optimizer", "scheduler", "trainer") if key in tcfg})
+    keyed = definition(
+        {
+            key: OmegaConf.to_container(tcfg[key], resolve=True)
+            for key in ("data", "model", "objective", "optimizer", "scheduler", "trainer")
+            if key in tcfg
+        }
+    )
     keyed["trainer"].pop("sync_batchnorm", None)  # always off on one device: teachers cached before it keep their id
     keyed["seed"] = tcfg.seed
     keyed["deterministic"] = tcfg.get("deterministic")
@@ -103,8 +125,11 @@ def train_missing(tcfgs: list[DictConfig], train: Train) -> None:
         for group in population.groups(missing):
             names = [Path(missing[i].paths.output_dir).name for i in group]
             shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]}"
-            print(f"[kd] training {len(names)} teacher{'s as one population' if len(names) > 1 else ''} "
-                  f"({shown}), cached for later students ...", flush=True)
+            print(
+                f"[kd] training {len(names)} teacher{'s as one population' if len(names) > 1 else ''} "
+                f"({shown}), cached for later students ...",
+                flush=True,
+            )
             clock = EpochClock(f"{len(names)} teacher{'s' if len(names) > 1 else ''} ({shown})")
             train([missing[i] for i in group] if len(group) > 1 else missing[group[0]], callbacks=[clock])
 
@@ -121,24 +146,32 @@ def load_checkpoint(path, num_classes: int | None = None, input_shape=None) -> n
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"teacher checkpoint {path} does not exist; give teacher.path of a finished run's "
-                        "checkpoints/*.ckpt, or use a teacher config (e.g. teacher=mlp) to train one")
+        raise UserError(
+            f"teacher checkpoint {path} does not exist; give teacher.path of a finished run's "
+            "checkpoints/*.ckpt, or use a teacher config (e.g. teacher=mlp) to train one"
+        )
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         hparams, state = ckpt["hyper_parameters"], ckpt["state_dict"]
     except Exception as err:  # torch raises many types for a truncated or foreign file
-        raise UserError(f"teacher checkpoint {path} is unreadable or not a kd run checkpoint "
-                        f"({type(err).__name__}); delete it and train the teacher again") from None
+        raise UserError(
+            f"teacher checkpoint {path} is unreadable or not a kd run checkpoint "
+            f"({type(err).__name__}); delete it and train the teacher again"
+        ) from None
     if num_classes is not None and hparams["num_classes"] != num_classes:
-        raise UserError(f"teacher checkpoint {path} predicts {hparams['num_classes']} classes but the data "
-                        f"has {num_classes}; use a teacher trained on this data set")
+        raise UserError(
+            f"teacher checkpoint {path} predicts {hparams['num_classes']} classes but the data "
+            f"has {num_classes}; use a teacher trained on this data set"
+        )
     if input_shape is not None and list(hparams["input_shape"]) != list(input_shape):
-        raise UserError(f"teacher checkpoint {path} takes inputs of shape {hparams['input_shape']} but the "
-                        f"data gives {list(input_shape)}; use a teacher trained on this data set")
+        raise UserError(
+            f"teacher checkpoint {path} takes inputs of shape {hparams['input_shape']} but the "
+            f"data gives {list(input_shape)}; use a teacher trained on this data set"
+        )
     model_cfg = dict(hparams["model"])
     model_cfg.pop("_target_", None)
     net = models.get(**model_cfg, num_classes=hparams["num_classes"], input_shape=hparams["input_shape"])
-    net.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
+    net.load_state_dict({k[len("net.") :]: v for k, v in state.items() if k.startswith("net.")})
     return net
 
 
@@ -147,8 +180,10 @@ def check_spec(spec: DictConfig) -> None:
     check_choice("teacher.kind", spec.kind, KINDS)
     unknown = sorted(set(spec) - {"kind", *KEYS[spec.kind]})
     if unknown:
-        raise UserError(f"teacher.{unknown[0]} is not a key of teacher kind {spec.kind!r}; "
-                        f"valid: {', '.join(('kind', *KEYS[spec.kind]))}")
+        raise UserError(
+            f"teacher.{unknown[0]} is not a key of teacher kind {spec.kind!r}; "
+            f"valid: {', '.join(('kind', *KEYS[spec.kind]))}"
+        )
 
 
 def check_same_classes(cfg: DictConfig, tcfg: DictConfig, datamodule) -> None:
@@ -160,8 +195,10 @@ def check_same_classes(cfg: DictConfig, tcfg: DictConfig, datamodule) -> None:
         return
     k = instantiate(tcfg.data).num_classes
     if k != datamodule.num_classes:
-        raise UserError(f"teacher.data gives the teacher {k} classes but the student's data has "
-                        f"{datamodule.num_classes}; drop the teacher.data override that changes the classes")
+        raise UserError(
+            f"teacher.data gives the teacher {k} classes but the student's data has "
+            f"{datamodule.num_classes}; drop the teacher.data override that changes the classes"
+        )
 
 
 def trained_on(path) -> dict | None:
@@ -183,16 +220,20 @@ def check_data(cfg: DictConfig) -> None:
         return
     ignored = set(SAMPLING) | ({"seed"} if "root" in trained else set())
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    changed = differences({k: v for k, v in trained.items() if k not in ignored},
-                          {k: v for k, v in data.items() if k not in ignored})
+    changed = differences(
+        {k: v for k, v in trained.items() if k not in ignored}, {k: v for k, v in data.items() if k not in ignored}
+    )
     if changed:
         shown = ", ".join(f"data.{k}={a!r}, not {b!r}" for k, (a, b) in list(changed.items())[:3])
-        raise UserError(f"teacher checkpoint {cfg.teacher.path} was trained on other data ({shown}); give the "
-                        "data overrides of its run, or teacher.data_check=false to use it on this data anyway")
+        raise UserError(
+            f"teacher checkpoint {cfg.teacher.path} was trained on other data ({shown}); give the "
+            "data overrides of its run, or teacher.data_check=false to use it on this data anyway"
+        )
 
 
-def resolve(cfg: DictConfig, datamodule, train: Train, tcfg: DictConfig | None = None,
-            loaded: dict | None = None) -> nn.Module | None:
+def resolve(
+    cfg: DictConfig, datamodule, train: Train, tcfg: DictConfig | None = None, loaded: dict | None = None
+) -> nn.Module | None:
     """The frozen teacher network this run distils from, or None (``train`` trains a missing one;
     ``tcfg``: its ``teacher_config`` if already built; ``loaded``: checkpoint path -> network, for
     the members of a population that share a teacher)."""

@@ -53,12 +53,16 @@ def device_batch(plain: dict) -> int:
     devices = plain["trainer"]["devices"]
     count = len(devices) if isinstance(devices, list) else devices
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise UserError(f"global_batch=true splits data.batch_size over the devices, but trainer.devices={devices!r} "
-                        "does not count them; give their number")
+        raise UserError(
+            f"global_batch=true splits data.batch_size over the devices, but trainer.devices={devices!r} "
+            "does not count them; give their number"
+        )
     world = count * plain["trainer"]["num_nodes"]
     if batch % world:
-        raise UserError(f"data.batch_size={batch} (global_batch=true) does not split evenly over {world} devices "
-                        f"(trainer.devices x trainer.num_nodes); give a multiple of {world}")
+        raise UserError(
+            f"data.batch_size={batch} (global_batch=true) does not split evenly over {world} devices "
+            f"(trainer.devices x trainer.num_nodes); give a multiple of {world}"
+        )
     return batch // world
 
 
@@ -80,17 +84,21 @@ def validate(cfg: DictConfig, teachers_checked: dict | None = None) -> tuple[dic
     check_choice("lr_scaling", cfg.get("lr_scaling", "none"), LR_SCALING)
     check_bool("global_batch", cfg.get("global_batch", False))
     if cfg.get("global_batch", False) and cfg.get("lr_scaling", "none") != "none":
-        raise UserError(f"lr_scaling={cfg.lr_scaling} follows a global batch that grows with the devices, but with "
-                        "global_batch=true it is data.batch_size on any number of them; set lr_scaling=none (and "
-                        "optimizer.lr for that batch) or global_batch=false")
+        raise UserError(
+            f"lr_scaling={cfg.lr_scaling} follows a global batch that grows with the devices, but with "
+            "global_batch=true it is data.batch_size on any number of them; set lr_scaling=none (and "
+            "optimizer.lr for that batch) or global_batch=false"
+        )
     device_batch(plain)
     for switch in ("channels_last", "compile"):
         check_choice(switch, cfg.get(switch, False), (True, False))
     if cfg.get("threads") is not None:
         check_range("threads", cfg.threads, 1, None)
     if objectives.needs_teacher(name) and cfg.teacher.kind == "none":
-        raise UserError(f"objective={name} distils from a teacher but teacher=none; use teacher=mlp (trained and "
-                        "cached on first use), teacher=oracle (synthetic data) or teacher=checkpoint teacher.path=...")
+        raise UserError(
+            f"objective={name} distils from a teacher but teacher=none; use teacher=mlp (trained and "
+            "cached on first use), teacher=oracle (synthetic data) or teacher=checkpoint teacher.path=..."
+        )
     if cfg.teacher.kind != "trained":
         return plain, None
     # What the teacher's config reads of the student's: all but its objective, names and folders (what
@@ -98,7 +106,8 @@ def validate(cfg: DictConfig, teachers_checked: dict | None = None) -> tuple[dic
     # differ in nothing else share their teacher's config, built once.
     reads = {k: v for k, v in plain.items() if k not in ("objective", "task_name", "tags", "paths")}
     same = json.dumps([reads, plain["paths"]["teacher_dir"]], sort_keys=True, default=str).replace(
-        json.dumps(plain["paths"]["output_dir"])[1:-1], "${paths.output_dir}")
+        json.dumps(plain["paths"]["output_dir"])[1:-1], "${paths.output_dir}"
+    )
     checked = {} if teachers_checked is None else teachers_checked
     if same not in checked:
         tcfg = teachers.teacher_config(cfg)
@@ -129,16 +138,24 @@ def check_ddp_launch(trainer) -> None:
     back only the weights: the epochs' metrics, the loops' state and the children's errors stay
     behind, so the run's record and its last.ckpt would be wrong."""
     launcher = trainer.strategy.launcher
-    instead = ("run each data-parallel job as its own `python -m kd.train trainer=ddp ...`, or on SLURM "
-               "with hydra/launcher=slurm (one task per device)")
+    instead = (
+        "run each data-parallel job as its own `python -m kd.train trainer=ddp ...`, or on SLURM "
+        "with hydra/launcher=slurm (one task per device)"
+    )
     if launcher is not None and not isinstance(launcher, _SubprocessScriptLauncher):
-        raise UserError(f"trainer.strategy=ddp_spawn (or ddp_fork, ddp_notebook) runs the fit in child processes "
-                        f"whose metrics, checkpoint and errors do not come back; {instead}")
-    relaunches = (isinstance(launcher, _SubprocessScriptLauncher)
-                  and not trainer.strategy.cluster_environment.creates_processes_externally)
+        raise UserError(
+            f"trainer.strategy=ddp_spawn (or ddp_fork, ddp_notebook) runs the fit in child processes "
+            f"whose metrics, checkpoint and errors do not come back; {instead}"
+        )
+    relaunches = (
+        isinstance(launcher, _SubprocessScriptLauncher)
+        and not trainer.strategy.cluster_environment.creates_processes_externally
+    )
     if relaunches and not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN):
-        raise UserError(f"trainer.strategy=ddp re-runs the command line for each extra device, which only works "
-                        f"for a single run; {instead}")
+        raise UserError(
+            f"trainer.strategy=ddp re-runs the command line for each extra device, which only works "
+            f"for a single run; {instead}"
+        )
 
 
 def run(cfg: DictConfig | list[DictConfig], callbacks=()) -> dict | list[dict]:
@@ -168,24 +185,31 @@ def _prepare(cfg: DictConfig, plain: dict, tcfg: DictConfig | None, datamodules:
     return datamodule, teachers.resolve(cfg, datamodule, train=run, tcfg=tcfg, loaded=loaded)
 
 
-def _member_checkpoints(module: DistillationModule, g: int, last: dict, cfg: DictConfig, trainer,
-                        written: Path) -> dict:
+def _member_checkpoints(
+    module: DistillationModule, g: int, last: dict, cfg: DictConfig, trainer, written: Path
+) -> dict:
     """Member ``g``'s last and best-epoch checkpoints, as its own run would write them (the network's
     weights and what rebuilds it); ``written``: the population's own last checkpoint (resuming
     happens from it), which a population of one keeps as its member's."""
     folder = Path(cfg.paths.output_dir) / "checkpoints"
     best = module.best_state is not None
     states = {"last": last, "best": module.net.member(g, module.best_state) if best else last}
-    paths = {"last": folder / "last.ckpt", "best": folder / (f"epoch{int(module.best_epoch[g]):03d}.ckpt"
-                                                               if best else "last.ckpt")}
+    paths = {
+        "last": folder / "last.ckpt",
+        "best": folder / (f"epoch{int(module.best_epoch[g]):03d}.ckpt" if best else "last.ckpt"),
+    }
     objective = module.hparams["objective"]
     hparams = {**module.hparams, "objective": objective[g] if isinstance(objective, list) else objective}
     for which, state in states.items():
         if not trainer.is_global_zero or paths[which] == written or (which == "best" and not best):
             continue
-        checkpoint = {"epoch": trainer.current_epoch, "global_step": trainer.global_step,
-                      "pytorch-lightning_version": L.__version__, "hyper_parameters": hparams,
-                      "state_dict": {f"net.{k}": v for k, v in state.items()}}
+        checkpoint = {
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+            "pytorch-lightning_version": L.__version__,
+            "hyper_parameters": hparams,
+            "state_dict": {f"net.{k}": v for k, v in state.items()},
+        }
         write_atomic(paths[which], lambda tmp, c=checkpoint: torch.save(c, tmp))
     return {which: str(path) for which, path in paths.items()}
 
@@ -201,8 +225,13 @@ def record_invalid(cfg: DictConfig, err: Exception) -> dict | None:
         config = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException:
         config = OmegaConf.to_container(cfg, resolve=False)
-    record = {"status": "failed", "error": f"{type(err).__name__}: {one_line(err)}", "config": config,
-              "output_dir": str(out), "versions": versions()}
+    record = {
+        "status": "failed",
+        "error": f"{type(err).__name__}: {one_line(err)}",
+        "config": config,
+        "output_dir": str(out),
+        "versions": versions(),
+    }
     if rank_zero_only.rank == 0:
         write_json_atomic(out / "results.json", record)
     return record
@@ -220,8 +249,11 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
             if len(cfgs) == 1:
                 raise
     if invalid:  # a population trains without the members that cannot run (each has its record)
-        valid = iter(_run([cfg for g, cfg in enumerate(cfgs) if g not in invalid], extra_callbacks)
-                     if len(invalid) < len(cfgs) else [])
+        valid = iter(
+            _run([cfg for g, cfg in enumerate(cfgs) if g not in invalid], extra_callbacks)
+            if len(invalid) < len(cfgs)
+            else []
+        )
         return [invalid[g] if g in invalid else next(valid) for g in range(len(cfgs))]
     outs = [Path(cfg.paths.output_dir) for cfg in cfgs]
     for out, plain in zip(outs, plains):  # never report or resume a run made with other settings
@@ -268,14 +300,21 @@ def _run(cfgs: list[DictConfig], extra_callbacks: list) -> list[dict]:
         if isinstance(err, TrainingDiverged):
             message = f"{err}; the last good checkpoint is {resume}"
         elif isinstance(err, SIGTERMException):  # Lightning raises it bare: no message and exit status 0
-            message = (f"stopped by SIGTERM at step {trainer.global_step}; "
-                       f"run the same command again to resume from {resume}")
+            message = (
+                f"stopped by SIGTERM at step {trainer.global_step}; run the same command again to resume from {resume}"
+            )
         for g, record in enumerate(records):
-            record.update(metrics=module.member_metrics(g), epochs=trainer.current_epoch, global_step=trainer.global_step,
-                          checkpoints={"last": str(last_ckpt) if last_ckpt.is_file() else None,
-                                       "resume": str(found) if found else None},
-                          status="interrupted" if isinstance(err, SystemExit) else "failed",
-                          error=f"{type(err).__name__}: {message}")
+            record.update(
+                metrics=module.member_metrics(g),
+                epochs=trainer.current_epoch,
+                global_step=trainer.global_step,
+                checkpoints={
+                    "last": str(last_ckpt) if last_ckpt.is_file() else None,
+                    "resume": str(found) if found else None,
+                },
+                status="interrupted" if isinstance(err, SystemExit) else "failed",
+                error=f"{type(err).__name__}: {message}",
+            )
         if isinstance(err, TrainingDiverged):
             raise TrainingDiverged(message) from None
         if isinstance(err, SIGTERMException):
@@ -316,9 +355,12 @@ def _build(cfgs: list[DictConfig], plains: list[dict], tcfgs: list, folder: Path
     callbacks = [instantiate(c) for c in (pcfg.get("callbacks") or {}).values() if c is not None]
     # Checkpoints are the configured callbacks' (none for callbacks=none), never Lightning's default one.
     checkpointing = any(isinstance(c, ModelCheckpoint) for c in callbacks)
-    trainer = instantiate(pcfg.trainer, logger=loggers[0] if len(cfgs) == 1 and loggers[0] else False,
-                          callbacks=[*callbacks, *extra_callbacks],
-                          enable_checkpointing=checkpointing)
+    trainer = instantiate(
+        pcfg.trainer,
+        logger=loggers[0] if len(cfgs) == 1 and loggers[0] else False,
+        callbacks=[*callbacks, *extra_callbacks],
+        enable_checkpointing=checkpointing,
+    )
     check_ddp_launch(trainer)
     shape = {"num_classes": members[0][0].num_classes, "input_shape": members[0][0].input_shape}
     nets = []
@@ -345,11 +387,19 @@ def _build(cfgs: list[DictConfig], plains: list[dict], tcfgs: list, folder: Path
 def _new_records(cfgs: list[DictConfig], plains: list[dict], outs: list[Path], folder: Path, trainer) -> list[dict]:
     """Each member's record before training (status failed until it completes)."""
     world, batch = trainer.num_nodes * trainer.num_devices, device_batch(plains[0])
-    common = {"status": "failed", "versions": versions(), "hardware": hardware(),
-              "data_parallel": {"world_size": world, "global_batch": batch * world, "device_batch": batch,
-                                "lr": scaled_lr(cfgs[0], trainer),
-                                # how the ranks met: LightningEnvironment (ours), SLURMEnvironment, ...
-                                "environment": type(trainer._accelerator_connector.cluster_environment).__name__}}
+    common = {
+        "status": "failed",
+        "versions": versions(),
+        "hardware": hardware(),
+        "data_parallel": {
+            "world_size": world,
+            "global_batch": batch * world,
+            "device_batch": batch,
+            "lr": scaled_lr(cfgs[0], trainer),
+            # how the ranks met: LightningEnvironment (ours), SLURMEnvironment, ...
+            "environment": type(trainer._accelerator_connector.cluster_environment).__name__,
+        },
+    }
     records = [{**common, "config": plain, "output_dir": str(out)} for plain, out in zip(plains, outs)]
     if len(records) > 1:
         for g, record in enumerate(records):
@@ -379,15 +429,19 @@ def _fit_and_test(trainer, module: DistillationModule, datamodule, cfgs: list[Di
     trainer.test(module, datamodule, verbose=False)
     checkpoints = [_member_checkpoints(module, g, lasts[g], cfg, trainer, last_ckpt) for g, cfg in enumerate(cfgs)]
     for g, values in enumerate(metrics):
-        values.update({k: v for k, v in module.member_metrics(g).items() if k.startswith("test/") and k.endswith("_best")})
+        values.update(
+            {k: v for k, v in module.member_metrics(g).items() if k.startswith("test/") and k.endswith("_best")}
+        )
     return metrics, checkpoints
 
 
 def optimized_value(record: dict, metric: str) -> float:
     """The value of ``metric`` in a finished run's record: what a sweeper optimises (``optimized_metric``)."""
     if metric not in record["metrics"]:
-        raise UserError(f"optimized_metric={metric!r} is not a metric of this run; choose one of: "
-                        f"{', '.join(sorted(record['metrics']))}")
+        raise UserError(
+            f"optimized_metric={metric!r} is not a metric of this run; choose one of: "
+            f"{', '.join(sorted(record['metrics']))}"
+        )
     return float(record["metrics"][metric])
 
 
@@ -403,8 +457,10 @@ def _main(cfg: DictConfig) -> float | None:
             raise  # an exception, not an exit: Hydra records the failed job and runs the rest of the sweep
         raise SystemExit(f"error: {one_line(err)}") from None
     metrics = record["metrics"]
-    print(f"[kd] done: test/acc_last={metrics.get('test/acc_last', float('nan')):.4f} "
-          f"test/acc_best={metrics.get('test/acc_best', float('nan')):.4f} -> {record['output_dir']}/results.json")
+    print(
+        f"[kd] done: test/acc_last={metrics.get('test/acc_last', float('nan')):.4f} "
+        f"test/acc_best={metrics.get('test/acc_best', float('nan')):.4f} -> {record['output_dir']}/results.json"
+    )
     return value
 
 

@@ -33,11 +33,16 @@ def warning(cuda: str) -> str:
     """What to do when the driver runs CUDA ``cuda`` but torch sees no GPU."""
     # A driver runs every CUDA release of its major version or older (CUDA's minor version compatibility).
     fits = [v for v in TORCH_CUDA if int(v.split(".")[0]) <= int(cuda.split(".")[0])]
-    fix = (f"install a torch built for CUDA {fits[-1]}: make install "
-           f"TORCH_INDEX=https://download.pytorch.org/whl/cu{fits[-1].replace('.', '')} (or update the driver)"
-           if fits else f"update the NVIDIA driver (PyTorch's builds need CUDA {TORCH_CUDA[0]} or newer)")
-    return (f"warning: this machine has an NVIDIA GPU, whose driver runs CUDA up to {cuda}, but torch "
-            f"{torch.__version__} (built for CUDA {torch.version.cuda}) sees none, so runs would use the CPU; {fix}")
+    fix = (
+        f"install a torch built for CUDA {fits[-1]}: make install "
+        f"TORCH_INDEX=https://download.pytorch.org/whl/cu{fits[-1].replace('.', '')} (or update the driver)"
+        if fits
+        else f"update the NVIDIA driver (PyTorch's builds need CUDA {TORCH_CUDA[0]} or newer)"
+    )
+    return (
+        f"warning: this machine has an NVIDIA GPU, whose driver runs CUDA up to {cuda}, but torch "
+        f"{torch.__version__} (built for CUDA {torch.version.cuda}) sees none, so runs would use the CPU; {fix}"
+    )
 
 
 def main() -> None:

@@ -29,10 +29,13 @@ def axis(runs: pd.DataFrame) -> str:
 
 def compare(population: pd.DataFrame, single: pd.DataFrame) -> pd.DataFrame:
     by = ["method", axis(single)]
-    stats = {name: df[df.status == "completed"].groupby(by)[METRIC].agg(["mean", "std", "count"])
-             for name, df in (("population", population), ("single", single))}
-    both = stats["population"].merge(stats["single"], left_index=True, right_index=True,
-                                     suffixes=("_population", "_single"))
+    stats = {
+        name: df[df.status == "completed"].groupby(by)[METRIC].agg(["mean", "std", "count"])
+        for name, df in (("population", population), ("single", single))
+    }
+    both = stats["population"].merge(
+        stats["single"], left_index=True, right_index=True, suffixes=("_population", "_single")
+    )
     both["difference"] = both.mean_population - both.mean_single
     both["within_spread"] = both.difference.abs() <= both.std_single
     return both.reset_index().rename(columns={by[1]: "point"})
@@ -46,15 +49,22 @@ def main(argv=None) -> None:
     args = cli.parse_args(argv)
     single = pd.read_csv(args.single)
     table = compare(pd.read_csv(args.population), single)
-    lines = [f"# Populations against single runs (fig3, {METRIC}, mean over seeds)", "",
-             f"{args.population} (populations) against {args.single} (`--population off`); "
-             f"{int(table.count_single.min())} to {int(table.count_single.max())} seeds per cell. "
-             f"Agreement within the seed spread (std of the single runs): {int(table.within_spread.sum())}/"
-             f"{len(table)} cells; largest difference {table.difference.abs().max():.4f}.", "",
-             f"| method | {axis(single)} | population | single | difference | seed spread | within |",
-             "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r.method} | {r.point:g} | {r.mean_population:.4f} | {r.mean_single:.4f} | {r.difference:+.4f} | "
-              f"{r.std_single:.4f} | {'yes' if r.within_spread else 'no'} |" for r in table.itertuples()]
+    lines = [
+        f"# Populations against single runs (fig3, {METRIC}, mean over seeds)",
+        "",
+        f"{args.population} (populations) against {args.single} (`--population off`); "
+        f"{int(table.count_single.min())} to {int(table.count_single.max())} seeds per cell. "
+        f"Agreement within the seed spread (std of the single runs): {int(table.within_spread.sum())}/"
+        f"{len(table)} cells; largest difference {table.difference.abs().max():.4f}.",
+        "",
+        f"| method | {axis(single)} | population | single | difference | seed spread | within |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.method} | {r.point:g} | {r.mean_population:.4f} | {r.mean_single:.4f} | {r.difference:+.4f} | "
+        f"{r.std_single:.4f} | {'yes' if r.within_spread else 'no'} |"
+        for r in table.itertuples()
+    ]
     write_text_atomic(args.out, "\n".join(lines) + "\n")
     print("\n".join(lines[:3]))
 

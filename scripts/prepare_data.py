@@ -53,8 +53,10 @@ def sort_val_folder(val_dir: Path, labels: dict[str, str]) -> int:
     images = sorted(p for p in val_dir.iterdir() if p.is_file())
     unlabelled = [p.name for p in images if p.stem not in labels]
     if unlabelled:
-        raise UserError(f"{len(unlabelled)} images in {val_dir} are not in the ground-truth file, e.g. "
-                        f"{unlabelled[0]}; pass the file for these images as --val-labels")
+        raise UserError(
+            f"{len(unlabelled)} images in {val_dir} are not in the ground-truth file, e.g. "
+            f"{unlabelled[0]}; pass the file for these images as --val-labels"
+        )
     for image in images:
         (val_dir / labels[image.stem]).mkdir(exist_ok=True)
         image.rename(val_dir / labels[image.stem] / image.name)
@@ -76,8 +78,10 @@ def imagenet(root: Path, val_labels: Path | None) -> None:
         extract_archive(str(val_tar), str(val_dir))
     if any(p.is_file() for p in val_dir.iterdir()):
         if val_labels is None:
-            raise UserError(f"{val_dir} holds images not yet sorted into class folders; rerun with "
-                            "--val-labels <LOC_val_solution.csv or '<image> <wnid>' file>")
+            raise UserError(
+                f"{val_dir} holds images not yet sorted into class folders; rerun with "
+                "--val-labels <LOC_val_solution.csv or '<image> <wnid>' file>"
+            )
         print(f"moved {sort_val_folder(val_dir, read_val_labels(val_labels))} images into class folders in {val_dir}")
     print(f"imagenet ready in {root}: {sum(1 for p in train_dir.iterdir() if p.is_dir())} training classes")
 

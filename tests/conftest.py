@@ -12,8 +12,8 @@ test that reads what it sent to W&B skips where wandb is missing.
 import json
 import os
 import shutil
-import subprocess
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,8 +26,12 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 
 def pytest_addoption(parser):
-    parser.addoption("--gpu-device", default="cuda", choices=("cuda", "cpu"),
-                     help="where the tests marked gpu run (default cuda: skipped without a GPU; cpu rehearses them)")
+    parser.addoption(
+        "--gpu-device",
+        default="cuda",
+        choices=("cuda", "cpu"),
+        help="where the tests marked gpu run (default cuda: skipped without a GPU; cpu rehearses them)",
+    )
 
 
 def pytest_collection_modifyitems(config, items):
@@ -66,12 +70,23 @@ def root(tmp_path, monkeypatch):
 
 
 TINY = [
-    "data.superclasses=2", "data.subclasses=2", "data.dim=8", "data.train_per_class=10",
-    "data.val_per_class=5", "data.test_per_class=20", "trainer.max_epochs=2",
-    "model.hidden=[16]", "logger=none", "trainer.enable_progress_bar=false",
+    "data.superclasses=2",
+    "data.subclasses=2",
+    "data.dim=8",
+    "data.train_per_class=10",
+    "data.val_per_class=5",
+    "data.test_per_class=20",
+    "trainer.max_epochs=2",
+    "model.hidden=[16]",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
 ]
-TINY_TEACHER = ["teacher=mlp", "teacher.model.hidden=[16]", "teacher.data.train_per_class=30",
-                "teacher.trainer.max_epochs=2"]
+TINY_TEACHER = [
+    "teacher=mlp",
+    "teacher.model.hidden=[16]",
+    "teacher.data.train_per_class=30",
+    "teacher.trainer.max_epochs=2",
+]
 
 
 @pytest.fixture
@@ -90,13 +105,20 @@ def cluster_down() -> str | None:
     if not Path(SLURM_CONF).is_file():
         return f"no cluster config at {SLURM_CONF} (scripts/slurm_local.sh start, or set SLURM_CONF)"
     try:
-        state = subprocess.run(["sinfo", "-h", "-o", "%T"], env={**os.environ, "SLURM_CONF": SLURM_CONF},
-                               capture_output=True, text=True, timeout=5).stdout.split()
+        state = subprocess.run(
+            ["sinfo", "-h", "-o", "%T"],
+            env={**os.environ, "SLURM_CONF": SLURM_CONF},
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.split()
     except subprocess.TimeoutExpired:
         state = []
     if not any(s.startswith(("idle", "mixed", "allocated", "completing")) for s in state):  # busy is up
         return f"the cluster of {SLURM_CONF} does not answer with a usable node (sinfo: {state})"
     return None
+
+
 # LevelDB's log format, which W&B's offline run files use (wandb_run): block size, chunk kinds.
 BLOCK, FULL, LAST = 32 * 1024, 1, 4
 
@@ -115,8 +137,8 @@ def wandb_records(folder: Path) -> list:
         if BLOCK - pos % BLOCK < 7:  # a block's tail too short for a header is padding
             pos += BLOCK - pos % BLOCK
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk, pos = chunk + data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (FULL, LAST):
             records.append(wandb_internal_pb2.Record.FromString(chunk))
             chunk = b""
@@ -126,10 +148,17 @@ def wandb_records(folder: Path) -> list:
 def wandb_run(folder: Path) -> tuple[list[dict], dict]:
     """The history rows and the summary of the one offline W&B run under ``folder``."""
     records = wandb_records(folder)
-    history = [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
-               for r in records if r.WhichOneof("record_type") == "history"]
-    summary = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-               for r in records if r.WhichOneof("record_type") == "summary" for item in r.summary.update}
+    history = [
+        {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in r.history.item}
+        for r in records
+        if r.WhichOneof("record_type") == "history"
+    ]
+    summary = {
+        item.key or "/".join(item.nested_key): json.loads(item.value_json)
+        for r in records
+        if r.WhichOneof("record_type") == "summary"
+        for item in r.summary.update
+    }
     return history, summary
 
 

@@ -31,14 +31,33 @@ def cifar10(tmp_path, monkeypatch):
     """5 training batches of 4 images and a test batch of 6, in cifar-10-batches-py/."""
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
-    train = [write(folder / f"data_batch_{i}", {"batch_label": f"training batch {i} of 5", "data": images(4, i),
-                                                "labels": [(4 * i + j) % 10 for j in range(4)],
-                                                "filenames": [f"img{i}_{j}.png" for j in range(4)]})
-             for i in range(1, 6)]
-    test = [write(folder / "test_batch", {"batch_label": "testing batch 1 of 1", "data": images(6, 0),
-                                         "labels": list(range(6)), "filenames": [f"t{j}.png" for j in range(6)]})]
-    name, md5 = write(folder / "batches.meta", {"label_names": [f"c{k}" for k in range(10)],
-                                                "num_cases_per_batch": 4, "num_vis": 3072})
+    train = [
+        write(
+            folder / f"data_batch_{i}",
+            {
+                "batch_label": f"training batch {i} of 5",
+                "data": images(4, i),
+                "labels": [(4 * i + j) % 10 for j in range(4)],
+                "filenames": [f"img{i}_{j}.png" for j in range(4)],
+            },
+        )
+        for i in range(1, 6)
+    ]
+    test = [
+        write(
+            folder / "test_batch",
+            {
+                "batch_label": "testing batch 1 of 1",
+                "data": images(6, 0),
+                "labels": list(range(6)),
+                "filenames": [f"t{j}.png" for j in range(6)],
+            },
+        )
+    ]
+    name, md5 = write(
+        folder / "batches.meta",
+        {"label_names": [f"c{k}" for k in range(10)], "num_cases_per_batch": 4, "num_vis": 3072},
+    )
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "train_list", train)
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "test_list", test)
     monkeypatch.setattr(torchvision.datasets.CIFAR10, "meta", {"filename": name, "key": "label_names", "md5": md5})
@@ -57,13 +76,22 @@ def cifar100(tmp_path, monkeypatch):
 
     def split(name, per_class, seed):
         fine = torch.arange(100).repeat(per_class)
-        return write(folder / name, {"filenames": [f"{name}{i}.png" for i in range(len(fine))], "batch_label": name,
-                                     "fine_labels": fine.tolist(), "coarse_labels": SUPERCLASS_OF[fine].tolist(),
-                                     "data": images(len(fine), seed)})
+        return write(
+            folder / name,
+            {
+                "filenames": [f"{name}{i}.png" for i in range(len(fine))],
+                "batch_label": name,
+                "fine_labels": fine.tolist(),
+                "coarse_labels": SUPERCLASS_OF[fine].tolist(),
+                "data": images(len(fine), seed),
+            },
+        )
 
     train, test = [split("train", 2, 10)], [split("test", 1, 11)]
-    name, md5 = write(folder / "meta", {"fine_label_names": [f"f{k}" for k in range(100)],
-                                        "coarse_label_names": [f"s{k}" for k in range(20)]})
+    name, md5 = write(
+        folder / "meta",
+        {"fine_label_names": [f"f{k}" for k in range(100)], "coarse_label_names": [f"s{k}" for k in range(20)]},
+    )
     monkeypatch.setattr(torchvision.datasets.CIFAR100, "train_list", train)
     monkeypatch.setattr(torchvision.datasets.CIFAR100, "test_list", test)
     meta = {"filename": name, "key": "fine_label_names", "md5": md5}
@@ -73,7 +101,7 @@ def cifar100(tmp_path, monkeypatch):
 
 def write_png_folder(folder: Path, per_class: int, seed: int, classes=("ant", "bee", "cat")):
     g = torch.Generator().manual_seed(seed)
-    for k, name in enumerate(classes):
+    for name in classes:
         (folder / name).mkdir(parents=True)
         for i in range(per_class):
             pixels = torch.randint(0, 256, (8, 8, 3), dtype=torch.uint8, generator=g).numpy()
@@ -97,8 +125,9 @@ def write_fashion_mnist(folder: Path, gz: bool) -> None:
     suffix = ".gz" if gz else ""
     for prefix, per_class, seed in (("train", FASHION_TRAIN_PER_CLASS, 0), ("t10k", FASHION_TEST_PER_CLASS, 1)):
         labels = torch.arange(10).repeat(per_class).to(torch.uint8)
-        images = torch.randint(0, 256, (len(labels), 28, 28), dtype=torch.uint8,
-                               generator=torch.Generator().manual_seed(seed))
+        images = torch.randint(
+            0, 256, (len(labels), 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+        )
         write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images)
         write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
 

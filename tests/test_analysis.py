@@ -19,7 +19,11 @@ K, B = 6, 8
 @pytest.fixture
 def batch():
     g = torch.Generator().manual_seed(0)
-    return torch.randn(B, K, generator=g) * 2, torch.randint(0, K, (B,), generator=g), torch.randn(B, K, generator=g) * 3
+    return (
+        torch.randn(B, K, generator=g) * 2,
+        torch.randint(0, K, (B,), generator=g),
+        torch.randn(B, K, generator=g) * 3,
+    )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
@@ -37,8 +41,9 @@ def test_rescaling_factor_is_the_kd_over_ce_gradient_ratio(batch, temperature):
 def test_kd_pt_rescales_exactly_as_kd(batch):
     z, labels, t = batch
     q = torch.softmax(t, dim=1)
-    torch.testing.assert_close(instance.rescaling_factor(z, targets.pt(q, labels), labels, 0.9),
-                               instance.rescaling_factor(z, q, labels, 0.9))
+    torch.testing.assert_close(
+        instance.rescaling_factor(z, targets.pt(q, labels), labels, 0.9), instance.rescaling_factor(z, q, labels, 0.9)
+    )
 
 
 def test_label_smoothing_factor_is_flat_in_the_teacher(batch):
@@ -59,7 +64,9 @@ def test_gradient_ratio_is_the_ratio_of_true_class_gradients(batch):
     z_kd, z_ce = z.clone().requires_grad_(True), z.clone().requires_grad_(True)
     dkd(z_kd, labels, t).backward()
     objectives.get("ce")(z_ce, labels).backward()
-    torch.testing.assert_close(instance.gradient_ratio(dkd, z, labels, t), z_kd.grad[rows, labels] / z_ce.grad[rows, labels])
+    torch.testing.assert_close(
+        instance.gradient_ratio(dkd, z, labels, t), z_kd.grad[rows, labels] / z_ce.grad[rows, labels]
+    )
     torch.testing.assert_close(instance.gradient_ratio(objectives.get("ce"), z, labels), torch.ones(B))
 
 

@@ -30,8 +30,11 @@ def sbatch_script(*overrides, sweep, command: str = "python -m kd.train") -> str
     """The sbatch script of a two-job multirun with ``hydra/launcher=slurm`` and ``overrides``: the
     launcher's own parameters, as it hands them to submitit, rendered by submitit without submitting."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", return_hydra_config=True,
-                      overrides=["hydra/launcher=slurm", f"hydra.sweep.dir={sweep}", *overrides])
+        cfg = compose(
+            config_name="train",
+            return_hydra_config=True,
+            overrides=["hydra/launcher=slurm", f"hydra.sweep.dir={sweep}", *overrides],
+        )
     launcher = instantiate(cfg.hydra.launcher)
     launcher.setup(hydra_context=None, task_function=None, config=cfg)
     executors = []
@@ -43,14 +46,16 @@ def sbatch_script(*overrides, sweep, command: str = "python -m kd.train") -> str
 
 
 def flags(script: str) -> dict:
-    return dict(line[len("#SBATCH --"):].partition("=")[::2] for line in script.splitlines()
-                if line.startswith("#SBATCH --"))
+    return dict(
+        line[len("#SBATCH --") :].partition("=")[::2] for line in script.splitlines() if line.startswith("#SBATCH --")
+    )
 
 
 def test_a_cpu_trainer_asks_slurm_for_no_gpu(tmp_path):
     assert not {"gpus-per-node", "gres"} & set(flags(sbatch_script(sweep=tmp_path)))
-    assert not {"gpus-per-node", "gres"} & set(flags(sbatch_script("trainer=ddp", "trainer.accelerator=cpu",
-                                                                   sweep=tmp_path)))
+    assert not {"gpus-per-node", "gres"} & set(
+        flags(sbatch_script("trainer=ddp", "trainer.accelerator=cpu", sweep=tmp_path))
+    )
 
 
 def test_a_gpu_trainer_asks_for_its_devices_one_way(tmp_path):
@@ -78,37 +83,76 @@ def test_loader_workers_follow_the_cpus_slurm_grants(data, outside, monkeypatch)
 
 
 # 80 training examples in batches of 16: 5 steps an epoch, on one device or split over two.
-GLOBAL = [*TINY, "data.train_per_class=20", "global_batch=true", "data.batch_size=16", "optimizer.lr=0.01",
-          "trainer.max_epochs=3", "threads=1"]
+GLOBAL = [
+    *TINY,
+    "data.train_per_class=20",
+    "global_batch=true",
+    "data.batch_size=16",
+    "optimizer.lr=0.01",
+    "trainer.max_epochs=3",
+    "threads=1",
+]
 
 
 def test_a_global_batch_trains_alike_on_one_device_and_split_over_two(root):
     one = run(compose_config(GLOBAL, root / "one"))
-    assert one["data_parallel"] == {"world_size": 1, "global_batch": 16, "device_batch": 16,
-                                    "lr": pytest.approx(0.01), "environment": "LightningEnvironment"}
-    two = subprocess.run([sys.executable, "-m", "kd.train", *GLOBAL, "trainer=ddp", "trainer.accelerator=cpu",
-                          "trainer.devices=2", f"hydra.run.dir={root / 'two'}"],
-                         cwd=REPO, env=job_env(root), capture_output=True, text=True, timeout=DDP_TIMEOUT_S)
+    assert one["data_parallel"] == {
+        "world_size": 1,
+        "global_batch": 16,
+        "device_batch": 16,
+        "lr": pytest.approx(0.01),
+        "environment": "LightningEnvironment",
+    }
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kd.train",
+            *GLOBAL,
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            f"hydra.run.dir={root / 'two'}",
+        ],
+        cwd=REPO,
+        env=job_env(root),
+        capture_output=True,
+        text=True,
+        timeout=DDP_TIMEOUT_S,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     record = json.loads((root / "two" / "results.json").read_text())
-    assert record["data_parallel"] == {"world_size": 2, "global_batch": 16, "device_batch": 8,
-                                       "lr": pytest.approx(0.01), "environment": "LightningEnvironment"}
+    assert record["data_parallel"] == {
+        "world_size": 2,
+        "global_batch": 16,
+        "device_batch": 8,
+        "lr": pytest.approx(0.01),
+        "environment": "LightningEnvironment",
+    }
     # Each step's two halves are the one device's batch (the ranks shard its order): the same steps and weights.
     assert record["global_step"] == one["global_step"] == 15
     for key in ("test/acc_last", "test/nll_last"):
         assert record["metrics"][key] == pytest.approx(one["metrics"][key], rel=1e-4), key
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["data.batch_size=15"], "data.batch_size=15 (global_batch=true) does not split evenly over 2 devices "
-                             "(trainer.devices x trainer.num_nodes); give a multiple of 2"),
-    (["lr_scaling=linear"], "lr_scaling=linear follows a global batch that grows with the devices"),
-    (["trainer.devices=auto"], "global_batch=true splits data.batch_size over the devices, but "
-                               "trainer.devices='auto' does not count them; give their number"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["data.batch_size=15"],
+            "data.batch_size=15 (global_batch=true) does not split evenly over 2 devices "
+            "(trainer.devices x trainer.num_nodes); give a multiple of 2",
+        ),
+        (["lr_scaling=linear"], "lr_scaling=linear follows a global batch that grows with the devices"),
+        (
+            ["trainer.devices=auto"],
+            "global_batch=true splits data.batch_size over the devices, but "
+            "trainer.devices='auto' does not count them; give their number",
+        ),
+    ],
+)
 def test_a_global_batch_that_cannot_split_is_one_line_before_any_work(overrides, message, tmp_path):
-    cfg = compose_config([*GLOBAL, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *overrides],
-                         tmp_path)
+    cfg = compose_config([*GLOBAL, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", *overrides], tmp_path)
     with pytest.raises(UserError, match="^" + re.escape(message)) as err:
         run(cfg)
     assert "\n" not in str(err.value) and not (tmp_path / "checkpoints").exists()
@@ -132,7 +176,10 @@ def test_sync_batchnorm_reaches_the_trainer(root, monkeypatch):
 
 def test_sync_batchnorm_leaves_the_teachers_cache_key(tmp_path):
     """A teacher trains on one device, where sync_batchnorm changes nothing: one cached teacher for both."""
-    folders = {teachers.teacher_config(compose_config(["objective=kd", "teacher=mlp", "trainer=ddp",
-                                                       f"trainer.sync_batchnorm={on}"], tmp_path)).paths.output_dir
-               for on in ("true", "false")}
+    folders = {
+        teachers.teacher_config(
+            compose_config(["objective=kd", "teacher=mlp", "trainer=ddp", f"trainer.sync_batchnorm={on}"], tmp_path)
+        ).paths.output_dir
+        for on in ("true", "false")
+    }
     assert len(folders) == 1, folders

@@ -36,13 +36,17 @@ def test_objective_configs_cover_every_objective():
     assert names == set(objectives.NAMES)
 
 
-@pytest.mark.parametrize("overrides", [
-    ["experiment=fig3_synthetic", "objective=kd_topk", "objective.k=0.1", "seed=2", "teacher.trainer.max_epochs=2"],
-    ["experiment=fig3_synthetic", "objective=kd", "model@teacher.model=resnet20", "teacher.model.hidden=[32]"],
-    ["objective=ls", "objective.eps=0.2", "+trainer.limit_val_batches=0", "~callbacks.resume_state", "logger=csv"],
-    ["data=cifar100", "model=resnet8", "++trainer.max_epochs=7", "teacher=checkpoint", "teacher.path=/x.ckpt"],
-    ["objective=ce", "objective.temperature=4"],  # fails alike
-], ids=["values", "package", "add-delete", "force-add", "bad"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["experiment=fig3_synthetic", "objective=kd_topk", "objective.k=0.1", "seed=2", "teacher.trainer.max_epochs=2"],
+        ["experiment=fig3_synthetic", "objective=kd", "model@teacher.model=resnet20", "teacher.model.hidden=[32]"],
+        ["objective=ls", "objective.eps=0.2", "+trainer.limit_val_batches=0", "~callbacks.resume_state", "logger=csv"],
+        ["data=cifar100", "model=resnet8", "++trainer.max_epochs=7", "teacher=checkpoint", "teacher.path=/x.ckpt"],
+        ["objective=ce", "objective.temperature=4"],  # fails alike
+    ],
+    ids=["values", "package", "add-delete", "force-add", "bad"],
+)
 def test_composing_once_per_structure_gives_hydras_config(overrides):
     """kd.runner composes a structure once and applies the value overrides itself with Hydra's own step:
     the config (or the error) is Hydra's."""

@@ -39,8 +39,9 @@ def kd_train(*args, root: Path, timeout: float = 150) -> subprocess.CompletedPro
     killed and the test fails, as a hang should."""
     env = {**os.environ, "KD_ROOT": str(root), "WANDB_MODE": "offline", "WANDB_DIR": str(root), "PYTHONPATH": str(REPO)}
     command = [sys.executable, "-m", "kd.train", *args, f"hydra.run.dir={root / 'run'}"]
-    with subprocess.Popen(command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          start_new_session=True) as process:
+    with subprocess.Popen(
+        command, cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
+    ) as process:
         try:
             out, err = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -59,10 +60,15 @@ def population_module(objectives: list[str]) -> DistillationModule:
     nets = [models.get("mlp", num_classes=4, input_shape=(8,), hidden=[16]) for _ in objectives]
     teacher = models.get("mlp", num_classes=4, input_shape=(8,), hidden=[16])
     sim = similarity.from_teacher_weights(teacher.classifier.weight, beta=0.2)
-    return DistillationModule(population.Stack(nets), [{"name": name} for name in objectives],
-                              lambda params: torch.optim.SGD(params, lr=0.1), teacher=teacher,
-                              class_similarity=[sim if name in NEEDS_SIMILARITY else None for name in objectives],
-                              num_classes=4, input_shape=(8,))
+    return DistillationModule(
+        population.Stack(nets),
+        [{"name": name} for name in objectives],
+        lambda params: torch.optim.SGD(params, lr=0.1),
+        teacher=teacher,
+        class_similarity=[sim if name in NEEDS_SIMILARITY else None for name in objectives],
+        num_classes=4,
+        input_shape=(8,),
+    )
 
 
 def test_the_loss_groups_tensors_move_with_the_module_and_a_step_copies_none():
@@ -88,8 +94,13 @@ def test_the_loss_groups_tensors_move_with_the_module_and_a_step_copies_none():
     assert copies == [] and losses.shape == (G,) and torch.isfinite(losses).all()
     module.to("meta")
     tensors = {name: t for name, t in module.loss_groups.named_buffers()}
-    assert sorted(tensors) == ["0.loss.target.class_similarity", "0.members", "1.loss.target.class_similarity",
-                               "1.members", "2.members"]
+    assert sorted(tensors) == [
+        "0.loss.target.class_similarity",
+        "0.members",
+        "1.loss.target.class_similarity",
+        "1.members",
+        "2.members",
+    ]
     assert all(t.device.type == "meta" for t in tensors.values())
 
 
@@ -112,8 +123,11 @@ def test_a_strategy_whose_ranks_are_child_processes_is_refused_in_one_line(strat
     """ddp_spawn hands back only the weights: the record's metrics would be empty and last.ckpt
     overwritten by the parent's untrained loop state."""
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=2, logger=False)
-    with pytest.raises(UserError, match=r"^trainer.strategy=ddp_spawn .* do not come back; run each data-parallel "
-                                        r"job as its own `python -m kd.train trainer=ddp \.\.\.`, or on SLURM"):
+    with pytest.raises(
+        UserError,
+        match=r"^trainer.strategy=ddp_spawn .* do not come back; run each data-parallel "
+        r"job as its own `python -m kd.train trainer=ddp \.\.\.`, or on SLURM",
+    ):
         check_ddp_launch(trainer)
 
 
@@ -127,16 +141,27 @@ def two_ranks(data):
 @pytest.mark.parametrize("kind", ["tensors", "folder"])
 def test_two_ranks_evaluate_each_example_once_and_train_on_shards_of_one_size(kind, tmp_path):
     if kind == "tensors":
-        data = SyntheticDataModule(superclasses=3, subclasses=1, dim=4, train_per_class=7, val_per_class=7,
-                                   test_per_class=7, batch_size=4, eval_batch_size=4)
+        data = SyntheticDataModule(
+            superclasses=3,
+            subclasses=1,
+            dim=4,
+            train_per_class=7,
+            val_per_class=7,
+            test_per_class=7,
+            batch_size=4,
+            eval_batch_size=4,
+        )
     else:
-        data = ImageFolderDataModule(root=str(tmp_path), batch_size=4, eval_batch_size=4, num_workers=0,
-                                     pin_memory=False)
+        data = ImageFolderDataModule(
+            root=str(tmp_path), batch_size=4, eval_batch_size=4, num_workers=0, pin_memory=False
+        )
         data.splits = {split: Split([(torch.zeros(1), 0)] * 21, lambda x: x) for split in STAGES}
     data.setup()
     for split in STAGES:
-        shards = [torch.cat([index for _, _, index in ranked.loader(split, shuffle=split == "train")])
-                  for ranked in two_ranks(data)]
+        shards = [
+            torch.cat([index for _, _, index in ranked.loader(split, shuffle=split == "train")])
+            for ranked in two_ranks(data)
+        ]
         if split == "train":
             assert len(shards[0]) == len(shards[1]) == 11  # padded: as many steps on every rank
         else:
@@ -223,8 +248,16 @@ def test_a_mid_epoch_resume_on_two_ranks_ends_the_epoch_with_every_ranks_counts(
 def test_a_mid_epoch_resume_on_fewer_ranks_trains_the_rest_of_the_epoch_once(tmp_path):
     """Stopped after 2 of 5 steps on two ranks (16 of 40 examples), resumed on one: the 24 others, each once."""
     seen = tmp_path / "seen.jsonl"
-    run = [*TINY, "trainer=ddp", "trainer.accelerator=cpu", "data.batch_size=4", "trainer.max_epochs=1",
-           "callbacks=none", "+callbacks.seen._target_=tests.test_ddp.Seen", f"+callbacks.seen.path={seen}"]
+    run = [
+        *TINY,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "data.batch_size=4",
+        "trainer.max_epochs=1",
+        "callbacks=none",
+        "+callbacks.seen._target_=tests.test_ddp.Seen",
+        f"+callbacks.seen.path={seen}",
+    ]
     stop = ["+callbacks.stop._target_=tests.test_ddp.StopAfter", "+callbacks.stop.step=2"]
     stopped = kd_train(*run, "trainer.devices=2", *stop, root=tmp_path)
     assert stopped.returncode == 3, stopped.stderr[-3000:]

@@ -26,9 +26,29 @@ SMALL = ["teacher.data.train_per_class=50", "data.train_per_class=10"]
 @pytest.fixture(scope="module")
 def published(tmp_path_factory):
     root = tmp_path_factory.mktemp("failures")
-    out = failures.main(["--quick", "--seeds", "0", "--teachers", "mlp256x2", "mlp256x2-ls0.1", "--methods", "kd",
-                         "--temperatures", "1", "4", "--out", str(root / "out"), "--runs", str(root / "logs"), "--no-wandb",
-                         "--", f"paths.root_dir={root}", *SMALL])
+    out = failures.main(
+        [
+            "--quick",
+            "--seeds",
+            "0",
+            "--teachers",
+            "mlp256x2",
+            "mlp256x2-ls0.1",
+            "--methods",
+            "kd",
+            "--temperatures",
+            "1",
+            "4",
+            "--out",
+            str(root / "out"),
+            "--runs",
+            str(root / "logs"),
+            "--no-wandb",
+            "--",
+            f"paths.root_dir={root}",
+            *SMALL,
+        ]
+    )
     return root, out
 
 
@@ -39,7 +59,10 @@ def test_driver_publishes_students_teachers_and_examples(published):
         assert (out / f"failures.{suffix}").stat().st_size > 0
     runs = pd.read_csv(out / "failures.csv")
     assert (runs.status == "completed").all()
-    assert set(runs.method) == {"ce", *(f"kd-tau{t}@{teacher}" for t in (1, 4) for teacher in ("mlp256x2", "mlp256x2-ls0.1"))}
+    assert set(runs.method) == {
+        "ce",
+        *(f"kd-tau{t}@{teacher}" for t in (1, 4) for teacher in ("mlp256x2", "mlp256x2-ls0.1")),
+    }
     assert set(runs.tau.dropna()) == {1, 4} and runs[runs.method == "ce"].tau.isna().all()
     teachers = pd.read_csv(out / "failures_teachers.csv")
     assert set(teachers.teacher) == {"mlp256x2", "mlp256x2-ls0.1"} and teachers.teacher_run.nunique() == 2
@@ -55,8 +78,15 @@ def test_driver_publishes_students_teachers_and_examples(published):
 
 def quick_teacher(root) -> list[str]:
     """The overrides that name the driver's fig3 teacher (--quick, seed 0), found in its cache."""
-    return ["experiment=fig3_synthetic", "data.delta=0.5", "seed=0", f"paths.root_dir={root}",
-            *QUICK, *QUICK_SYNTHETIC["synthetic"], *SMALL]
+    return [
+        "experiment=fig3_synthetic",
+        "data.delta=0.5",
+        "seed=0",
+        f"paths.root_dir={root}",
+        *QUICK,
+        *QUICK_SYNTHETIC["synthetic"],
+        *SMALL,
+    ]
 
 
 @pytest.mark.slow
@@ -66,8 +96,13 @@ def test_kd_diagnose_prints_the_report_of_a_cached_or_checkpointed_teacher(publi
     report = capsys.readouterr().out
     folder = report.splitlines()[0].removeprefix("teacher: ")
     assert folder.startswith(str(root / "teachers" / "mlp-ce-"))
-    for line in ("accuracy (test)", "ECE (test, 15 bins)", "q_c (training split, tau 1)", "effective smoothing",
-                 "superclass score, probabilities, tau 4"):
+    for line in (
+        "accuracy (test)",
+        "ECE (test, 15 bins)",
+        "q_c (training split, tau 1)",
+        "effective smoothing",
+        "superclass score, probabilities, tau 4",
+    ):
         assert line in report
     checkpoint = f"{folder}/checkpoints/last.ckpt"
     again = diagnose_cli.main([*quick_teacher(root), "teacher=checkpoint", f"teacher.path={checkpoint}"])
@@ -148,15 +183,30 @@ def test_unknown_teacher_is_refused_in_one_line(tmp_path):
 
 def test_a_label_smoothed_teacher_is_predicted_harmless_at_tau_1_and_harmful_above():
     def row(tau, gap, exceeds):
-        return {"teacher": "t-ls0.1", "quantity": "kd", "tau": tau, "gap": gap, "spread": 0.001,
-                "exceeds_spread": exceeds, "n": 3}
+        return {
+            "teacher": "t-ls0.1",
+            "quantity": "kd",
+            "tau": tau,
+            "gap": gap,
+            "spread": 0.001,
+            "exceeds_spread": exceeds,
+            "n": 3,
+        }
 
-    gaps = pd.DataFrame([row(1.0, +0.010, True), row(1.0, -0.001, False), row(2.0, -0.001, False),
-                         row(4.0, -0.010, True), row(1.0, -0.010, True)])
+    gaps = pd.DataFrame(
+        [
+            row(1.0, +0.010, True),
+            row(1.0, -0.001, False),
+            row(2.0, -0.001, False),
+            row(4.0, -0.010, True),
+            row(1.0, -0.010, True),
+        ]
+    )
     lines = failures.verdicts(gaps, {"label smoothing": ["t", "t-ls0.1"]}, "t")
     assert [line.split(", ", 2)[-1].split(" (")[0] for line in lines] == [
         "as predicted: no harm at tau 1",  # better at tau 1 is no harm
         "as predicted: no harm at tau 1",  # within the seed spread
         "as predicted",  # worse above tau 1, even within the spread: the sign of the prediction
         "as predicted",
-        "against the prediction of no harm at tau 1"]  # worse beyond the seed spread at tau 1
+        "against the prediction of no harm at tau 1",
+    ]  # worse beyond the seed spread at tau 1

@@ -36,7 +36,9 @@ def test_gzipped_flat_files_and_torchvision_layout_load_alike(fashion_mnist, tmp
     write_fashion_mnist(tmp_path / "tv" / "FashionMNIST" / "raw", gz=False)  # what torchvision's download leaves
     flat, tv = module(fashion_mnist), module(tmp_path / "tv")
     for split in ("train", "val", "test"):
-        assert torch.equal(flat.splits[split].x, tv.splits[split].x) and torch.equal(flat.splits[split].y, tv.splits[split].y)
+        assert torch.equal(flat.splits[split].x, tv.splits[split].x) and torch.equal(
+            flat.splits[split].y, tv.splits[split].y
+        )
     test = flat.splits["test"]
     assert test.x.dtype == torch.uint8 and test.x.shape == (N_TEST, 1, 28, 28) and flat.input_shape == (1, 28, 28)
     assert torch.equal(test.y, torch.arange(10).repeat(FASHION_TEST_PER_CLASS)) and flat.num_classes == 10
@@ -49,16 +51,29 @@ def test_the_config_gives_our_hierarchy(fashion_mnist):
     dm.setup()
     by_name = dict(zip(CLASSES, dm.superclass_of.tolist()))
     tops, footwear, trouser, bag = 0, 1, 2, 3  # numbered in the order the config lists them
-    assert by_name == {"T-shirt/top": tops, "Trouser": trouser, "Pullover": tops, "Dress": tops, "Coat": tops,
-                       "Sandal": footwear, "Shirt": tops, "Sneaker": footwear, "Bag": bag, "Ankle boot": footwear}
+    assert by_name == {
+        "T-shirt/top": tops,
+        "Trouser": trouser,
+        "Pullover": tops,
+        "Dress": tops,
+        "Coat": tops,
+        "Sandal": footwear,
+        "Shirt": tops,
+        "Sneaker": footwear,
+        "Bag": bag,
+        "Ankle boot": footwear,
+    }
     assert FashionMNISTDataModule(str(fashion_mnist)).superclasses() is None  # no hierarchy unless given one
 
 
-@pytest.mark.parametrize("hierarchy, message", [
-    ({"tops": ["T-shirt", *CLASSES[1:]]}, "names 'T-shirt', not a Fashion-MNIST class"),
-    ({"most": CLASSES[:-1]}, "every class exactly once; 'Ankle boot' is missing"),
-    ({"all": CLASSES, "again": ["Bag"]}, "'Bag' is named twice"),
-])
+@pytest.mark.parametrize(
+    "hierarchy, message",
+    [
+        ({"tops": ["T-shirt", *CLASSES[1:]]}, "names 'T-shirt', not a Fashion-MNIST class"),
+        ({"most": CLASSES[:-1]}, "every class exactly once; 'Ankle boot' is missing"),
+        ({"all": CLASSES, "again": ["Bag"]}, "'Bag' is named twice"),
+    ],
+)
 def test_a_bad_hierarchy_is_one_line(hierarchy, message):
     with pytest.raises(UserError, match=re.escape(message)):
         FashionMNISTDataModule(hierarchy=hierarchy)
@@ -115,17 +130,23 @@ def load_prepare_data():
     return module
 
 
-@pytest.mark.parametrize("name, attribute, address, files", [
-    ("cifar100", "url", "http://127.0.0.1:9/cifar-100-python.tar.gz", "cifar-100-python.tar.gz"),
-    ("fashion_mnist", "mirrors", ["http://127.0.0.1:9/"], "train-images-idx3-ubyte.gz"),
-])
+@pytest.mark.parametrize(
+    "name, attribute, address, files",
+    [
+        ("cifar100", "url", "http://127.0.0.1:9/cifar-100-python.tar.gz", "cifar-100-python.tar.gz"),
+        ("fashion_mnist", "mirrors", ["http://127.0.0.1:9/"], "train-images-idx3-ubyte.gz"),
+    ],
+)
 def test_a_download_that_cannot_connect_is_one_line(name, attribute, address, files, tmp_path, monkeypatch):
     """Port 9 on this machine refuses at once: the error of a machine that cannot reach the host."""
     cls = {"cifar100": "CIFAR100", "fashion_mnist": "FashionMNIST"}[name]
     monkeypatch.setattr(f"torchvision.datasets.{cls}.{attribute}", address)
     tried = "http://127.0.0.1:9/" + files
-    with pytest.raises(SystemExit, match=f"^error: downloading {cls} failed .*; tried {re.escape(tried)}; .*"
-                                         f"download .*{re.escape(files)}.* by hand into {re.escape(str(tmp_path))}"):
+    with pytest.raises(
+        SystemExit,
+        match=f"^error: downloading {cls} failed .*; tried {re.escape(tried)}; .*"
+        f"download .*{re.escape(files)}.* by hand into {re.escape(str(tmp_path))}",
+    ):
         load_prepare_data().main([name, "--root", str(tmp_path)])
 
 
@@ -136,8 +157,15 @@ JOBS = {
     "fig1": build_jobs("fashion_mnist", [POINT], [0], list(fig1.METHODS), []),
     "fig2": build_jobs("fashion_mnist", [POINT], [0], fig2.STUDENTS, []),
     "fig4": build_jobs("fashion_mnist", [POINT], [0], fig4.variants(fig4.KS["fashion_mnist"], ["uniform"]), []),
-    "failures": build_jobs("fashion_mnist", [POINT], [0], failures.variants(
-        failures.TEACHERS["fashion_mnist"], failures.DEFAULT_METHODS["fashion_mnist"], failures.TEMPERATURES), []),
+    "failures": build_jobs(
+        "fashion_mnist",
+        [POINT],
+        [0],
+        failures.variants(
+            failures.TEACHERS["fashion_mnist"], failures.DEFAULT_METHODS["fashion_mnist"], failures.TEMPERATURES
+        ),
+        [],
+    ),
 }
 
 
@@ -145,7 +173,7 @@ def test_every_driver_job_list_builds_and_composes(tmp_path):
     """Each job names its point of the axis; every distinct job at one point and one temperature (the
     others differ only in data.train_per_class or objective.temperature) composes into a valid config."""
     distinct = {}
-    for driver, jobs in JOBS.items():
+    for jobs in JOBS.values():
         points = collect({name: {"status": "completed"} for name in jobs})[AXES["fashion_mnist"].column]
         for (name, overrides), point in zip(jobs.items(), points):
             assert f"data.train_per_class={point}" in overrides and overrides[0] == "experiment=fig3_fashion_mnist"
@@ -161,12 +189,18 @@ def test_every_driver_job_list_builds_and_composes(tmp_path):
 
 def test_failures_distils_each_teacher_at_each_temperature_and_ce_at_none():
     jobs = JOBS["failures"]
-    assert jobs["ce-per_class60-s0"] == ["experiment=fig3_fashion_mnist", "objective=ce", "data.train_per_class=60",
-                                         "seed=0"]
+    assert jobs["ce-per_class60-s0"] == [
+        "experiment=fig3_fashion_mnist",
+        "objective=ce",
+        "data.train_per_class=60",
+        "seed=0",
+    ]
     cfg = compose_config(jobs["kd-tau2@cnn32-per_class60-s0"], "/unused")
     assert cfg.objective.temperature == 2 and list(cfg.teacher.model.widths) == [32, 64, 128]
-    assert compose_config(jobs["kd-tau4@cnn16-ls0.2-per_class60-s0"], "/unused").teacher.objective == {"name": "ls",
-                                                                                                       "eps": 0.2}
+    assert compose_config(jobs["kd-tau4@cnn16-ls0.2-per_class60-s0"], "/unused").teacher.objective == {
+        "name": "ls",
+        "eps": 0.2,
+    }
     runs = failures.with_teacher(collect({name: {"status": "completed"} for name in jobs}))
     assert set(runs.tau.dropna()) == {1, 2, 4} and set(runs.teacher) == {"", *failures.TEACHERS["fashion_mnist"]}
     assert len(runs) == 1 + 5 * 3
@@ -175,19 +209,36 @@ def test_failures_distils_each_teacher_at_each_temperature_and_ce_at_none():
 def test_a_two_step_cnn_job_of_fig3_completes(root, tmp_path):
     data = tmp_path / "data"
     write_fashion_mnist(data, gz=True)
-    (name, overrides), = build_jobs("fashion_mnist", [3], [0], ["kd"], []).items()
+    ((name, overrides),) = build_jobs("fashion_mnist", [3], [0], ["kd"], []).items()
     # One epoch of 2 batches of 15 (3 images of each class, no epoch filling); the teacher: one epoch of all 110.
-    two_steps = ["data.batch_size=15", "data.min_epoch_size=0", "trainer.max_epochs=1", "teacher.trainer.max_epochs=1",
-                 "trainer.enable_progress_bar=false"]
+    two_steps = [
+        "data.batch_size=15",
+        "data.min_epoch_size=0",
+        "trainer.max_epochs=1",
+        "teacher.trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+    ]
     record = run(compose_config([*overrides, f"data.root={data}", "data.val_size=10", *two_steps], root / name))
     assert record["status"] == "completed" and record["global_step"] == 2
     assert 0 <= record["metrics"]["test/acc_last"] <= 1 and record["config"]["objective"]["temperature"] == 4
 
 
 def test_fig3_summary_reads_the_per_class_axis_and_keeps_failed_cells():
-    rows = [{"method": m, "per_class": n, "seed": s, "status": "completed", "test_acc_last": acc + 0.01 * s,
-             "seconds": 1.0, "error": "", "data": "fashion_mnist"}
-            for m, acc in (("ce", 0.70), ("ls", 0.71), ("kd_sim", 0.72), ("kd_pt", 0.73)) for n in (20, 60) for s in (0, 1)]
+    rows = [
+        {
+            "method": m,
+            "per_class": n,
+            "seed": s,
+            "status": "completed",
+            "test_acc_last": acc + 0.01 * s,
+            "seconds": 1.0,
+            "error": "",
+            "data": "fashion_mnist",
+        }
+        for m, acc in (("ce", 0.70), ("ls", 0.71), ("kd_sim", 0.72), ("kd_pt", 0.73))
+        for n in (20, 60)
+        for s in (0, 1)
+    ]
     rows[-1].update(status="failed", error="RuntimeError: boom")
     rows[-2].update(status="failed", error="RuntimeError: boom")  # kd_pt at 60: every seed failed
     df = pd.DataFrame(rows)
@@ -196,5 +247,8 @@ def test_fig3_summary_reads_the_per_class_axis_and_keeps_failed_cells():
     assert "| KD-pt (instance) | 0.735 ± 0.007 | n/a |" in summary
     assert "- KD-pt (instance) > KD-sim (domain): holds at 1/1 per_class values" in summary
     assert "- kd_pt 60 per class seed=1: RuntimeError: boom" in summary
-    assert "Teacher (cnn-ce-0123): test accuracy 0.900" in summary and "`make reproduce-fig3 DATA=fashion_mnist`" in summary
+    assert (
+        "Teacher (cnn-ce-0123): test accuracy 0.900" in summary
+        and "`make reproduce-fig3 DATA=fashion_mnist`" in summary
+    )
     assert fig3.axis(df) == "per_class" and fig3.plot(df) is not None

@@ -10,8 +10,8 @@ import pytest
 
 wandb = pytest.importorskip("wandb")  # what the drivers publish is read back from W&B
 
-from experiments import fig1, fig2, fig4
-from tests.conftest import assert_published_to_wandb
+from experiments import fig1, fig2, fig4  # noqa: E402 (after the skip: they import wandb)
+from tests.conftest import assert_published_to_wandb  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -51,8 +51,14 @@ def test_fig2(dirs):
     root, flags, overrides = dirs
     out = fig2.main([*flags, "--delta", "1.0", "--tau", "4", "--out", str(root / "fig2"), *overrides])
     scores = publish_files(out, "fig2", ["fig2", "fig2_matrices"])["fig2"]
-    assert set(scores.matrix) == {"teacher_probs_tau1", "teacher_probs_tau4", "weights_teacher",
-                                  "weights_ce", "weights_ls", "weights_kd"}
+    assert set(scores.matrix) == {
+        "teacher_probs_tau1",
+        "teacher_probs_tau4",
+        "weights_teacher",
+        "weights_ce",
+        "weights_ls",
+        "weights_kd",
+    }
     assert (scores.score == scores.within - scores.between).all()
     assert "within - between" in (out / "fig2.md").read_text()
 

@@ -11,10 +11,23 @@ from kd.errors import UserError
 # 10-class figure); torchvision's for the ImageNet ResNets (11.69M, 21.80M, 25.56M at 1000 classes,
 # less 900 x (512 or 2048 + 1)).
 STANDARD_PARAMS_M = {
-    "resnet8": 0.084, "resnet14": 0.18, "resnet20": 0.278, "resnet32": 0.47, "resnet44": 0.67,
-    "resnet56": 0.86, "resnet110": 1.73, "resnet8x4": 1.23, "resnet32x4": 7.43,
-    "wrn_16_2": 0.70, "wrn_40_1": 0.57, "wrn_40_2": 2.25, "vgg8": 3.96, "vgg13": 9.46,
-    "resnet18": 11.23, "resnet34": 21.34, "resnet50": 23.71,
+    "resnet8": 0.084,
+    "resnet14": 0.18,
+    "resnet20": 0.278,
+    "resnet32": 0.47,
+    "resnet44": 0.67,
+    "resnet56": 0.86,
+    "resnet110": 1.73,
+    "resnet8x4": 1.23,
+    "resnet32x4": 7.43,
+    "wrn_16_2": 0.70,
+    "wrn_40_1": 0.57,
+    "wrn_40_2": 2.25,
+    "vgg8": 3.96,
+    "vgg13": 9.46,
+    "resnet18": 11.23,
+    "resnet34": 21.34,
+    "resnet50": 23.71,
     "cnn": 0.0303,  # ours (kd.models.cifar.cnn, widths 16, 32, 64): no published figure
 }
 IMAGE_MODELS = sorted(set(models.REGISTRY) - {"mlp"})
@@ -87,5 +100,6 @@ def test_flat_inputs_are_a_user_error():
 
 def test_bad_depth_is_a_user_error():
     from kd.models.cifar import resnet
+
     with pytest.raises(UserError, match="depth=21"):
         resnet(num_classes=10, input_shape=(3, 32, 32), depth=21)

@@ -139,8 +139,11 @@ def closed_form_dkd(z, t, y, temperature, tckd_weight, nckd_weight, ce_weight):
     for i in range(len(y)):
         c = int(y[i])
         tckd = q[i, c] * torch.log(q[i, c] / p[i, c]) + (1 - q[i, c]) * torch.log((1 - q[i, c]) / (1 - p[i, c]))
-        nckd = sum(q[i, k] / (1 - q[i, c]) * torch.log((q[i, k] / (1 - q[i, c])) / (p[i, k] / (1 - p[i, c])))
-                   for k in range(K) if k != c)
+        nckd = sum(
+            q[i, k] / (1 - q[i, c]) * torch.log((q[i, k] / (1 - q[i, c])) / (p[i, k] / (1 - p[i, c])))
+            for k in range(K)
+            if k != c
+        )
         loss = loss + temperature**2 * (tckd_weight * tckd + nckd_weight * nckd) / len(y)
         for k in range(K):
             d_tckd = p[i, c] - q[i, c] if k == c else p[i, k] * (q[i, c] - p[i, c]) / (1 - p[i, c])
@@ -167,8 +170,9 @@ def test_a_population_gets_each_members_own_loss(batch, sim_matrix, name):
     similarity = {"class_similarity": sim_matrix} if name in O.NEEDS_SIMILARITY else {}
     stacked = {"class_similarity": torch.stack([sim_matrix, sim_matrix.T.softmax(1)])} if similarity else {}
     losses = O.get(name, **stacked)(*(torch.stack(parts) for parts in zip(*members)))
-    alone = [O.get(name, class_similarity=stacked["class_similarity"][g]) if similarity else O.get(name)
-             for g in range(2)]
+    alone = [
+        O.get(name, class_similarity=stacked["class_similarity"][g]) if similarity else O.get(name) for g in range(2)
+    ]
     expected = torch.stack([fn(*member) for fn, member in zip(alone, members)])
     assert losses.shape == (2,) and torch.allclose(losses, expected, atol=1e-6)
 
@@ -294,53 +298,87 @@ def test_teacher_free_objectives_need_no_teacher_and_kd_does(batch):
 SIM = similarity.from_teacher_weights(torch.randn(K, 8, generator=torch.Generator().manual_seed(1)), beta=0.2)
 
 
-@pytest.mark.parametrize("name, params, match", [
-    ("kd_foo", {}, r"objective='kd_foo' is not valid; choose one of: ce, ls, kd, kd_pt"),
-    ("kd", {"temperature": 0}, r"objective.temperature=0 is out of range; allowed: \(0, inf\)"),
-    ("kd", {"temperature": math.inf}, r"objective.temperature=inf is out of range; allowed: \(0, inf\)"),
-    ("kd", {"temperature": "4"}, r"objective.temperature='4' is not a number; allowed: \(0, inf\)"),
-    ("kd", {"kd_weight": 1.5}, r"objective.kd_weight=1.5 is out of range; allowed: \[0, 1\]"),
-    ("ls", {"eps": None}, r"objective.eps=None is not a number; allowed: \[0, 1\]"),
-    ("dkd", {"ce_weight": None}, r"objective.ce_weight=None is not a number; allowed: \[0, 1\]"),
-    ("kd", {"t2_scale": "no"}, r"objective.t2_scale='no' is not valid; choose one of: True, False"),
-    ("kd", {"t2_scale": 1}, r"objective.t2_scale=1 is not valid; choose one of: True, False"),
-    ("kd_topk", {"k": 0}, r"objective.k=0 is out of range"),
-    ("kd_topk", {"tail": "x"}, r"objective.tail='x' is not valid; choose one of: uniform, renorm"),
-    ("kd", {"eps": 0.1}, r"objective 'kd' takes no parameter 'eps'; valid parameters: temperature"),
-    ("dkd", {"kd_weight": 0.5}, r"objective 'dkd' takes no parameter 'kd_weight'; valid parameters: temperature, "
-                                r"ce_weight, tckd_weight, nckd_weight, t2_scale"),
-    ("dkd", {"nckd_weight": -1}, r"objective.nckd_weight=-1 is out of range; allowed: \[0, inf\)"),
-    ("kd_sim", {}, r"needs class_similarity, a \(K, K\) tensor whose rows are distributions"),
-    ("kd_sim", {"class_similarity": [[1.0]]}, r"class_similarity is a list; give a \(K, K\) tensor"),
-    ("kd_sim", {"class_similarity": torch.eye(3, dtype=torch.long)}, r"class_similarity is a torch.int64 tensor"),
-    ("kd_pt_sim", {"class_similarity": torch.ones(3, 4) / 4}, r"class_similarity has shape \(3, 4\); give a \(K, K\)"),
-    ("kd_sim", {"class_similarity": torch.ones(3, 3)}, r"rows must be distributions .* row sums range from 3 to 3"),
-    ("kd_sim", {"class_similarity": torch.tensor([[1.5, -0.5], [0.5, 0.5]])}, r"its entries from -0.5 to 1.5"),
-])
+@pytest.mark.parametrize(
+    "name, params, match",
+    [
+        ("kd_foo", {}, r"objective='kd_foo' is not valid; choose one of: ce, ls, kd, kd_pt"),
+        ("kd", {"temperature": 0}, r"objective.temperature=0 is out of range; allowed: \(0, inf\)"),
+        ("kd", {"temperature": math.inf}, r"objective.temperature=inf is out of range; allowed: \(0, inf\)"),
+        ("kd", {"temperature": "4"}, r"objective.temperature='4' is not a number; allowed: \(0, inf\)"),
+        ("kd", {"kd_weight": 1.5}, r"objective.kd_weight=1.5 is out of range; allowed: \[0, 1\]"),
+        ("ls", {"eps": None}, r"objective.eps=None is not a number; allowed: \[0, 1\]"),
+        ("dkd", {"ce_weight": None}, r"objective.ce_weight=None is not a number; allowed: \[0, 1\]"),
+        ("kd", {"t2_scale": "no"}, r"objective.t2_scale='no' is not valid; choose one of: True, False"),
+        ("kd", {"t2_scale": 1}, r"objective.t2_scale=1 is not valid; choose one of: True, False"),
+        ("kd_topk", {"k": 0}, r"objective.k=0 is out of range"),
+        ("kd_topk", {"tail": "x"}, r"objective.tail='x' is not valid; choose one of: uniform, renorm"),
+        ("kd", {"eps": 0.1}, r"objective 'kd' takes no parameter 'eps'; valid parameters: temperature"),
+        (
+            "dkd",
+            {"kd_weight": 0.5},
+            r"objective 'dkd' takes no parameter 'kd_weight'; valid parameters: temperature, "
+            r"ce_weight, tckd_weight, nckd_weight, t2_scale",
+        ),
+        ("dkd", {"nckd_weight": -1}, r"objective.nckd_weight=-1 is out of range; allowed: \[0, inf\)"),
+        ("kd_sim", {}, r"needs class_similarity, a \(K, K\) tensor whose rows are distributions"),
+        ("kd_sim", {"class_similarity": [[1.0]]}, r"class_similarity is a list; give a \(K, K\) tensor"),
+        ("kd_sim", {"class_similarity": torch.eye(3, dtype=torch.long)}, r"class_similarity is a torch.int64 tensor"),
+        (
+            "kd_pt_sim",
+            {"class_similarity": torch.ones(3, 4) / 4},
+            r"class_similarity has shape \(3, 4\); give a \(K, K\)",
+        ),
+        ("kd_sim", {"class_similarity": torch.ones(3, 3)}, r"rows must be distributions .* row sums range from 3 to 3"),
+        ("kd_sim", {"class_similarity": torch.tensor([[1.5, -0.5], [0.5, 0.5]])}, r"its entries from -0.5 to 1.5"),
+    ],
+)
 def test_bad_parameters_are_one_line_user_errors(name, params, match):
     with pytest.raises(UserError, match=match) as info:
         O.get(name, **params)
     assert "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("temperature", [np.float32(4.0), np.int64(4), torch.tensor(4.0)], ids=["np32", "np_int", "tensor"])
+@pytest.mark.parametrize(
+    "temperature", [np.float32(4.0), np.int64(4), torch.tensor(4.0)], ids=["np32", "np_int", "tensor"]
+)
 def test_numpy_and_0d_tensor_parameters_count_as_their_value(batch, temperature):
     z, t, y = batch
-    assert torch.equal(O.get("kd", temperature=temperature, kd_weight=np.float64(0.7))(z, y, t),
-                       O.get("kd", temperature=4.0, kd_weight=0.7)(z, y, t))
+    assert torch.equal(
+        O.get("kd", temperature=temperature, kd_weight=np.float64(0.7))(z, y, t),
+        O.get("kd", temperature=4.0, kd_weight=0.7)(z, y, t),
+    )
 
 
-@pytest.mark.parametrize("name, call, match", [
-    ("kd", lambda z, y, t: (z, y + K, t), rf"labels must be class indices in \[0, {K - 1}\]; got values from {K} to"),
-    ("ce", lambda z, y, t: (z, y - K, t), rf"labels must be class indices in \[0, {K - 1}\]; got values from -{K}"),
-    ("kd", lambda z, y, t: (z, y.float(), t), r"labels must be integer class indices .* got dtype torch.float32"),
-    ("kd", lambda z, y, t: (z, y[:3], t), rf"labels must be a tensor of shape \({B},\), .* got shape \(3,\)"),
-    ("kd", lambda z, y, t: (z, y.tolist(), t), r"labels must be a tensor .* got a list"),
-    ("kd", lambda z, y, t: (z[0], y, t), rf"student_logits must be a \(B, K\) tensor \(or \(\.\.\., B, K\)\); got shape \({K},\)"),
-    ("kd", lambda z, y, t: (z, y, t[:, :3]), rf"teacher_logits must have the student's shape \({B}, {K}\); got shape"),
-    ("kd", lambda z, y, t: (z, y, None), r"this objective distils from a teacher: pass teacher_logits"),
-    ("kd_sim", lambda z, y, t: (z[:, :4], y % 4, t[:, :4]), rf"class_similarity is {K}x{K}, but the logits have 4 classes"),
-])
+@pytest.mark.parametrize(
+    "name, call, match",
+    [
+        (
+            "kd",
+            lambda z, y, t: (z, y + K, t),
+            rf"labels must be class indices in \[0, {K - 1}\]; got values from {K} to",
+        ),
+        ("ce", lambda z, y, t: (z, y - K, t), rf"labels must be class indices in \[0, {K - 1}\]; got values from -{K}"),
+        ("kd", lambda z, y, t: (z, y.float(), t), r"labels must be integer class indices .* got dtype torch.float32"),
+        ("kd", lambda z, y, t: (z, y[:3], t), rf"labels must be a tensor of shape \({B},\), .* got shape \(3,\)"),
+        ("kd", lambda z, y, t: (z, y.tolist(), t), r"labels must be a tensor .* got a list"),
+        (
+            "kd",
+            lambda z, y, t: (z[0], y, t),
+            rf"student_logits must be a \(B, K\) tensor \(or \(\.\.\., B, K\)\); got shape \({K},\)",
+        ),
+        (
+            "kd",
+            lambda z, y, t: (z, y, t[:, :3]),
+            rf"teacher_logits must have the student's shape \({B}, {K}\); got shape",
+        ),
+        ("kd", lambda z, y, t: (z, y, None), r"this objective distils from a teacher: pass teacher_logits"),
+        (
+            "kd_sim",
+            lambda z, y, t: (z[:, :4], y % 4, t[:, :4]),
+            rf"class_similarity is {K}x{K}, but the logits have 4 classes",
+        ),
+    ],
+)
 def test_bad_inputs_are_one_line_user_errors(batch, name, call, match):
     z, t, y = batch
     loss_fn = O.get(name, **({"class_similarity": SIM} if name in O.NEEDS_SIMILARITY else {}))

@@ -30,9 +30,18 @@ from tests.conftest import DEVICES, on
 
 REPO = Path(__file__).resolve().parent.parent
 # A tiny CIFAR-shaped student run through kd.train.run; resnet8 keeps it to seconds.
-CIFAR = ["data=cifar100", "data._target_=kd.bench.RandomCIFAR", "+data.size=16", "data.batch_size=8",
-         "data.eval_batch_size=8", "model=resnet8", "objective=ce", "trainer.max_epochs=1", "logger=none",
-         "trainer.enable_progress_bar=false"]
+CIFAR = [
+    "data=cifar100",
+    "data._target_=kd.bench.RandomCIFAR",
+    "+data.size=16",
+    "data.batch_size=8",
+    "data.eval_batch_size=8",
+    "model=resnet8",
+    "objective=ce",
+    "trainer.max_epochs=1",
+    "logger=none",
+    "trainer.enable_progress_bar=false",
+]
 # Runs ``python -m kd.train`` with wandb unimportable, as on a machine without it (the GPU machine):
 # an import, or a probe with importlib.util.find_spec, fails as for a missing package and is counted.
 NO_WANDB = """
@@ -61,16 +70,28 @@ def kd_train_without_wandb(*overrides, root: Path) -> subprocess.CompletedProces
     settings and the carried wheels on PYTHONPATH), with this checkout first on the path."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "KD_ROOT": str(root), "PYTHONPATH": path}
-    return subprocess.run([sys.executable, "-c", NO_WANDB, *overrides, f"hydra.run.dir={root / 'run'}"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", NO_WANDB, *overrides, f"hydra.run.dir={root / 'run'}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def module(channels_last=False, compile=False, teacher=True) -> DistillationModule:
     net, teacher_net = (models.get("resnet8", num_classes=100, input_shape=(3, 32, 32)) for _ in range(2))
-    return DistillationModule(net, {"name": "kd", "temperature": 4.0, "kd_weight": 0.9},
-                              lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
-                              teacher=teacher_net if teacher else None, num_classes=100,
-                              input_shape=(3, 32, 32), channels_last=channels_last, compile=compile)
+    return DistillationModule(
+        net,
+        {"name": "kd", "temperature": 4.0, "kd_weight": 0.9},
+        lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+        teacher=teacher_net if teacher else None,
+        num_classes=100,
+        input_shape=(3, 32, 32),
+        channels_last=channels_last,
+        compile=compile,
+    )
 
 
 def test_gpu_fast_composes_with_the_paper_faithful_default_untouched(monkeypatch):
@@ -78,7 +99,11 @@ def test_gpu_fast_composes_with_the_paper_faithful_default_untouched(monkeypatch
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     fast = compose_config(["trainer=gpu_fast"])
     assert (fast.trainer.precision, fast.trainer.accelerator, fast.channels_last, fast.compile) == (
-        "bf16-mixed", "gpu", True, True)
+        "bf16-mixed",
+        "gpu",
+        True,
+        True,
+    )
     assert fast.trainer.benchmark and not compose_config(["trainer=gpu_fast", "deterministic=true"]).trainer.benchmark
     explicit = compose_config(["trainer=gpu_fast", "trainer.accelerator=cpu", "trainer.precision=bf16-mixed"])
     assert explicit.trainer.precision == "bf16-mixed"  # a precision given is used as given
@@ -86,18 +111,22 @@ def test_gpu_fast_composes_with_the_paper_faithful_default_untouched(monkeypatch
     assert (default.trainer.precision, default.channels_last, default.compile) == ("32-true", False, False)
 
 
-@pytest.mark.parametrize("accelerator, cuda, cpu_bf16, precision", [
-    ("gpu", (9, 0), False, "bf16-mixed"),  # H100, H200
-    ("gpu", (7, 0), True, "32-true"),  # V100: bf16 emulated
-    ("gpu", None, True, "32-true"),  # no GPU visible: the run fails anyway, with Lightning's message
-    ("cpu", (9, 0), True, "bf16-mixed"),  # AVX512-BF16 or AMX
-    ("cpu", (9, 0), False, "32-true"),  # AVX2 only: bf16 emulated, ten times slower than fp32
-    ("auto", None, True, "bf16-mixed"),
-    ("auto", (8, 0), False, "bf16-mixed"),
-    ("mps", None, True, "32-true"),  # not judged: fp32
-])
-def test_the_fast_path_uses_bf16_only_where_the_device_computes_it_natively(monkeypatch, accelerator, cuda,
-                                                                             cpu_bf16, precision):
+@pytest.mark.parametrize(
+    "accelerator, cuda, cpu_bf16, precision",
+    [
+        ("gpu", (9, 0), False, "bf16-mixed"),  # H100, H200
+        ("gpu", (7, 0), True, "32-true"),  # V100: bf16 emulated
+        ("gpu", None, True, "32-true"),  # no GPU visible: the run fails anyway, with Lightning's message
+        ("cpu", (9, 0), True, "bf16-mixed"),  # AVX512-BF16 or AMX
+        ("cpu", (9, 0), False, "32-true"),  # AVX2 only: bf16 emulated, ten times slower than fp32
+        ("auto", None, True, "bf16-mixed"),
+        ("auto", (8, 0), False, "bf16-mixed"),
+        ("mps", None, True, "32-true"),  # not judged: fp32
+    ],
+)
+def test_the_fast_path_uses_bf16_only_where_the_device_computes_it_natively(
+    monkeypatch, accelerator, cuda, cpu_bf16, precision
+):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda is not None)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cuda)
     monkeypatch.setattr(config, "cpu_features", lambda: {"bf16_native": cpu_bf16})
@@ -117,8 +146,9 @@ class NoHostSync(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.caught is not None:
             torch.cuda.set_sync_debug_mode(0)
-            NoHostSync.found += [f"{w.filename}:{w.lineno}: {w.message}" for w in self.caught
-                                 if "synchroniz" in str(w.message)]
+            NoHostSync.found += [
+                f"{w.filename}:{w.lineno}: {w.message}" for w in self.caught if "synchroniz" in str(w.message)
+            ]
             self.watch.__exit__(None, None, None)
             self.caught = None
         if pl_module.device.type == "cuda" and batch_idx < trainer.num_training_batches - 1:
@@ -144,24 +174,44 @@ class Precision(L.Callback):
         pl_module._losses = recorded
 
 
-@pytest.mark.parametrize("device, compile, objective", [
-    ("cpu", False, "kd"), *[pytest.param("gpu", False, name, marks=pytest.mark.gpu) for name in ("kd", "kd_sim", "kd_pt_sim")],
-    pytest.param("gpu", True, "kd", marks=pytest.mark.gpu)], indirect=["device"])
+@pytest.mark.parametrize(
+    "device, compile, objective",
+    [
+        ("cpu", False, "kd"),
+        *[pytest.param("gpu", False, name, marks=pytest.mark.gpu) for name in ("kd", "kd_sim", "kd_pt_sim")],
+        pytest.param("gpu", True, "kd", marks=pytest.mark.gpu),
+    ],
+    indirect=["device"],
+)
 def test_the_fast_path_runs_without_waiting_for_the_device(root, monkeypatch, device, compile, objective):
     """trainer=gpu_fast, a KD student (or KD-sim, KD-pt+sim: their class similarities stay on the
     device): bf16 autocast where the device computes bf16 natively, else fp32; channels_last;
     compile. On CUDA no training step waits for the device. Rehearsed on the CPU, the compile goes
     through dynamo with the eager backend (inductor takes minutes on a CPU)."""
     if compile and device.type == "cpu":
-        monkeypatch.setattr(torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile, backend="eager"))
+        monkeypatch.setattr(
+            torch.nn.Module, "compile", functools.partialmethod(torch.nn.Module.compile, backend="eager")
+        )
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     module = importlib.import_module("tests.test_performance")  # the classes the run imports by name
     module.NoHostSync.found, module.Precision.seen = [], []
-    callbacks = [f"+callbacks.{name.lower()}._target_=tests.test_performance.{name}" for name in ("NoHostSync", "Precision")]
+    callbacks = [
+        f"+callbacks.{name.lower()}._target_=tests.test_performance.{name}" for name in ("NoHostSync", "Precision")
+    ]
     teacher_checkpoint(root / "teacher.ckpt", "resnet8")
-    overrides = [*CIFAR, "data.size=64", "callbacks=none", f"objective={objective}", "teacher=checkpoint",
-                 f"teacher.path={root / 'teacher.ckpt'}", "trainer=gpu_fast", *on(device), f"compile={compile}", *callbacks]
+    overrides = [
+        *CIFAR,
+        "data.size=64",
+        "callbacks=none",
+        f"objective={objective}",
+        "teacher=checkpoint",
+        f"teacher.path={root / 'teacher.ckpt'}",
+        "trainer=gpu_fast",
+        *on(device),
+        f"compile={compile}",
+        *callbacks,
+    ]
     record = run(compose_config(overrides, root / "run"))
     precision = config.fast_precision(on(device)[0].split("=")[1])
     assert record["status"] == "completed" and record["config"]["trainer"]["precision"] == precision
@@ -182,9 +232,22 @@ def test_a_population_of_several_objectives_runs_without_waiting_for_the_device(
 
     module = importlib.import_module("tests.test_performance")
     module.NoHostSync.found = []
-    cfgs = [compose_config([*TINY, "data.batch_size=8", "callbacks=none", f"objective={name}", "teacher=oracle",
-                            f"seed={seed}", *on(device), "+callbacks.sync._target_=tests.test_performance.NoHostSync"],
-                           root / name) for seed, name in enumerate(("kd", "kd_sim", "kd_pt_sim"))]
+    cfgs = [
+        compose_config(
+            [
+                *TINY,
+                "data.batch_size=8",
+                "callbacks=none",
+                f"objective={name}",
+                "teacher=oracle",
+                f"seed={seed}",
+                *on(device),
+                "+callbacks.sync._target_=tests.test_performance.NoHostSync",
+            ],
+            root / name,
+        )
+        for seed, name in enumerate(("kd", "kd_sim", "kd_pt_sim"))
+    ]
     records = run(cfgs)
     assert [r["status"] for r in records] == ["completed"] * 3 and records[0]["population"]["members"] == 3
     assert module.NoHostSync.found == []
@@ -202,11 +265,21 @@ def test_bf16_channels_last_steps_with_the_uint8_data_resident_on_the_module_dev
     conv = model.net.network(0).features[0].weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     inside = []  # what the student's first convolution receives, and the dtype it computes in
-    model.net.network(0).features[0].register_forward_hook(lambda m, i, o: inside.append(
-        (i[0].is_contiguous(memory_format=torch.channels_last), o.dtype)))
-    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, logger=False, callbacks=[Inspect()],
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, default_root_dir=tmp_path)
+    model.net.network(0).features[0].register_forward_hook(
+        lambda m, i, o: inside.append((i[0].is_contiguous(memory_format=torch.channels_last), o.dtype))
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        precision="bf16-mixed",
+        max_steps=2,
+        logger=False,
+        callbacks=[Inspect()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, RandomCIFAR(size=16, batch_size=8))
     assert seen == [(torch.uint8, True, True)] * 2
     assert inside == [(True, torch.bfloat16)] * 2
@@ -224,7 +297,9 @@ def test_on_an_accelerator_the_data_is_copied_once_and_indexed_there():
     """The meta device stands in for a GPU: the loaders serve a resident uint8 copy on it."""
     data = RandomCIFAR(size=20, batch_size=8)
     data.setup()
-    data.trainer = SimpleNamespace(global_rank=0, world_size=1, strategy=SimpleNamespace(root_device=torch.device("meta")))
+    data.trainer = SimpleNamespace(
+        global_rank=0, world_size=1, strategy=SimpleNamespace(root_device=torch.device("meta"))
+    )
     loader = data.train_dataloader()
     assert loader.dataset is data.on_device("train", torch.device("meta"))  # copied once
     x, y, index = next(iter(loader))
@@ -248,21 +323,34 @@ class CountTeacher(L.Callback):
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
-@pytest.mark.parametrize("data, teacher_examples", [
-    ("synthetic", 40 + 20 + 80),  # fixed inputs: each split once (the best epoch's test reuses the last's)
-    ("cifar", 2 * 16 + 8 + 8),  # augmented training inputs: every epoch; val and test once
-])
+@pytest.mark.parametrize(
+    "data, teacher_examples",
+    [
+        ("synthetic", 40 + 20 + 80),  # fixed inputs: each split once (the best epoch's test reuses the last's)
+        ("cifar", 2 * 16 + 8 + 8),  # augmented training inputs: every epoch; val and test once
+    ],
+)
 def test_the_teacher_runs_once_over_fixed_inputs_and_nothing_changes(root, monkeypatch, device, data, teacher_examples):
     from tests.conftest import TINY
 
     # On CUDA deterministic kernels, so that the two runs can agree bit for bit there too (docs/determinism.md).
-    count = ["+callbacks.count._target_=tests.test_performance.CountTeacher", *on(device),
-             *(["deterministic=true"] if device.type == "cuda" else [])]
+    count = [
+        "+callbacks.count._target_=tests.test_performance.CountTeacher",
+        *on(device),
+        *(["deterministic=true"] if device.type == "cuda" else []),
+    ]
     if data == "synthetic":
         overrides = [*TINY, "objective=kd", "teacher=oracle", *count]
     else:
         ckpt = run(compose_config([*CIFAR, *on(device)], root / "teacher"))["checkpoints"]["last"]
-        overrides = [*CIFAR, "trainer.max_epochs=2", "objective=kd", "teacher=checkpoint", f"teacher.path={ckpt}", *count]
+        overrides = [
+            *CIFAR,
+            "trainer.max_epochs=2",
+            "objective=kd",
+            "teacher=checkpoint",
+            f"teacher.path={ckpt}",
+            *count,
+        ]
     counter = importlib.import_module("tests.test_performance").CountTeacher  # the class the run imports
     counter.examples = 0
     cached = run(compose_config(overrides, root / "cached"))
@@ -280,14 +368,20 @@ def test_resident_batches_and_their_crop_and_flip_are_the_cpu_paths(device, monk
     for where in ("cpu", device):
         data = RandomCIFAR(size=40, batch_size=16)
         data.setup()
-        data.trainer = SimpleNamespace(global_rank=0, world_size=1, training=True,
-                                       strategy=SimpleNamespace(root_device=torch.device(where)))
+        data.trainer = SimpleNamespace(
+            global_rank=0, world_size=1, training=True, strategy=SimpleNamespace(root_device=torch.device(where))
+        )
         draws = torch.Generator().manual_seed(0)  # drawn on the CPU and moved, so both paths get the same
         with monkeypatch.context() as patch:
             for name in ("randint", "rand"):
                 draw = getattr(torch, name)
-                patch.setattr(torch, name, lambda *args, device=None, generator=None, draw=draw:
-                              draw(*args, generator=draws).to(device))
+                patch.setattr(
+                    torch,
+                    name,
+                    lambda *args, device=None, generator=None, draw=draw, draws=draws: draw(*args, generator=draws).to(
+                        device
+                    ),
+                )
             paths[str(where)] = [data.on_after_batch_transfer(batch, 0) for batch in data.train_dataloader()]
     cpu, on_device = paths["cpu"], paths[str(device)]
     assert len(cpu) == len(on_device) == 3
@@ -304,8 +398,13 @@ def test_a_one_device_ddp_run_completes(root, device):
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((root / "run" / "results.json").read_text())
     assert record["status"] == "completed"
-    assert record["data_parallel"] == {"world_size": 1, "global_batch": 8, "device_batch": 8,
-                                       "lr": pytest.approx(0.003), "environment": "LightningEnvironment"}
+    assert record["data_parallel"] == {
+        "world_size": 1,
+        "global_batch": 8,
+        "device_batch": 8,
+        "lr": pytest.approx(0.003),
+        "environment": "LightningEnvironment",
+    }
     assert "wandb imports attempted: []\n[test] and blocked" in result.stdout
 
 
@@ -346,12 +445,25 @@ def test_the_first_non_finite_loss_is_kept_until_checked():
 @pytest.mark.slow
 def test_benchmark_smoke_writes_its_results(tmp_path):
     out = tmp_path / "bench"
-    done = subprocess.run([sys.executable, "scripts/benchmark.py", "--smoke", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600, env={"PATH": "/usr/bin:/bin", "WANDB_MODE": "disabled"})
+    done = subprocess.run(
+        [sys.executable, "scripts/benchmark.py", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PATH": "/usr/bin:/bin", "WANDB_MODE": "disabled"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((out / "bench.json").read_text())
-    for key in ("kd_step.ours_img_s", "kd_step.reference_img_s", "kd_step.ratio", "kd_step.fast_precision",
-                "mlp.lightning_over_plain", "device", "cpu"):
+    for key in (
+        "kd_step.ours_img_s",
+        "kd_step.reference_img_s",
+        "kd_step.ratio",
+        "kd_step.fast_precision",
+        "mlp.lightning_over_plain",
+        "device",
+        "cpu",
+    ):
         assert key in result, key
     assert result["kd_step.ratio"] > 0 and result["mlp.lightning_over_plain"] > 0
     assert "| kd_step: ratio ours / reference |" in (out / "bench.md").read_text()

@@ -45,8 +45,9 @@ class Record(L.Callback):
 
 
 @pytest.mark.parametrize("strategy", sorted(population.STRATEGIES))
-@pytest.mark.parametrize("name, shape, kwargs", [("mlp", (8,), {"hidden": [16, 16]}),
-                                                 ("cnn", (1, 8, 8), {"widths": [4, 8]})])
+@pytest.mark.parametrize(
+    "name, shape, kwargs", [("mlp", (8,), {"hidden": [16, 16]}), ("cnn", (1, 8, 8), {"widths": [4, 8]})]
+)
 def test_each_strategy_runs_each_member_through_its_own_network(strategy, name, shape, kwargs):
     """Outputs, a member's state and (batch norm) its running statistics after a training forward pass."""
     nets = [get_model(name, num_classes=5, input_shape=shape, **kwargs) for _ in range(3)]
@@ -66,8 +67,10 @@ def test_each_strategy_runs_each_member_through_its_own_network(strategy, name, 
 
 
 def test_population_data_serves_each_member_its_own_batches_in_its_own_order():
-    members = [SyntheticDataModule(superclasses=2, subclasses=2, dim=4, train_per_class=5, seed=s, batch_size=3)
-               for s in (0, 1)]
+    members = [
+        SyntheticDataModule(superclasses=2, subclasses=2, dim=4, train_per_class=5, seed=s, batch_size=3)
+        for s in (0, 1)
+    ]
     data = population.Data([members[0], members[1], members[0]])  # the third member shares the first's data
     data.setup()
     for split, shuffle in (("train", True), ("val", False)):
@@ -81,8 +84,10 @@ def test_population_data_serves_each_member_its_own_batches_in_its_own_order():
 
 
 def test_a_populations_evaluation_batches_hold_at_most_eval_rows_and_the_same_examples(monkeypatch):
-    members = [SyntheticDataModule(superclasses=2, subclasses=2, dim=4, train_per_class=5, seed=s, eval_batch_size=8)
-               for s in (0, 1, 2)]
+    members = [
+        SyntheticDataModule(superclasses=2, subclasses=2, dim=4, train_per_class=5, seed=s, eval_batch_size=8)
+        for s in (0, 1, 2)
+    ]
     data = population.Data(members)
     monkeypatch.setattr(population, "EVAL_ROWS", 9)  # 3 members: 3 examples each a batch, not 8
     batches = list(data.loader("val"))
@@ -120,19 +125,30 @@ def test_members_with_one_teacher_and_the_same_inputs_share_its_pass():
 
 def test_population_key_pools_what_can_share_and_keeps_the_rest_alone():
     base = compose_config([*TINY, "objective=kd", "teacher=oracle"], "/a")
-    same = [compose_config([*TINY, f"objective={o}", f"seed={s}", "data.delta=2.0", "teacher=oracle"], f"/b{s}{o}")
-            for o in ("ce", "kd_pt") for s in (0, 3)]
+    same = [
+        compose_config([*TINY, f"objective={o}", f"seed={s}", "data.delta=2.0", "teacher=oracle"], f"/b{s}{o}")
+        for o in ("ce", "kd_pt")
+        for s in (0, 3)
+    ]
     assert {population.key(c) for c in same} == {population.key(base)} != {None}
-    other = [compose_config([*TINY, "model.hidden=[32]"], "/c"), compose_config([*TINY, "data.dim=4"], "/d"),
-             compose_config([*TINY, "trainer.max_epochs=3"], "/e")]
+    other = [
+        compose_config([*TINY, "model.hidden=[32]"], "/c"),
+        compose_config([*TINY, "data.dim=4"], "/d"),
+        compose_config([*TINY, "trainer.max_epochs=3"], "/e"),
+    ]
     assert len({population.key(c) for c in [base, *other]}) == 4
     stop = ["+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping", "+callbacks.stop.monitor=val/acc"]
-    alone = [compose_config([*TINY, *stop], "/f"), compose_config([*TINY, "compile=true"], "/g"),
-             compose_config(["data=imagefolder", "model=resnet8", "logger=none"], "/h")]
+    alone = [
+        compose_config([*TINY, *stop], "/f"),
+        compose_config([*TINY, "compile=true"], "/g"),
+        compose_config(["data=imagefolder", "model=resnet8", "logger=none"], "/h"),
+    ]
     assert [population.key(c) for c in alone] == [None, None, None]
     # Batch norm no longer trains alone: CIFAR runs of one recipe pool across seeds and objectives.
-    cifar = [compose_config(["data=cifar100", "model=resnet8", "logger=none", f"seed={s}", f"objective={o}"], f"/i{s}")
-             for s, o in ((0, "ce"), (1, "kd"))]
+    cifar = [
+        compose_config(["data=cifar100", "model=resnet8", "logger=none", f"seed={s}", f"objective={o}"], f"/i{s}")
+        for s, o in ((0, "ce"), (1, "kd"))
+    ]
     assert population.key(cifar[0]) == population.key(cifar[1]) is not None
     # Loggers no longer keep a run alone: each member logs to its own.
     assert population.key(compose_config([*TINY, "logger=csv"], "/j")) is not None
@@ -180,8 +196,9 @@ def test_each_member_writes_the_record_and_checkpoints_its_single_run_would(trai
             net = load_checkpoint(record["checkpoints"][which], 4, (8,))
             assert isinstance(net, torch.nn.Module)
         assert completed_record(record["output_dir"]) == json.loads(json.dumps(record, default=str))
-        torch.testing.assert_close(record["metrics"]["val/acc_best"], single["metrics"]["val/acc_best"], atol=1e-6,
-                                   rtol=0)
+        torch.testing.assert_close(
+            record["metrics"]["val/acc_best"], single["metrics"]["val/acc_best"], atol=1e-6, rtol=0
+        )
     assert not any(Path(members["kd-s0"]["population"]["folder"]).glob("*"))  # its checkpoint is gone once done
     # The teachers trained as one population, each into the cache folder a single run would use.
     teachers = {r["config"]["teacher"]["kind"] for r in members.values()}
@@ -194,8 +211,12 @@ def test_a_killed_population_resumes_where_it_stopped(tmp_path, monkeypatch):
 
     jobs = [[*BASE, f"objective={o}", "teacher=oracle", "callbacks.last_checkpoint.every_s=0"] for o in ("ce", "kd")]
     whole = run([compose_config(o, tmp_path / "whole" / str(i)) for i, o in enumerate(jobs)])
-    stop = ["+callbacks.stop._target_=tests.test_reliability.SignalAt", f"+callbacks.stop.signum={int(signal.SIGTERM)}",
-            "+callbacks.stop.epoch=2", "+callbacks.stop.batch=1"]
+    stop = [
+        "+callbacks.stop._target_=tests.test_reliability.SignalAt",
+        f"+callbacks.stop.signum={int(signal.SIGTERM)}",
+        "+callbacks.stop.epoch=2",
+        "+callbacks.stop.batch=1",
+    ]
     cfgs = [compose_config([*o, *stop], tmp_path / "cut" / str(i)) for i, o in enumerate(jobs)]
     assert SignalAt
     with pytest.raises(SystemExit, match="stopped by SIGTERM"):
@@ -218,16 +239,23 @@ class Poison(L.Callback):
 def test_a_member_that_diverges_fails_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("KD_ROOT", str(tmp_path))
     poison = ["+callbacks.poison._target_=tests.test_population.Poison"]
-    records = run([compose_config([*BASE, "teacher=oracle", "objective=kd", f"seed={s}", *poison], tmp_path / str(s))
-                   for s in range(3)])
+    records = run(
+        [
+            compose_config([*BASE, "teacher=oracle", "objective=kd", f"seed={s}", *poison], tmp_path / str(s))
+            for s in range(3)
+        ]
+    )
     assert [r["status"] for r in records] == ["completed", "failed", "completed"]
     assert records[1]["error"].startswith("TrainingDiverged: loss is nan at step 1 (epoch 0)")
     assert all(0 <= r["metrics"]["test/acc_last"] <= 1 for r in (records[0], records[2]))
 
 
 def test_run_jobs_trains_populations_or_not_as_asked(tmp_path):
-    jobs = {f"{o}-s{s}": [*TINY, f"paths.root_dir={tmp_path}", f"objective={o}", "teacher=oracle", f"seed={s}"]
-            for o in ("ce", "kd") for s in (0, 1)}
+    jobs = {
+        f"{o}-s{s}": [*TINY, f"paths.root_dir={tmp_path}", f"objective={o}", "teacher=oracle", f"seed={s}"]
+        for o in ("ce", "kd")
+        for s in (0, 1)
+    }
     pooled = run_jobs(jobs, tmp_path / "pooled")
     alone = run_jobs(jobs, tmp_path / "alone", population=False)
     assert all(r["population"]["members"] == 4 for r in pooled.values())
@@ -288,10 +316,22 @@ def test_batch_norm_members_follow_their_single_runs_with_augmentation(model, ro
     from tests.fakes import write_fashion_mnist
 
     write_fashion_mnist(tmp_path / "images", gz=True)
-    base = ["data=fashion_mnist", f"data.root={tmp_path / 'images'}", f"model={model}", "logger=none",
-            "data.train_per_class=3", "data.val_size=10", "data.batch_size=6", "data.augment=true",
-            "trainer.max_epochs=4", "trainer.enable_progress_bar=false", "+callbacks.record._target_=tests.test_population.Record",
-            "teacher=cnn", "teacher.model.widths=[4,8]", "teacher.trainer.max_epochs=1"]
+    base = [
+        "data=fashion_mnist",
+        f"data.root={tmp_path / 'images'}",
+        f"model={model}",
+        "logger=none",
+        "data.train_per_class=3",
+        "data.val_size=10",
+        "data.batch_size=6",
+        "data.augment=true",
+        "trainer.max_epochs=4",
+        "trainer.enable_progress_bar=false",
+        "+callbacks.record._target_=tests.test_population.Record",
+        "teacher=cnn",
+        "teacher.model.widths=[4,8]",
+        "teacher.trainer.max_epochs=1",
+    ]
     if model == "cnn":
         base.append("model.widths=[4,8]")
     jobs = {f"{o}-s{s}": [*base, f"objective={o}", f"seed={s}"] for o, s in (("ce", 0), ("kd", 0), ("kd", 1))}
@@ -305,8 +345,14 @@ def test_batch_norm_members_follow_their_single_runs_with_augmentation(model, ro
         losses = torch.stack([step[g] for step in pop["losses"]])
         assert len(losses) == 20
         torch.testing.assert_close(losses, torch.cat(alone["losses"]), rtol=1e-5, atol=0, msg=name)
-        stats = [{k: v for k, v in torch.load(r["checkpoints"]["last"], weights_only=False)["state_dict"].items()
-                  if "running" in k} for r in (members[g], single)]
+        stats = [
+            {
+                k: v
+                for k, v in torch.load(r["checkpoints"]["last"], weights_only=False)["state_dict"].items()
+                if "running" in k
+            }
+            for r in (members[g], single)
+        ]
         assert stats[0] and stats[0].keys() == stats[1].keys()
         for k, v in stats[0].items():
             torch.testing.assert_close(v, stats[1][k], rtol=1e-5, atol=1e-6, msg=f"{name} {k}")

@@ -24,12 +24,20 @@ class KeepModule(L.Callback):
 
 def test_under_bf16_autocast_the_cached_teacher_logits_are_fp32(root):
     keep = importlib.import_module("tests.test_precision").KeepModule  # the class the run imports
-    overrides = [*TINY, "objective=kd", "objective.temperature=4", "teacher=oracle", "trainer.precision=bf16-mixed",
-                 "+callbacks.keep._target_=tests.test_precision.KeepModule"]
+    overrides = [
+        *TINY,
+        "objective=kd",
+        "objective.temperature=4",
+        "teacher=oracle",
+        "trainer.precision=bf16-mixed",
+        "+callbacks.keep._target_=tests.test_precision.KeepModule",
+    ]
     record = run(compose_config(overrides, root / "run"))
     assert record["status"] == "completed" and record["config"]["trainer"]["precision"] == "bf16-mixed"
-    assert record["hardware"]["tf32"] == {"convolutions": torch.backends.cudnn.allow_tf32,  # torch's default: True
-                                          "matmul": torch.backends.cuda.matmul.allow_tf32}
+    assert record["hardware"]["tf32"] == {
+        "convolutions": torch.backends.cudnn.allow_tf32,  # torch's default: True
+        "matmul": torch.backends.cuda.matmul.allow_tf32,
+    }
     teacher = keep.module.teachers[0]
     for split in ("train", "val", "test"):
         x = keep.data.splits[split].x

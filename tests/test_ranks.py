@@ -28,8 +28,17 @@ from tests.test_slurm import cancel, job_ids, job_logs, launch, slurm_env, squeu
 REPO = Path(__file__).resolve().parent.parent
 # Four epochs of five batches per rank (40 examples, 2 ranks, batches of 4), dropout: a resume must
 # restore the data position and the random state.
-RANKED = [*TINY, "trainer.max_epochs=4", "data.batch_size=4", "model.dropout=0.2", "deterministic=true",
-          "callbacks.last_checkpoint.every_s=0", "threads=1", "trainer=ddp", "trainer.accelerator=cpu"]
+RANKED = [
+    *TINY,
+    "trainer.max_epochs=4",
+    "data.batch_size=4",
+    "model.dropout=0.2",
+    "deterministic=true",
+    "callbacks.last_checkpoint.every_s=0",
+    "threads=1",
+    "trainer=ddp",
+    "trainer.accelerator=cpu",
+]
 TIMEOUT_S = 120  # for one launch of the ranks: seconds of work each, so a rank past it hangs
 
 
@@ -82,8 +91,10 @@ class ClockAhead(L.Callback):
 
 
 def callback(name: str, cls, **kwargs) -> list[str]:
-    return [f"+callbacks.{name}._target_=tests.test_ranks.{cls.__name__}",
-            *(f"+callbacks.{name}.{k}={v}" for k, v in kwargs.items())]
+    return [
+        f"+callbacks.{name}._target_=tests.test_ranks.{cls.__name__}",
+        *(f"+callbacks.{name}.{k}={v}" for k, v in kwargs.items()),
+    ]
 
 
 SAVED = callback("saved", SavedAt)
@@ -105,14 +116,38 @@ def start_tasks(*overrides, run_dir: Path, world: int = 2) -> list[subprocess.Po
     port = free_port()
     tasks = []
     for rank in range(world):
-        env = {"KD_ROOT": str(run_dir.parent), "WANDB_MODE": "disabled", "PATH": f"{bin_dir}:/usr/bin:/bin",
-               "SLURM_JOB_ID": "7", "SLURM_JOB_NAME": "kd", "SLURM_NTASKS": str(world),
-               "SLURM_NTASKS_PER_NODE": str(world), "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
-               "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost", "MASTER_PORT": str(port)}
-        tasks.append(subprocess.Popen(
-            [sys.executable, "-m", "kd.train", *RANKED, f"trainer.devices={world}", *overrides,
-             f"hydra.run.dir={run_dir}"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            text=True))
+        env = {
+            "KD_ROOT": str(run_dir.parent),
+            "WANDB_MODE": "disabled",
+            "PATH": f"{bin_dir}:/usr/bin:/bin",
+            "SLURM_JOB_ID": "7",
+            "SLURM_JOB_NAME": "kd",
+            "SLURM_NTASKS": str(world),
+            "SLURM_NTASKS_PER_NODE": str(world),
+            "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank),
+            "SLURM_NODEID": "0",
+            "SLURM_NODELIST": "localhost",
+            "MASTER_PORT": str(port),
+        }
+        tasks.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "kd.train",
+                    *RANKED,
+                    f"trainer.devices={world}",
+                    *overrides,
+                    f"hydra.run.dir={run_dir}",
+                ],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     (bin_dir / "pids").write_text(" ".join(str(task.pid) for task in tasks))
     return tasks
 
@@ -146,7 +181,8 @@ def reference(tmp_path_factory):
 
 
 def test_a_requeue_signal_a_step_apart_checkpoints_every_rank_at_one_step_and_the_job_resumes_exactly(
-        reference, tmp_path):
+    reference, tmp_path
+):
     """SIGUSR1 inside epoch 2's step 1 on rank 1 and step 2 on rank 0 (the late one, which requeues):
     both write hpc_ckpt_1.ckpt at step 1's end, rank 0 requeues once, and the requeued job (the same
     command) ends as the uninterrupted run does."""
@@ -198,8 +234,11 @@ def test_last_checkpoints_clock_is_rank_zeros_for_every_rank(tmp_path):
     """every_s=60 on a run of seconds: no last.ckpt before the final one, though rank 1's clock says
     one is due at every epoch's end (alone, it would wait in the save's barrier)."""
     run_dir = tmp_path / "run"
-    ended = finish(start_tasks(*SAVED, *callback("clock", ClockAhead, rank=1), "callbacks.last_checkpoint.every_s=60",
-                               run_dir=run_dir))
+    ended = finish(
+        start_tasks(
+            *SAVED, *callback("clock", ClockAhead, rank=1), "callbacks.last_checkpoint.every_s=60", run_dir=run_dir
+        )
+    )
     assert [code for code, _ in ended] == [0, 0], ended
     first, second = saves(run_dir)
     assert first == second
@@ -272,7 +311,8 @@ def signalled_job(signame: str, slurm_env: dict, sweep: Path):
 
 @pytest.mark.slurm
 def test_through_srun_a_requeue_signal_checkpoints_both_ranks_at_one_step_and_the_job_resumes_exactly(
-        slurm_env, reference, tmp_path):
+    slurm_env, reference, tmp_path
+):
     """The same through the live cluster: ``scancel --signal=USR1`` reaches rank 1 inside epoch 2's
     step 1 and rank 0 waiting at that step's end; SLURM requeues the job once and it ends as the
     uninterrupted run does."""
@@ -283,8 +323,9 @@ def test_through_srun_a_requeue_signal_checkpoints_both_ranks_at_one_step_and_th
         assert (hpc["epoch"], hpc["global_step"]) == (2, 12)
         first, second = saves(run_dir)
         assert first == second and 12 in first, job_logs(sweep)  # both ranks saved it (and any later one) alike
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env={**os.environ, **slurm_env},
-                       check=True)
+        subprocess.run(
+            ["scontrol", "update", f"JobId={job}", "StartTime=now"], env={**os.environ, **slurm_env}, check=True
+        )
         launcher.wait(timeout=TIMEOUT_S * 2)
     assert launcher.returncode == 0, f"{(tmp_path / 'launcher.log').read_text()[-3000:]}\n{job_logs(sweep)}"
     logs = job_logs(sweep, tail=None)

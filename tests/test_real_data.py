@@ -11,8 +11,8 @@ import torch
 from torch.nn import functional as F
 
 from kd.data.cifar import CIFARDataModule
-from kd.data.images import augment_batch
 from kd.data.folder import ImageFolderDataModule, TorchvisionDataModule
+from kd.data.images import augment_batch
 from kd.errors import UserError
 from tests.fakes import SUPERCLASS_OF, cifar10, cifar100, images, write_png_folder  # noqa: F401 (fixtures)
 
@@ -131,8 +131,15 @@ class Recorder(L.LightningModule):
 @pytest.mark.filterwarnings("ignore:You passed in a `val_dataloader` but have no `validation_step`")
 def test_lightning_feeds_the_model_normalised_batches(cifar10):
     dm, model = CIFARDataModule("cifar10", root=str(cifar10), val_size=5, batch_size=5), Recorder()
-    trainer = L.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = L.Trainer(
+        max_steps=1,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(model, dm)
     x = model.seen[0]
     assert x.dtype == torch.float32 and x.shape == (5, 3, 32, 32) and x.abs().max() < 3
@@ -141,8 +148,9 @@ def test_lightning_feeds_the_model_normalised_batches(cifar10):
 def test_image_folder_loads_with_a_stratified_val_split(tmp_path):
     write_png_folder(tmp_path / "train", per_class=6, seed=0)
     write_png_folder(tmp_path / "val", per_class=2, seed=1)
-    dm = ImageFolderDataModule(str(tmp_path), image_size=8, batch_size=4, num_workers=0, pin_memory=False,
-                               val_per_class=2, val_fraction=0.0)
+    dm = ImageFolderDataModule(
+        str(tmp_path), image_size=8, batch_size=4, num_workers=0, pin_memory=False, val_per_class=2, val_fraction=0.0
+    )
     assert dm.num_classes == 3 and dm.input_shape == (3, 8, 8) and dm.superclass_of is None
     train, val = dm.splits["train"], dm.splits["val"]
     assert (len(train), len(val), len(dm.splits["test"])) == (12, 6, 6)
@@ -171,8 +179,9 @@ def test_image_folder_errors_name_the_path_and_the_fix(tmp_path):
 
 
 def test_torchvision_data_set_by_name(cifar10):
-    dm = TorchvisionDataModule("CIFAR10", root=str(cifar10), num_workers=0, pin_memory=False, val_fraction=0.5,
-                               batch_size=8)
+    dm = TorchvisionDataModule(
+        "CIFAR10", root=str(cifar10), num_workers=0, pin_memory=False, val_fraction=0.5, batch_size=8
+    )
     assert dm.num_classes == 10 and dm.input_shape == (3, 32, 32)
     assert (len(dm.splits["train"]), len(dm.splits["val"]), len(dm.splits["test"])) == (10, 10, 6)
     x, y, index = next(iter(dm.loader("train", shuffle=True)))

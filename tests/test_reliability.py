@@ -23,8 +23,14 @@ from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parent.parent
 # Enough epochs to stop in the middle; dropout so that a resume must restore the random state too.
-LONG = [*TINY, "trainer.max_epochs=4", "data.batch_size=8", "model.dropout=0.2", "deterministic=true",
-        "callbacks.last_checkpoint.every_s=0"]  # last.ckpt after every epoch
+LONG = [
+    *TINY,
+    "trainer.max_epochs=4",
+    "data.batch_size=8",
+    "model.dropout=0.2",
+    "deterministic=true",
+    "callbacks.last_checkpoint.every_s=0",
+]  # last.ckpt after every epoch
 
 
 class SignalAt(L.Callback):
@@ -63,8 +69,10 @@ class PoisonAt(L.Callback):
 
 def callback(name: str, cls, **kwargs) -> list[str]:
     """Overrides that add a callback of this module to a run, as a user would add their own."""
-    return [f"+callbacks.{name}._target_=tests.test_reliability.{cls.__name__}",
-            *(f"+callbacks.{name}.{k}={v}" for k, v in kwargs.items())]
+    return [
+        f"+callbacks.{name}._target_=tests.test_reliability.{cls.__name__}",
+        *(f"+callbacks.{name}.{k}={v}" for k, v in kwargs.items()),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +86,14 @@ def test_same_seed_same_metrics(reference, tmp_path):
 
 
 def test_sigterm_stops_at_a_checkpoint_and_the_same_run_resumes_identically(reference, root):
-    cfg = compose_config([*LONG, "logger=wandb", *callback("stop", SignalAt, signum=int(signal.SIGTERM), epoch=2,
-                                                           batch=1)], root / "run")
-    with pytest.raises(SystemExit, match=r"error: stopped by SIGTERM at step \d+; run the same command again to "
-                                         r"resume from .*last.ckpt") as stopped:
+    cfg = compose_config(
+        [*LONG, "logger=wandb", *callback("stop", SignalAt, signum=int(signal.SIGTERM), epoch=2, batch=1)], root / "run"
+    )
+    with pytest.raises(
+        SystemExit,
+        match=r"error: stopped by SIGTERM at step \d+; run the same command again to "
+        r"resume from .*last.ckpt",
+    ) as stopped:
         run(cfg)
     assert stopped.value.code != 0  # a message, so exit status 1, not Lightning's bare exit 0
     record = json.loads((root / "run" / "results.json").read_text())
@@ -97,13 +109,16 @@ def test_sigterm_stops_at_a_checkpoint_and_the_same_run_resumes_identically(refe
     assert resumed["metrics"] == reference["metrics"]
     # One W&B run, continued: the id comes from the run folder. (W&B names a folder
     # offline-run-<date>_<time>-<id>, adding "-1" when both runs start within the same second.)
-    ids = {re.fullmatch(r"offline-run-\d{8}_\d{6}-([^-]+)(-\d+)?", p.name)[1]
-           for p in (root / "run" / "wandb").glob("offline-run-*")}
+    ids = {
+        re.fullmatch(r"offline-run-\d{8}_\d{6}-([^-]+)(-\d+)?", p.name)[1]
+        for p in (root / "run" / "wandb").glob("offline-run-*")
+    }
     assert len(list((root / "run" / "wandb").glob("offline-run-*"))) == 2 and len(ids) == 1
 
 
 def test_slurm_requeue_signal_in_a_step_checkpoints_at_its_end_and_the_requeued_job_resumes_identically(
-        reference, root):
+    reference, root
+):
     """SLURM's SIGUSR1 lands inside a training step: Lightning's hpc_ckpt_1.ckpt is written when the
     step ends, and the requeued job (the same command) goes on from it, mid-epoch, exactly."""
     bin_dir = root / "bin"
@@ -111,9 +126,16 @@ def test_slurm_requeue_signal_in_a_step_checkpoints_at_its_end_and_the_requeued_
     # Stands in for the requeue: SLURM kills the job (KillWait later with SIGKILL, here at once).
     (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" >> "$(dirname "$0")/requeued"\nkill -KILL $PPID\n')
     (bin_dir / "scontrol").chmod(0o755)
-    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "kd", "SLURM_JOB_ID": "7", "SLURM_PROCID": "0",
-             "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
-             "PATH": f"{bin_dir}:/usr/bin:/bin"}
+    slurm = {
+        "SLURM_NTASKS": "1",
+        "SLURM_JOB_NAME": "kd",
+        "SLURM_JOB_ID": "7",
+        "SLURM_PROCID": "0",
+        "SLURM_LOCALID": "0",
+        "SLURM_NODEID": "0",
+        "SLURM_NODELIST": "localhost",
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+    }
     command = [*LONG, *callback("usr1", SignalInStepAt, signum=int(signal.SIGUSR1), epoch=2, batch=1)]
     killed = _cli(*command, root=root, env=slurm)
     _, err = killed.communicate(timeout=120)
@@ -136,8 +158,15 @@ def test_slurm_requeue_signal_in_a_step_checkpoints_at_its_end_and_the_requeued_
 
 def _cli(*overrides, root, env=None, **kwargs):
     env = {"KD_ROOT": str(root), "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin", **(env or {})}
-    return subprocess.Popen([sys.executable, "-m", "kd.train", *overrides], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kd.train", *overrides],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_sigkill_then_the_same_command_resumes_identically(reference, root):
@@ -170,10 +199,13 @@ def test_two_processes_given_the_same_run_take_turns(reference, root):
         assert torch.load(ckpt, weights_only=True)["epoch"] <= 4
 
 
-@pytest.mark.parametrize("epoch, batch, last_good_epoch", [
-    (2, 0, 1),  # the loss turns NaN in epoch 2: the checkpoint of epoch 1 stays
-    (1, 4, 0),  # NaN weights at the end of epoch 1: they are never saved, epoch 0's checkpoint stays
-])
+@pytest.mark.parametrize(
+    "epoch, batch, last_good_epoch",
+    [
+        (2, 0, 1),  # the loss turns NaN in epoch 2: the checkpoint of epoch 1 stays
+        (1, 4, 0),  # NaN weights at the end of epoch 1: they are never saved, epoch 0's checkpoint stays
+    ],
+)
 def test_divergence_keeps_the_last_good_checkpoint_and_the_results_so_far(root, epoch, batch, last_good_epoch):
     cfg = compose_config([*LONG, *callback("nan", PoisonAt, epoch=epoch, batch=batch)], root / "run")
     with pytest.raises(TrainingDiverged, match=r"at step \d+ \(epoch \d\).*; the last good checkpoint is .*last.ckpt"):
@@ -188,9 +220,12 @@ def test_divergence_keeps_the_last_good_checkpoint_and_the_results_so_far(root, 
 
 def test_divergence_on_the_command_line_is_one_line(root, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["kd.train", *LONG, "optimizer=sgd", "optimizer.lr=1e10"])
-    with pytest.raises(SystemExit, match=r"^error: loss is nan at step \d+ \(epoch 0\); lower the learning rate "
-                                         r"or check the data; the last good checkpoint is the start \(no checkpoint "
-                                         r"yet\)$"):
+    with pytest.raises(
+        SystemExit,
+        match=r"^error: loss is nan at step \d+ \(epoch 0\); lower the learning rate "
+        r"or check the data; the last good checkpoint is the start \(no checkpoint "
+        r"yet\)$",
+    ):
         main()
 
 

@@ -30,12 +30,18 @@ def test_a_finished_run_of_other_settings_is_refused_not_reported(tmp_path):
     """The issue's case: the same job name with an extra override, in the same runs folder."""
     job = {"ce-s0": [*TINY, f"paths.root_dir={tmp_path}"]}
     first = run_jobs(job, tmp_path / "runs", population=False)["ce-s0"]
-    with pytest.raises(UserError, match=r"^job ce-s0: .*ce-s0 holds a finished run of other settings "
-                                        r"\(.*trainer.max_epochs: 2 there, 1 now\); it is not reused"):
+    with pytest.raises(
+        UserError,
+        match=r"^job ce-s0: .*ce-s0 holds a finished run of other settings "
+        r"\(.*trainer.max_epochs: 2 there, 1 now\); it is not reused",
+    ):
         run_jobs({"ce-s0": [*job["ce-s0"], "trainer.max_epochs=1"]}, tmp_path / "runs", population=False)
     # Paths, logging, devices and where the data lie define nothing: the finished run stands for the job.
-    moved = run_jobs({"ce-s0": [*TINY, f"paths.root_dir={tmp_path}/elsewhere", "trainer.log_every_n_steps=1",
-                                "trainer.devices=2"]}, tmp_path / "runs", population=False)["ce-s0"]
+    moved = run_jobs(
+        {"ce-s0": [*TINY, f"paths.root_dir={tmp_path}/elsewhere", "trainer.log_every_n_steps=1", "trainer.devices=2"]},
+        tmp_path / "runs",
+        population=False,
+    )["ce-s0"]
     assert moved == first
 
 
@@ -60,8 +66,11 @@ def test_a_driver_stops_in_one_line_and_writes_under_kd_root(tmp_path, monkeypat
 
 def test_kd_train_refuses_to_resume_or_retest_a_run_of_other_settings(tmp_path):
     run(compose_config(TINY, tmp_path / "run"))
-    with pytest.raises(UserError, match=r"holds a finished run of other settings \(optimizer.lr: 0.003 there, "
-                                        r"0.01 now\)"):
+    with pytest.raises(
+        UserError,
+        match=r"holds a finished run of other settings \(optimizer.lr: 0.003 there, "
+        r"0.01 now\)",
+    ):
         run(compose_config([*TINY, "optimizer.lr=0.01"], tmp_path / "run"))
 
 
@@ -92,12 +101,16 @@ def test_kd_diagnose_uses_the_data_a_checkpoint_teacher_was_trained_on(tiny_teac
     assert f"[kd] data: the teacher's own, from {ckpt.parent.parent / 'results.json'}" in out
     assert found["acc"] == pytest.approx(record["metrics"]["test/acc_last"])
     # Data overrides that agree with the record where it matters (not in the split sizes) are used.
-    told = diagnose.main(["teacher=checkpoint", f"teacher.path={ckpt}", *TINY, "data.delta=2.0", "seed=5",
-                          "data.train_per_class=3"])
+    told = diagnose.main(
+        ["teacher=checkpoint", f"teacher.path={ckpt}", *TINY, "data.delta=2.0", "seed=5", "data.train_per_class=3"]
+    )
     assert told["acc"] == found["acc"]
-    with pytest.raises(SystemExit, match=r"^error: teacher checkpoint .* was trained on other data \(data.delta=2.0, "
-                                         r"not 0.5, data.seed=5, not 0\); give the data overrides of its run, or "
-                                         r"teacher.data_check=false"):
+    with pytest.raises(
+        SystemExit,
+        match=r"^error: teacher checkpoint .* was trained on other data \(data.delta=2.0, "
+        r"not 0.5, data.seed=5, not 0\); give the data overrides of its run, or "
+        r"teacher.data_check=false",
+    ):
         diagnose.main(["teacher=checkpoint", f"teacher.path={ckpt}", *TINY])
     assert diagnose.main(["teacher=checkpoint", f"teacher.path={ckpt}", *TINY, "teacher.data_check=false"])
 
@@ -127,6 +140,7 @@ def _count(path: str, rounds: int) -> None:
 
 def test_the_lock_works_where_flock_fails_with_enosys(tmp_path, monkeypatch):
     """A file system mounted without locks: flock raises ENOSYS. Writers still take turns."""
+
     def no_locks(*args):
         raise OSError(errno.ENOSYS, "Function not implemented")
 

@@ -25,8 +25,7 @@ from tests.test_sweeps import REPO, WITH_WANDB, job_env, wandb_runs
 pytestmark = pytest.mark.slurm
 # What the one local node has room for: no GPU, 2 cores; short jobs.
 # A CPU trainer asks for no GPU (tests/test_cluster.py): nothing to set for a cluster without any.
-LOCAL = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1",
-         "hydra.launcher.timeout_min=10", "threads=1"]
+LOCAL = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10", "threads=1"]
 LAUNCH_TIMEOUT_S = 240
 
 
@@ -47,7 +46,7 @@ def job_ids(sweep: Path) -> list[str]:
 def job_logs(sweep: Path, tail: int | None = 1500) -> str:
     """Every job's stdout and stderr (by default their ends: what a failing test shows)."""
     logs = sorted((sweep / ".submitit").glob("*/*_log.*"))
-    text = "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-(tail or 0):]}" for log in logs)
+    text = "\n".join(f"--- {log.name}\n{log.read_text(errors='replace')[-(tail or 0) :]}" for log in logs)
     return text or "(no job logs)"
 
 
@@ -82,8 +81,12 @@ def until(condition, timeout: float, what: str, sweep: Path):
 
 
 def squeue_state(job_id: str) -> str:
-    return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env={**os.environ, "SLURM_CONF": SLURM_CONF},
-                          capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["squeue", "-h", "-j", job_id, "-o", "%T"],
+        env={**os.environ, "SLURM_CONF": SLURM_CONF},
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -92,20 +95,37 @@ def sweep(slurm_env, tmp_path_factory):
     scheduler, each training two members, W&B offline."""
     root = tmp_path_factory.mktemp("slurm")
     sweep = root / "sweep"
-    result = launch("objective=kd,kd_pt", "teacher=oracle", "seed=0,1", "hydra.launcher.population_size=2", *WITH_WANDB,
-                    sweep=sweep, root=root, slurm_env=slurm_env)
+    result = launch(
+        "objective=kd,kd_pt",
+        "teacher=oracle",
+        "seed=0,1",
+        "hydra.launcher.population_size=2",
+        *WITH_WANDB,
+        sweep=sweep,
+        root=root,
+        slurm_env=slurm_env,
+    )
     cancel(sweep)
     assert result.returncode == 0, f"{result.stderr[-3000:]}\n{job_logs(sweep)}"
     return sweep
 
 
 def test_a_sweep_is_one_job_array_of_populations_with_a_record_and_a_wandb_run_per_job_grouped_by_the_sweep(
-        sweep, capsys):
+    sweep, capsys
+):
     (array,) = {job.split("_")[0] for job in job_ids(sweep)}
     assert len(job_ids(sweep)) == 2, job_ids(sweep)  # one array, two elements of two jobs each
     script = (sweep / ".submitit" / array / f"{array}_submission.sh").read_text()
-    for flag in ("--array=0-1%2", "--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=10",
-                 "--signal=USR1@120", "--requeue", "--export=ALL,SLURM_KILL_BAD_EXIT=1"):
+    for flag in (
+        "--array=0-1%2",
+        "--nodes=1",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=1",
+        "--time=10",
+        "--signal=USR1@120",
+        "--requeue",
+        "--export=ALL,SLURM_KILL_BAD_EXIT=1",
+    ):
         assert f"#SBATCH {flag}\n" in script, script
     assert "--gpus-per-node" not in script and "--gres" not in script  # a CPU trainer on a cluster without GPUs
     jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
@@ -127,8 +147,16 @@ def test_a_sweep_is_one_job_array_of_populations_with_a_record_and_a_wandb_run_p
 def test_a_failing_job_leaves_the_others_and_aggregate_names_it_with_its_error(sweep, slurm_env, capsys):
     """One more point of the same sweep, with a bad config: its job fails before training."""
     before = {p: p.stat().st_mtime_ns for p in sweep.glob("*/results.json")}
-    result = launch("objective=kd", "teacher=oracle", "seed=0", "optimizer.lr=-1", *TINY, sweep=sweep,
-                    root=sweep.parent, slurm_env=slurm_env)
+    result = launch(
+        "objective=kd",
+        "teacher=oracle",
+        "seed=0",
+        "optimizer.lr=-1",
+        *TINY,
+        sweep=sweep,
+        root=sweep.parent,
+        slurm_env=slurm_env,
+    )
     cancel(sweep)
     assert result.returncode == 1, f"{result.stderr[-3000:]}\n{job_logs(sweep)}"
     assert result.stderr.strip().splitlines()[-1].startswith("error: optimizer (torch.optim.Adam) rejects its config")
@@ -138,15 +166,24 @@ def test_a_failing_job_leaves_the_others_and_aggregate_names_it_with_its_error(s
     assert sorted(runs.status) == ["completed"] * 4 + ["failed"], job_logs(sweep)
     failed = runs[runs.status == "failed"].iloc[0]
     assert failed["optimizer.lr"] == -1 and failed["error"] == (
-        "UserError: optimizer (torch.optim.Adam) rejects its config: Invalid learning rate: -1")
+        "UserError: optimizer (torch.optim.Adam) rejects its config: Invalid learning rate: -1"
+    )
     aggregate.main([str(sweep), "--by", "objective,optimizer.lr"])
     assert f"`{failed['dir']}` failed: {failed['error']}" in capsys.readouterr().out
 
 
 def test_a_two_task_job_runs_ddp_over_srun_with_lightnings_slurm_environment(slurm_env, tmp_path):
     sweep = tmp_path / "sweep"
-    result = launch("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "data.batch_size=16",
-                    *WITH_WANDB, sweep=sweep, root=tmp_path, slurm_env=slurm_env)
+    result = launch(
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "data.batch_size=16",
+        *WITH_WANDB,
+        sweep=sweep,
+        root=tmp_path,
+        slurm_env=slurm_env,
+    )
     cancel(sweep)
     assert result.returncode == 0, f"{result.stderr[-3000:]}\n{job_logs(sweep)}"
     (job,) = job_ids(sweep)
@@ -154,8 +191,13 @@ def test_a_two_task_job_runs_ddp_over_srun_with_lightnings_slurm_environment(slu
     (record_path,) = sweep.rglob("results.json")
     record = json.loads(record_path.read_text())
     assert record["status"] == "completed", record.get("error")
-    assert record["data_parallel"] == {"world_size": 2, "global_batch": 32, "device_batch": 16,
-                                       "lr": pytest.approx(0.003), "environment": "SLURMEnvironment"}
+    assert record["data_parallel"] == {
+        "world_size": 2,
+        "global_batch": 32,
+        "device_batch": 16,
+        "lr": pytest.approx(0.003),
+        "environment": "SLURMEnvironment",
+    }
     assert len(wandb_runs(record_path.parent)) == 1  # rank 0's only
 
 
@@ -166,15 +208,28 @@ def test_a_rank_that_fails_ends_its_jobs_other_ranks_at_once(slurm_env, tmp_path
     logs.mkdir()
     command = "bash -c 'if [ $SLURM_PROCID = 1 ]; then exit 3; fi; sleep 60; echo survived'"
     script = tmp_path / "job.sh"
-    script.write_text(sbatch_script("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
-                                    "hydra.launcher.cpus_per_task=1", f"hydra.launcher.submitit_folder={logs}",
-                                    sweep=tmp_path, command=command))
+    script.write_text(
+        sbatch_script(
+            "trainer=ddp",
+            "trainer.accelerator=cpu",
+            "trainer.devices=2",
+            "hydra.launcher.cpus_per_task=1",
+            f"hydra.launcher.submitit_folder={logs}",
+            sweep=tmp_path,
+            command=command,
+        )
+    )
     env = {**os.environ, **slurm_env}
-    array = subprocess.run(["sbatch", "--parsable", str(script)], env=env, capture_output=True, text=True,
-                           check=True).stdout.strip()
+    array = subprocess.run(
+        ["sbatch", "--parsable", str(script)], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
     try:
-        until(lambda: not squeue_state(array), 45, f"end of job array {array} (a task waited for the failed one)",
-              tmp_path)
+        until(
+            lambda: not squeue_state(array),
+            45,
+            f"end of job array {array} (a task waited for the failed one)",
+            tmp_path,
+        )
     finally:
         subprocess.run(["scancel", array], env=env, capture_output=True)
     errors = sorted(logs.glob("*_0_log.err"))  # srun's messages, one file per array element
@@ -200,8 +255,15 @@ class PauseAt(L.Callback):
 
 
 # Four epochs of five batches, dropout: a resume must restore the data position and the random state.
-PREEMPTED = [*TINY, "trainer.max_epochs=4", "data.batch_size=8", "model.dropout=0.2", "deterministic=true",
-             "callbacks.last_checkpoint.every_s=0", "threads=1"]
+PREEMPTED = [
+    *TINY,
+    "trainer.max_epochs=4",
+    "data.batch_size=8",
+    "model.dropout=0.2",
+    "deterministic=true",
+    "callbacks.last_checkpoint.every_s=0",
+    "threads=1",
+]
 
 
 def test_a_requeue_signal_checkpoints_mid_epoch_and_the_requeued_job_resumes_exactly(slurm_env, tmp_path):
@@ -210,11 +272,15 @@ def test_a_requeue_signal_checkpoints_mid_epoch_and_the_requeued_job_resumes_exa
     uninterrupted run does."""
     reference = run(compose_config(PREEMPTED, tmp_path / "reference"))
     sweep = tmp_path / "sweep"
-    pause = ["+callbacks.pause._target_=tests.test_slurm.PauseAt", "+callbacks.pause.epoch=2",
-             "+callbacks.pause.batch=1"]
+    pause = [
+        "+callbacks.pause._target_=tests.test_slurm.PauseAt",
+        "+callbacks.pause.epoch=2",
+        "+callbacks.pause.batch=1",
+    ]
     with open(tmp_path / "launcher.log", "w") as log:
-        launcher = launch(*PREEMPTED, *pause, "logger=wandb", sweep=sweep, root=tmp_path, slurm_env=slurm_env,
-                          wait=False, stdout=log)
+        launcher = launch(
+            *PREEMPTED, *pause, "logger=wandb", sweep=sweep, root=tmp_path, slurm_env=slurm_env, wait=False, stdout=log
+        )
     try:
         paused = until(lambda: next(sweep.glob("*/paused"), None), 120, "paused run", sweep)
         run_dir = paused.parent
@@ -226,8 +292,9 @@ def test_a_requeue_signal_checkpoints_mid_epoch_and_the_requeued_job_resumes_exa
         hpc = torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=False)
         assert (hpc["epoch"], hpc["global_step"]) == (2, 12)  # mid-epoch: epoch 2 after its batches 0 and 1
         # A requeued job waits two minutes (SLURM's BeginTime); start it now.
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env={**os.environ, **slurm_env},
-                       check=True)
+        subprocess.run(
+            ["scontrol", "update", f"JobId={job}", "StartTime=now"], env={**os.environ, **slurm_env}, check=True
+        )
         launcher.wait(timeout=LAUNCH_TIMEOUT_S)
     finally:
         launcher.kill()

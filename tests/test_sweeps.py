@@ -34,8 +34,14 @@ def job_env(root: Path) -> dict:
 
 
 def kd_train(*args, root: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kd.train", *args], cwd=REPO, env=job_env(root),
-                          capture_output=True, text=True, timeout=240)
+    return subprocess.run(
+        [sys.executable, "-m", "kd.train", *args],
+        cwd=REPO,
+        env=job_env(root),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
 
 
 def wandb_runs(folder: Path) -> list[Path]:
@@ -46,8 +52,9 @@ def wandb_runs(folder: Path) -> list[Path]:
 def sweep(tmp_path_factory):
     """Two seeds through the submitit local launcher (one process per job), W&B offline."""
     root = tmp_path_factory.mktemp("sweep")
-    result = kd_train("-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={root}/sweep", "seed=0,1",
-                      *WITH_WANDB, root=root)
+    result = kd_train(
+        "-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={root}/sweep", "seed=0,1", *WITH_WANDB, root=root
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return root / "sweep"
 
@@ -102,8 +109,16 @@ def test_aggregate_lists_failed_and_missing_jobs_and_keeps_the_rest(sweep, capsy
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_write_one_folder_one_record_one_run(tmp_path):
-    result = kd_train("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "lr_scaling=linear",
-                      "data.batch_size=16", "optimizer.lr=0.01", *WITH_WANDB, root=tmp_path)
+    result = kd_train(
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "lr_scaling=linear",
+        "data.batch_size=16",
+        "optimizer.lr=0.01",
+        *WITH_WANDB,
+        root=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (record_path,) = tmp_path.rglob("results.json")
     (hydra_dir,) = tmp_path.rglob(".hydra")
@@ -112,13 +127,25 @@ def test_ddp_two_cpu_processes_write_one_folder_one_record_one_run(tmp_path):
     assert len(wandb_runs(tmp_path)) == 1
     record = json.loads(record_path.read_text())
     assert record["status"] == "completed"
-    assert record["data_parallel"] == {"world_size": 2, "global_batch": 32, "device_batch": 16,
-                                       "lr": pytest.approx(0.02), "environment": "LightningEnvironment"}
+    assert record["data_parallel"] == {
+        "world_size": 2,
+        "global_batch": 32,
+        "device_batch": 16,
+        "lr": pytest.approx(0.02),
+        "environment": "LightningEnvironment",
+    }
 
 
 def test_slurm_launcher_config_resolves_from_the_trainer():
-    overrides = ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
-                 "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=600", "hydra.launcher.array_parallelism=8"]
+    overrides = [
+        "hydra/launcher=slurm",
+        "trainer=ddp",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        "hydra.launcher.partition=gpu",
+        "hydra.launcher.timeout_min=600",
+        "hydra.launcher.array_parallelism=8",
+    ]
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
     launcher = cfg.hydra.launcher
@@ -126,8 +153,11 @@ def test_slurm_launcher_config_resolves_from_the_trainer():
     assert (launcher.partition, launcher.timeout_min, launcher.array_parallelism) == ("gpu", 600, 8)
     assert (launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == (2, 4, 4)  # one task per GPU
     # Before the time limit SLURM sends Lightning's requeue signal: it checkpoints and requeues the job.
-    assert launcher.additional_parameters == {"signal": f"USR1@{launcher.signal_delay_s}", "requeue": True,
-                                              "export": "ALL,SLURM_KILL_BAD_EXIT=1"}  # a failing rank ends the job
+    assert launcher.additional_parameters == {
+        "signal": f"USR1@{launcher.signal_delay_s}",
+        "requeue": True,
+        "export": "ALL,SLURM_KILL_BAD_EXIT=1",
+    }  # a failing rank ends the job
 
 
 @pytest.mark.slow
@@ -138,19 +168,39 @@ def test_slurm_array_task_runs_ddp_over_its_srun_tasks(tmp_path):
         pytest.skip("a live SLURM cluster answers: tests/test_slurm.py runs this on it")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fakes = {"sbatch": 'cp "${@: -1}" "$(dirname "$0")/submitted.sh"; echo "Submitted batch job 4242"',
-             "srun": "exit 0", "sacct": "exit 0", "squeue": "exit 0"}
+    fakes = {
+        "sbatch": 'cp "${@: -1}" "$(dirname "$0")/submitted.sh"; echo "Submitted batch job 4242"',
+        "srun": "exit 0",
+        "sacct": "exit 0",
+        "squeue": "exit 0",
+    }
     for name, body in fakes.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     env = {**job_env(tmp_path), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     sweep = tmp_path / "sweep"
     with open(tmp_path / "launcher.log", "w") as log:
-        launcher = subprocess.Popen([sys.executable, "-m", "kd.train", "-m", "hydra/launcher=slurm",
-                                     f"hydra.sweep.dir={sweep}", "hydra.launcher.partition=test",
-                                     "hydra.launcher.array_parallelism=1", "trainer=ddp", "trainer.accelerator=cpu",
-                                     "trainer.devices=2", "seed=0,1", *WITH_WANDB],
-                                    cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        launcher = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kd.train",
+                "-m",
+                "hydra/launcher=slurm",
+                f"hydra.sweep.dir={sweep}",
+                "hydra.launcher.partition=test",
+                "hydra.launcher.array_parallelism=1",
+                "trainer=ddp",
+                "trainer.accelerator=cpu",
+                "trainer.devices=2",
+                "seed=0,1",
+                *WITH_WANDB,
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:  # the launcher would wait for the array to finish: stop it once the array is submitted
             for _ in range(600):
                 if (sweep / ".submitit" / "4242_0" / "4242_0_submitted.pkl").is_file() or launcher.poll() is not None:
@@ -160,24 +210,47 @@ def test_slurm_array_task_runs_ddp_over_its_srun_tasks(tmp_path):
             launcher.kill()
             launcher.wait()
     script = (bin_dir / "submitted.sh").read_text()
-    for flag in ("--array=0-1%1", "--partition=test", "--nodes=1", "--ntasks-per-node=2",
-                 "--signal=USR1@120", "--requeue"):
+    for flag in (
+        "--array=0-1%1",
+        "--partition=test",
+        "--nodes=1",
+        "--ntasks-per-node=2",
+        "--signal=USR1@120",
+        "--requeue",
+    ):
         assert f"#SBATCH {flag}\n" in script, script
     assert "--gpus-per-node" not in script  # a CPU trainer
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    slurm = {"SLURM_JOB_ID": "4243", "SLURM_ARRAY_JOB_ID": "4242", "SLURM_ARRAY_TASK_ID": "0", "SLURM_NTASKS": "2",
-             "SLURM_NTASKS_PER_NODE": "2", "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1", "SLURM_NODEID": "0",
-             "SLURM_JOB_NODELIST": "localhost", "SLURM_NODELIST": "localhost", "SLURM_JOB_NAME": "train",
-             "SUBMITIT_EXECUTOR": "slurm", "MASTER_PORT": str(port)}
+    slurm = {
+        "SLURM_JOB_ID": "4243",
+        "SLURM_ARRAY_JOB_ID": "4242",
+        "SLURM_ARRAY_TASK_ID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_NNODES": "1",
+        "SLURM_NODEID": "0",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_NODELIST": "localhost",
+        "SLURM_JOB_NAME": "train",
+        "SUBMITIT_EXECUTOR": "slurm",
+        "MASTER_PORT": str(port),
+    }
     logs = [tmp_path / f"task{rank}.log" for rank in range(2)]
     with contextlib.ExitStack() as files:
-        tasks = [subprocess.Popen([sys.executable, "-u", "-m", "submitit.core._submit", f"{sweep}/.submitit/%j"],
-                                  cwd=REPO, env={**env, **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
-                                  stdout=files.enter_context(log.open("w")), stderr=subprocess.STDOUT)
-                 for rank, log in enumerate(logs)]
+        tasks = [
+            subprocess.Popen(
+                [sys.executable, "-u", "-m", "submitit.core._submit", f"{sweep}/.submitit/%j"],
+                cwd=REPO,
+                env={**env, **slurm, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+                stdout=files.enter_context(log.open("w")),
+                stderr=subprocess.STDOUT,
+            )
+            for rank, log in enumerate(logs)
+        ]
         codes = [task.wait(timeout=240) for task in tasks]
     assert codes == [0, 0], [log.read_text()[-2000:] for log in logs]
     (record_path,) = sweep.rglob("results.json")  # array element 0 only: seed 0
@@ -190,8 +263,9 @@ def test_slurm_array_task_runs_ddp_over_its_srun_tasks(tmp_path):
 def search(root: Path, *overrides: str) -> tuple[list[dict], dict]:
     """An Optuna search (hparams_search=kd_optuna) of tiny runs distilling the oracle: the trials'
     records and the study's optimization_results.yaml."""
-    result = kd_train("hparams_search=kd_optuna", f"hydra.sweep.dir={root}/search", "teacher=oracle", *TINY,
-                      *overrides, root=root)
+    result = kd_train(
+        "hparams_search=kd_optuna", f"hydra.sweep.dir={root}/search", "teacher=oracle", *TINY, *overrides, root=root
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in sorted((root / "search").glob("*/results.json"))]
     return records, OmegaConf.to_container(OmegaConf.load(root / "search" / "optimization_results.yaml"))
@@ -206,8 +280,10 @@ def test_optuna_search_three_trials_maximise_the_validation_accuracy_each_run_re
     records, study = search(tmp_path, "hydra.sweeper.n_trials=3")
     assert len(records) == 3 and all(r["status"] == "completed" for r in records)
     assert len({tuple(trial(r).values()) for r in records}) == 3  # three different draws, inside the space
-    assert all(1.0 <= t["objective.temperature"] <= 8.0 and 0.1 <= t["objective.kd_weight"] <= 0.99
-               for t in map(trial, records))
+    assert all(
+        1.0 <= t["objective.temperature"] <= 8.0 and 0.1 <= t["objective.kd_weight"] <= 0.99
+        for t in map(trial, records)
+    )
     (best,) = [r for r in records if trial(r) == study["best_params"]]
     assert study["best_value"] == best["metrics"]["val/acc_best"] == max(r["metrics"]["val/acc_best"] for r in records)
 
@@ -216,8 +292,14 @@ def test_optuna_search_three_trials_maximise_the_validation_accuracy_each_run_re
 def test_optuna_search_through_the_submitit_launcher_gets_each_jobs_value(tmp_path):
     """Two trials at once, each in its own process; minimising a metric no two trials share
     (train/loss) shows that the sweeper got each job's own value back."""
-    records, study = search(tmp_path, "hydra/launcher=submitit_local", "hydra.sweeper.n_trials=2",
-                            "hydra.sweeper.n_jobs=2", "optimized_metric=train/loss", "hydra.sweeper.direction=minimize")
+    records, study = search(
+        tmp_path,
+        "hydra/launcher=submitit_local",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        "optimized_metric=train/loss",
+        "hydra.sweeper.direction=minimize",
+    )
     assert len(records) == 2 and all(r["status"] == "completed" for r in records)
     (best,) = [r for r in records if trial(r) == study["best_params"]]
     assert study["best_value"] == best["metrics"]["train/loss"] == min(r["metrics"]["train/loss"] for r in records)
@@ -225,8 +307,11 @@ def test_optuna_search_through_the_submitit_launcher_gets_each_jobs_value(tmp_pa
 
 
 def test_a_misnamed_optimized_metric_is_a_one_line_error_naming_the_metrics():
-    with pytest.raises(UserError, match=r"^optimized_metric='val/accc' is not a metric of this run; choose one of: "
-                                        r"train/loss, val/acc, val/acc_best$"):
+    with pytest.raises(
+        UserError,
+        match=r"^optimized_metric='val/accc' is not a metric of this run; choose one of: "
+        r"train/loss, val/acc, val/acc_best$",
+    ):
         optimized_value({"metrics": {"val/acc": 0.5, "val/acc_best": 0.6, "train/loss": 1.0}}, "val/accc")
     assert optimized_value({"metrics": {"val/acc_best": 0.6}}, "val/acc_best") == 0.6
 
@@ -242,8 +327,9 @@ def test_run_jobs_in_parallel_workers_gives_the_same_records_and_isolates_a_fail
     of the jobs, a failed job recorded with its error, and completed jobs skipped on a re-run."""
     from kd.runner import run_jobs
 
-    jobs = {f"kd-s{s}": [*TINY, f"paths.root_dir={tmp_path}", "objective=kd", "teacher=oracle", f"seed={s}"]
-            for s in (0, 1)}
+    jobs = {
+        f"kd-s{s}": [*TINY, f"paths.root_dir={tmp_path}", "objective=kd", "teacher=oracle", f"seed={s}"] for s in (0, 1)
+    }
     jobs["bad-s0"] = [*TINY, f"paths.root_dir={tmp_path}", "optimizer.lr=-1"]
     serial = run_jobs({k: v for k, v in jobs.items() if k != "bad-s0"}, tmp_path / "serial", population=False)
     parallel = run_jobs(jobs, tmp_path / "parallel", workers=2, population=False)
@@ -292,9 +378,18 @@ def test_a_multirun_with_the_population_launcher_trains_its_jobs_as_populations(
     """Four jobs, packs of at most three: one population of three and one run alone, each job in its
     own sweep folder with Hydra's saved configs, its record and W&B run, and its value to the sweeper."""
     sweep = tmp_path / "sweep"
-    result = kd_train("-m", "hydra/launcher=population", "hydra.launcher.population_size=3", f"hydra.sweep.dir={sweep}",
-                      "objective=ce,kd", "seed=0,1", "teacher=oracle", "optimized_metric=val/acc_best", *WITH_WANDB,
-                      root=tmp_path)
+    result = kd_train(
+        "-m",
+        "hydra/launcher=population",
+        "hydra.launcher.population_size=3",
+        f"hydra.sweep.dir={sweep}",
+        "objective=ce,kd",
+        "seed=0,1",
+        "teacher=oracle",
+        "optimized_metric=val/acc_best",
+        *WITH_WANDB,
+        root=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = sorted(p.parent for p in sweep.glob("*/results.json"))
     records = [json.loads((job / "results.json").read_text()) for job in jobs]

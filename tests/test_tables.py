@@ -19,18 +19,40 @@ from tests.fakes import cifar100, write_png_folder  # noqa: F401 (fixtures)
 
 # reference/anchors.md: optimizer, schedule, epochs, batch and KD settings of each table's recipe.
 RECIPES = {
-    "table1": {"data": "kd.data.cifar.CIFARDataModule", "lr": 0.05, "weight_decay": 5e-4, "milestones": [150, 180, 210],
-               "max_epochs": 240, "batch_size": 64, "kd": {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},
-               "k": 0.25},
-    "table2": {"data": "kd.data.folder.ImageFolderDataModule", "lr": 0.2, "weight_decay": 1e-4,
-               "milestones": [30, 60, 90], "max_epochs": 100, "batch_size": 512,
-               "kd": {"temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5}, "k": 0.5},
+    "table1": {
+        "data": "kd.data.cifar.CIFARDataModule",
+        "lr": 0.05,
+        "weight_decay": 5e-4,
+        "milestones": [150, 180, 210],
+        "max_epochs": 240,
+        "batch_size": 64,
+        "kd": {"temperature": 4.0, "ce_weight": 0.1, "kd_weight": 0.9},
+        "k": 0.25,
+    },
+    "table2": {
+        "data": "kd.data.folder.ImageFolderDataModule",
+        "lr": 0.2,
+        "weight_decay": 1e-4,
+        "milestones": [30, 60, 90],
+        "max_epochs": 100,
+        "batch_size": 512,
+        "kd": {"temperature": 1.0, "ce_weight": 0.5, "kd_weight": 0.5},
+        "k": 0.5,
+    },
 }
 CELLS = [(table, cell) for table in tables.TABLES for cell in tables.cells(table)]
 # Two steps of 16 images for everything, with the smallest CIFAR net for student and teacher.
-TINY_CIFAR = ["data.val_size=50", "data.batch_size=16", "teacher.data.batch_size=16", "model=resnet8",
-              "teacher.model.name=resnet8", "trainer.max_epochs=1", "teacher.trainer.max_epochs=1",
-              "+trainer.limit_train_batches=2", "logger=none"]
+TINY_CIFAR = [
+    "data.val_size=50",
+    "data.batch_size=16",
+    "teacher.data.batch_size=16",
+    "model=resnet8",
+    "teacher.model.name=resnet8",
+    "trainer.max_epochs=1",
+    "teacher.trainer.max_epochs=1",
+    "+trainer.limit_train_batches=2",
+    "logger=none",
+]
 
 
 def check_recipe(run: dict, recipe: dict) -> None:
@@ -77,7 +99,9 @@ def test_a_pair_shares_one_teacher_across_objectives_seeds_and_fig3(tmp_path):
     def folder(*overrides):
         return teacher_config(compose_config(list(overrides), tmp_path)).paths.output_dir
 
-    same = {folder(f"experiment=table1/resnet56_resnet20_{m}", f"seed={s}") for m in ("kd", "kd_pt_sim") for s in (0, 1)}
+    same = {
+        folder(f"experiment=table1/resnet56_resnet20_{m}", f"seed={s}") for m in ("kd", "kd_pt_sim") for s in (0, 1)
+    }
     same.add(folder("experiment=fig3_cifar100", "objective=kd_topk", "seed=2"))
     assert len(same) == 1
     assert folder("experiment=table1/resnet32x4_resnet8x4_kd") not in same
@@ -90,8 +114,9 @@ def test_job_names_with_and_without_an_axis():
     real = build_jobs("cifar100", [0.5, 1.0], [3], ["kd_pt"], ["x=1"])
     assert real == {"kd_pt-s3": ["experiment=fig3_cifar100", "objective=kd_pt", "seed=3", "x=1"]}
     fashion = build_jobs("fashion_mnist", [20], [1], ["ce"], [])
-    assert fashion == {"ce-per_class20-s1": ["experiment=fig3_fashion_mnist", "objective=ce",
-                                             "data.train_per_class=20", "seed=1"]}
+    assert fashion == {
+        "ce-per_class20-s1": ["experiment=fig3_fashion_mnist", "objective=ce", "data.train_per_class=20", "seed=1"]
+    }
     df = collect({name: {"status": "completed"} for name in [*synthetic, *real, *fashion]})
     assert df.method.tolist() == ["kd_topk-k0.25-uniform", "kd_pt", "ce"] and df.seed.tolist() == [0, 3, 1]
     assert df.delta.iloc[0] == 0.5 and math.isnan(df.delta.iloc[1]) and df.per_class.iloc[2] == 20
@@ -99,8 +124,11 @@ def test_job_names_with_and_without_an_axis():
 
 def test_drivers_stop_on_missing_data_with_the_fetch_command(root):
     where = ["--no-wandb", "--out", str(root / "results"), "--runs", str(root / "logs")]
-    for main in (lambda: tables.main("table1", where), lambda: teachers.main(["--data", "cifar100"]),
-                 lambda: fig3.main(["--data", "cifar100", *where])):
+    for main in (
+        lambda: tables.main("table1", where),
+        lambda: teachers.main(["--data", "cifar100"]),
+        lambda: fig3.main(["--data", "cifar100", *where]),
+    ):
         with pytest.raises(SystemExit, match=r"^error: cifar100 not found .*make data DATA=cifar100"):
             main()
     assert not (root / "results").exists() and not (root / "logs").exists()
@@ -112,8 +140,22 @@ def test_teachers_then_table1_then_fig3_on_fake_cifar100(root, cifar100):
     (teacher_dir,) = (root / "teachers").iterdir()  # both pairs' teachers are resnet8 here: one teacher
     stamp = (teacher_dir / "results.json").stat().st_mtime_ns
 
-    out = tables.main("table1", ["--seeds", "1", "--methods", "ce", "kd", "--no-wandb", "--out",
-                                 str(root / "results"), "--runs", str(root / "logs"), *tiny])
+    out = tables.main(
+        "table1",
+        [
+            "--seeds",
+            "1",
+            "--methods",
+            "ce",
+            "kd",
+            "--no-wandb",
+            "--out",
+            str(root / "results"),
+            "--runs",
+            str(root / "logs"),
+            *tiny,
+        ],
+    )
     runs = pd.read_csv(out / "table1_runs.csv")
     assert (runs.status == "completed").all() and len(runs) == 2 + 2 * 2  # teachers + pairs x methods
     stats = pd.read_csv(out / "table1.csv").set_index(["teacher", "student", "method"])
@@ -126,8 +168,23 @@ def test_teachers_then_table1_then_fig3_on_fake_cifar100(root, cifar100):
     assert record["config"]["objective"]["temperature"] == 4.0 and record["config"]["seed"] == 1
     assert (teacher_dir / "results.json").stat().st_mtime_ns == stamp  # the students reused it
 
-    out = fig3.main(["--data", "cifar100", "--seeds", "0", "--methods", "kd", "dkd", "--no-wandb", "--out",
-                     str(root / "fig3"), "--runs", str(root / "fig3_logs"), *tiny])
+    out = fig3.main(
+        [
+            "--data",
+            "cifar100",
+            "--seeds",
+            "0",
+            "--methods",
+            "kd",
+            "dkd",
+            "--no-wandb",
+            "--out",
+            str(root / "fig3"),
+            "--runs",
+            str(root / "fig3_logs"),
+            *tiny,
+        ]
+    )
     df = pd.read_csv(out / "fig3.csv")
     assert df.method.tolist() == ["kd", "dkd"] and "delta" not in df and (df.status == "completed").all()
     summary = (out / "fig3.md").read_text()
@@ -142,12 +199,37 @@ def test_teachers_then_table1_then_fig3_on_fake_cifar100(root, cifar100):
 def test_table2_two_steps_on_a_fake_image_folder(root):
     write_png_folder(root / "imagenet" / "train", per_class=4, seed=0)
     write_png_folder(root / "imagenet" / "val", per_class=2, seed=1)
-    tiny = [f"data.root={root / 'imagenet'}", "data.image_size=8", "data.num_workers=0", "data.pin_memory=false",
-            "data.val_per_class=1", "data.batch_size=4", "teacher.data.batch_size=4", "model.small_input=true",
-            "teacher.model.name=resnet18", "teacher.model.small_input=true", "trainer.max_epochs=1", "teacher.trainer.max_epochs=1",
-            "+trainer.limit_train_batches=2", "logger=none"]
-    out = tables.main("table2", ["--seeds", "0", "--methods", "kd", "--no-wandb", "--out", str(root / "results"),
-                                 "--runs", str(root / "logs"), *tiny])
+    tiny = [
+        f"data.root={root / 'imagenet'}",
+        "data.image_size=8",
+        "data.num_workers=0",
+        "data.pin_memory=false",
+        "data.val_per_class=1",
+        "data.batch_size=4",
+        "teacher.data.batch_size=4",
+        "model.small_input=true",
+        "teacher.model.name=resnet18",
+        "teacher.model.small_input=true",
+        "trainer.max_epochs=1",
+        "teacher.trainer.max_epochs=1",
+        "+trainer.limit_train_batches=2",
+        "logger=none",
+    ]
+    out = tables.main(
+        "table2",
+        [
+            "--seeds",
+            "0",
+            "--methods",
+            "kd",
+            "--no-wandb",
+            "--out",
+            str(root / "results"),
+            "--runs",
+            str(root / "logs"),
+            *tiny,
+        ],
+    )
     stats = pd.read_csv(out / "table2.csv").set_index("method")
     assert stats.loc["kd", "seeds"] == 1 and stats.loc["kd", "published_test_acc"] == 71.03
     assert stats.loc["teacher", "published_test_acc"] == 73.31 and stats.loc["teacher", "seeds"] == 1
@@ -156,19 +238,47 @@ def test_table2_two_steps_on_a_fake_image_folder(root):
 
 
 def test_table_reports_mean_and_std_over_seeds_beside_the_published_numbers():
-    runs = pd.DataFrame([
-        {"teacher": "resnet56", "student": "resnet20", "method": "teacher", "seed": 0, "status": "completed",
-         "test_acc_last": 0.72, "test_acc_best": 0.73},
-        *[{"teacher": "resnet56", "student": "resnet20", "method": m, "seed": s, "status": "completed",
-           "test_acc_last": acc + s / 100, "test_acc_best": acc + 0.01, "error": ""}
-          for m, acc in (("ce", 0.69), ("kd", 0.70)) for s in (0, 2)],
-        {"teacher": "resnet56", "student": "resnet20", "method": "kd", "seed": 1, "status": "failed",
-         "test_acc_last": None, "test_acc_best": None, "error": "RuntimeError: boom"},
-    ])
+    runs = pd.DataFrame(
+        [
+            {
+                "teacher": "resnet56",
+                "student": "resnet20",
+                "method": "teacher",
+                "seed": 0,
+                "status": "completed",
+                "test_acc_last": 0.72,
+                "test_acc_best": 0.73,
+            },
+            *[
+                {
+                    "teacher": "resnet56",
+                    "student": "resnet20",
+                    "method": m,
+                    "seed": s,
+                    "status": "completed",
+                    "test_acc_last": acc + s / 100,
+                    "test_acc_best": acc + 0.01,
+                    "error": "",
+                }
+                for m, acc in (("ce", 0.69), ("kd", 0.70))
+                for s in (0, 2)
+            ],
+            {
+                "teacher": "resnet56",
+                "student": "resnet20",
+                "method": "kd",
+                "seed": 1,
+                "status": "failed",
+                "test_acc_last": None,
+                "test_acc_best": None,
+                "error": "RuntimeError: boom",
+            },
+        ]
+    )
     stats = tables.summary_table("table1", runs).set_index("method")
     assert stats.index.tolist() == ["teacher", "ce", "kd"]  # the teacher first, then the table's method order
     assert stats.loc["kd", "test_acc_last_mean"] == pytest.approx(71.0)
-    assert stats.loc["kd", "test_acc_last_std"] == pytest.approx(2 ** 0.5)
+    assert stats.loc["kd", "test_acc_last_std"] == pytest.approx(2**0.5)
     assert stats.loc["kd", "seeds"] == 2 and stats.loc["ce", "published_test_acc"] == 69.06
     summary = tables.summarise("table1", stats.reset_index(), runs, 60.0)
     assert "| KD | 71.00 ± 1.41 | 71.00 ± 0.00 | 2 | 70.66 |" in summary

@@ -53,6 +53,7 @@ def test_teacher_from_checkpoint_and_class_count_check(root):
     student = run(compose_config([*TINY, "objective=kd", "teacher=checkpoint", f"teacher.path={ckpt}"], root / "s"))
     assert student["metrics"]["test/agreement_last"] > 0
     from kd.errors import UserError
+
     other = [*TINY, "data.subclasses=3", "objective=kd", "teacher=checkpoint", f"teacher.path={ckpt}"]
     with pytest.raises(UserError, match=r"was trained on other data \(data.subclasses=2, not 3\)"):
         run(compose_config(other, root / "s2"))
@@ -60,18 +61,24 @@ def test_teacher_from_checkpoint_and_class_count_check(root):
         run(compose_config([*other, "teacher.data_check=false"], root / "s2"))
 
 
-@pytest.mark.parametrize("callbacks, last_writes", [
-    (["callbacks.last_checkpoint.every_s=0"], 4),  # after each of the 3 epochs, and at the end
-    (["callbacks.last_checkpoint.every_s=3600"], 1),  # only at the end
-    (["callbacks=none"], 1),  # only at the end, and none of Lightning's default checkpoints
-])
+@pytest.mark.parametrize(
+    "callbacks, last_writes",
+    [
+        (["callbacks.last_checkpoint.every_s=0"], 4),  # after each of the 3 epochs, and at the end
+        (["callbacks.last_checkpoint.every_s=3600"], 1),  # only at the end
+        (["callbacks=none"], 1),  # only at the end, and none of Lightning's default checkpoints
+    ],
+)
 def test_a_run_always_ends_with_its_final_checkpoint(root, monkeypatch, callbacks, last_writes):
     """``last.ckpt`` holds the final weights whatever the checkpoint schedule (a teacher trained with
     any callbacks can be loaded); between epochs it is written every ``every_s`` seconds at most."""
     writes = []
     save = L.Trainer.save_checkpoint
-    monkeypatch.setattr(L.Trainer, "save_checkpoint", lambda self, path, *a, **k: (
-        writes.append(Path(path).name), save(self, path, *a, **k))[1])
+    monkeypatch.setattr(
+        L.Trainer,
+        "save_checkpoint",
+        lambda self, path, *a, **k: (writes.append(Path(path).name), save(self, path, *a, **k))[1],
+    )
     record = run(compose_config([*TINY, "trainer.max_epochs=3", *callbacks], root / "run"))
     assert writes.count("last.ckpt") == last_writes
     assert torch.load(record["checkpoints"]["last"], weights_only=True)["global_step"] == record["global_step"]
@@ -94,8 +101,14 @@ def test_wandb_offline_run_directory_appears(root):
 
 def _cli(*overrides, root):
     env = {"KD_ROOT": str(root), "WANDB_MODE": "disabled", "PATH": "/usr/bin:/bin"}
-    return subprocess.run([sys.executable, "-m", "kd.train", *TINY, *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "kd.train", *TINY, *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_trains_and_reports(root):
@@ -106,12 +119,15 @@ def test_cli_trains_and_reports(root):
     assert json.loads((run_dir / "results.json").read_text())["status"] == "completed"
 
 
-@pytest.mark.parametrize("override, message", [
-    ("objective.name=foo", "error: objective='foo' is not valid; choose one of: ce, ls, kd, kd_pt, kd_sim"),
-    ("objective=kd objective.temperature=0", "error: objective.temperature=0 is out of range; allowed: (0, inf)"),
-    ("objective=kd objective.kd_weight=2", "error: objective.kd_weight=2 is out of range; allowed: [0, 1]"),
-    ("objective=kd", "error: objective=kd distils from a teacher but teacher=none"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("objective.name=foo", "error: objective='foo' is not valid; choose one of: ce, ls, kd, kd_pt, kd_sim"),
+        ("objective=kd objective.temperature=0", "error: objective.temperature=0 is out of range; allowed: (0, inf)"),
+        ("objective=kd objective.kd_weight=2", "error: objective.kd_weight=2 is out of range; allowed: [0, 1]"),
+        ("objective=kd", "error: objective=kd distils from a teacher but teacher=none"),
+    ],
+)
 def test_cli_bad_input_is_one_line(root, override, message):
     result = _cli(*override.split(), root=root)
     assert result.returncode != 0

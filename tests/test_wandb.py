@@ -38,8 +38,9 @@ def test_a_drivers_wandb_run_is_named_after_its_results_folder(root):
 def test_a_run_logs_the_instance_level_and_its_final_numbers(root, objective, histograms):
     """KD: w and q_c at the first (0), a middle (1) and the last (2) epoch; CE does not distil (the
     teacher is there for the agreement metric only): none."""
-    record = run(compose_config([*WITH_WANDB, f"objective={objective}", "teacher=oracle", "trainer.max_epochs=3"],
-                                root / "run"))
+    record = run(
+        compose_config([*WITH_WANDB, f"objective={objective}", "teacher=oracle", "trainer.max_epochs=3"], root / "run")
+    )
     history, summary = wandb_run(root / "run")
     rows = [row for row in history if "val/w/_type" in row]  # W&B logs a histogram's parts as nested keys
     assert [row["epoch"] for row in rows] == [0, 1, 2][:histograms]
@@ -64,15 +65,25 @@ def test_instance_histograms_cost_nothing_without_wandb(root, monkeypatch):
 def test_each_member_of_a_population_is_a_wandb_run_of_its_own(root):
     """Its own name, config, history (histograms for KD only) and summary, in its own folder."""
     jobs = {"kd": 0, "ce": 1}
-    records = run([compose_config([*WITH_WANDB, f"objective={o}", f"seed={s}", "teacher=oracle", "trainer.max_epochs=3"],
-                                  root / o) for o, s in jobs.items()])
+    records = run(
+        [
+            compose_config(
+                [*WITH_WANDB, f"objective={o}", f"seed={s}", "teacher=oracle", "trainer.max_epochs=3"], root / o
+            )
+            for o, s in jobs.items()
+        ]
+    )
     assert [r["population"]["member"] for r in records] == [0, 1]
     for (objective, seed), record in zip(jobs.items(), records):
         records_ = wandb_records(root / objective)
         (found,) = [r.run for r in records_ if r.WhichOneof("record_type") == "run"]
         assert found.display_name == f"train-{objective}-s{seed}"
-        config = {item.key: json.loads(item.value_json) for r in records_ if r.WhichOneof("record_type") == "config"
-                  for item in r.config.update}
+        config = {
+            item.key: json.loads(item.value_json)
+            for r in records_
+            if r.WhichOneof("record_type") == "config"
+            for item in r.config.update
+        }
         assert config["objective"]["name"] == objective
         history, summary = wandb_run(root / objective)
         assert len([row for row in history if "val/w/_type" in row]) == (3 if objective == "kd" else 0)

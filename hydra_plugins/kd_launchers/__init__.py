@@ -14,8 +14,9 @@ launcher runs.
 """
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
@@ -82,8 +83,15 @@ def run_pack(hydra_context: HydraContext, members: list[tuple[int, DictConfig]])
         with open_dict(sweep_config.hydra.job):
             sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{num}"
             sweep_config.hydra.job.num = num
-        returns.append(run_job(hydra_context=hydra_context, task_function=_concrete, config=sweep_config,
-                               job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir"))
+        returns.append(
+            run_job(
+                hydra_context=hydra_context,
+                task_function=_concrete,
+                config=sweep_config,
+                job_dir_key="hydra.sweep.dir",
+                job_subdir_key="hydra.sweep.subdir",
+            )
+        )
     cfgs = [ret.return_value for ret in returns]
     # While they train: a member's Hydra config, as in a job of the sweep (W&B's group is the sweep's).
     HydraConfig.instance().set_config(returns[-1].hydra_cfg)
@@ -100,8 +108,10 @@ def run_pack(hydra_context: HydraContext, members: list[tuple[int, DictConfig]])
             metric = cfg.get("optimized_metric")
             ret.return_value = train.optimized_value(record, metric) if metric else None
             ret.status = JobStatus.COMPLETED
-            print(f"[kd] done: test/acc_last={record['metrics'].get('test/acc_last', float('nan')):.4f} "
-                  f"-> {record['output_dir']}/results.json")
+            print(
+                f"[kd] done: test/acc_last={record['metrics'].get('test/acc_last', float('nan')):.4f} "
+                f"-> {record['output_dir']}/results.json"
+            )
         except Exception as err:  # noqa: BLE001
             print(f"[kd] failed: {one_line(err)} -> {record['output_dir']}/results.json")
             ret.status, ret.return_value = JobStatus.FAILED, err
@@ -148,8 +158,9 @@ class SlurmPopulationLauncher(SlurmLauncher):
                 returns[i] = ret
         return returns
 
-    def __call__(self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str,
-                 singleton_state: dict) -> JobReturn | list[JobReturn]:
+    def __call__(
+        self, sweep_overrides: list[str], job_dir_key: str, job_num: int, job_id: str, singleton_state: dict
+    ) -> JobReturn | list[JobReturn]:
         if not sweep_overrides or not sweep_overrides[0].startswith(MEMBER):
             return super().__call__(sweep_overrides, job_dir_key, job_num, job_id, singleton_state)
         Singleton.set_state(singleton_state)
@@ -157,7 +168,7 @@ class SlurmPopulationLauncher(SlurmLauncher):
         members: list[tuple[int, list[str]]] = []
         for item in sweep_overrides:
             if item.startswith(MEMBER):
-                members.append((int(item[len(MEMBER):]), []))
+                members.append((int(item[len(MEMBER) :]), []))
             else:
                 members[-1][1].append(item)
         configs = sweep_configs(self.hydra_context, self.config, [overrides for _, overrides in members])
@@ -172,5 +183,6 @@ class SlurmPopulationConf(SlurmQueueConf):
     population_size: int = 1
 
 
-ConfigStore.instance().store(group="hydra/launcher", name="submitit_slurm_population", node=SlurmPopulationConf,
-                             provider="kd")
+ConfigStore.instance().store(
+    group="hydra/launcher", name="submitit_slurm_population", node=SlurmPopulationConf, provider="kd"
+)

@@ -29,8 +29,9 @@ ECE_BINS = 15  # as the runs' test/ece (kd.module)
 HIGH_TEMPERATURE = 4.0  # where the paper reports class relationships show (fig2's default too)
 
 
-def start_rescaling(teacher_probs: torch.Tensor, labels: torch.Tensor, kd_weight: float,
-                    temperature: float = 1.0) -> torch.Tensor:
+def start_rescaling(
+    teacher_probs: torch.Tensor, labels: torch.Tensor, kd_weight: float, temperature: float = 1.0
+) -> torch.Tensor:
     """(B,) w of a student whose p is still uniform: how KD reweights examples from the first step."""
     return instance.rescaling_factor(torch.zeros_like(teacher_probs), teacher_probs, labels, kd_weight, temperature)
 
@@ -49,17 +50,26 @@ def spread(name: str, values: torch.Tensor, quantiles=QUANTILES) -> dict[str, fl
     return found
 
 
-def soft_target_summary(logits: torch.Tensor, labels: torch.Tensor, kd_weight: float, temperature: float = 1.0,
-                        superclass_of: torch.Tensor | None = None,
-                        high_temperature: float = HIGH_TEMPERATURE) -> dict[str, float]:
+def soft_target_summary(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    kd_weight: float,
+    temperature: float = 1.0,
+    superclass_of: torch.Tensor | None = None,
+    high_temperature: float = HIGH_TEMPERATURE,
+) -> dict[str, float]:
     """Universe, instance and domain summaries of a teacher's ``logits`` on the examples KD distils on.
 
     The superclass score of the probability correlation is given at KD's ``temperature`` and at
     ``high_temperature``, where the paper reports class relationships show.
     """
     probs, q_c, w = soft_targets(logits, labels, kd_weight, temperature)
-    found = {"effective_smoothing": universe.effective_smoothing(probs, labels),
-             "entropy": universe.entropy(probs).mean().item(), **spread("q_c", q_c), **spread("w_start", w)}
+    found = {
+        "effective_smoothing": universe.effective_smoothing(probs, labels),
+        "entropy": universe.entropy(probs).mean().item(),
+        **spread("q_c", q_c),
+        **spread("w_start", w),
+    }
     if superclass_of is not None:
         for name, tau in (("superclass", temperature), ("superclass_high_tau", high_temperature)):
             corr = domain.probability_correlation(torch.softmax(logits / tau, dim=1))
@@ -67,17 +77,26 @@ def soft_target_summary(logits: torch.Tensor, labels: torch.Tensor, kd_weight: f
     return found
 
 
-def per_example(teacher: nn.Module, datamodule, kd_weight: float, split: str = "train",
-                temperature: float = 1.0) -> pd.DataFrame:
+def per_example(
+    teacher: nn.Module, datamodule, kd_weight: float, split: str = "train", temperature: float = 1.0
+) -> pd.DataFrame:
     """One row per example of ``split``: label, the teacher's q_c and the start-of-training w."""
     out = predict(teacher, datamodule, split)
     _, q_c, w = soft_targets(out["logits"], out["labels"], kd_weight, temperature)
-    return pd.DataFrame({"index": out["index"].numpy(), "label": out["labels"].numpy(),
-                         "q_c": q_c.numpy(), "w_start": w.numpy()})
+    return pd.DataFrame(
+        {"index": out["index"].numpy(), "label": out["labels"].numpy(), "q_c": q_c.numpy(), "w_start": w.numpy()}
+    )
 
 
-def diagnose(teacher: nn.Module, datamodule, kd_weight: float, temperature: float = 1.0, split: str = "train",
-             eval_split: str = "test", high_temperature: float = HIGH_TEMPERATURE) -> dict[str, float]:
+def diagnose(
+    teacher: nn.Module,
+    datamodule,
+    kd_weight: float,
+    temperature: float = 1.0,
+    split: str = "train",
+    eval_split: str = "test",
+    high_temperature: float = HIGH_TEMPERATURE,
+) -> dict[str, float]:
     """Everything the paper's failure diagnosis looks at, for one teacher, as a flat dict.
 
     ``acc`` and ``ece`` on ``eval_split``; on ``split``: effective smoothing, entropy, q_c and w
@@ -88,12 +107,15 @@ def diagnose(teacher: nn.Module, datamodule, kd_weight: float, temperature: floa
     held_out = predict(teacher, datamodule, eval_split)
     probs = torch.softmax(held_out["logits"], dim=1)
     k = probs.shape[1]
-    found = {"acc": (probs.argmax(1) == held_out["labels"]).double().mean().item(),
-             "ece": multiclass_calibration_error(probs, held_out["labels"], k, n_bins=ECE_BINS).item()}
+    found = {
+        "acc": (probs.argmax(1) == held_out["labels"]).double().mean().item(),
+        "ece": multiclass_calibration_error(probs, held_out["labels"], k, n_bins=ECE_BINS).item(),
+    }
     out = predict(teacher, datamodule, split)
     superclass_of = getattr(datamodule, "superclass_of", None)
-    found.update(soft_target_summary(out["logits"], out["labels"], kd_weight, temperature, superclass_of,
-                                     high_temperature))
+    found.update(
+        soft_target_summary(out["logits"], out["labels"], kd_weight, temperature, superclass_of, high_temperature)
+    )
     if superclass_of is not None:
         weights = domain.superclass_score(domain.weight_cosine(teacher), superclass_of)
         found.update({f"weights_{key}": value for key, value in weights.items()})

@@ -9,7 +9,7 @@ scaling on, as in ``kd.objectives.get``); ``gradient_ratio`` finds w of any obje
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -21,8 +21,13 @@ from kd.objectives.targets import true_class_prob
 from kd.predict import predict, probabilities
 
 
-def rescaling_factor(student_logits: torch.Tensor, teacher_probs: torch.Tensor, labels: torch.Tensor,
-                     kd_weight: float, temperature: float = 1.0) -> torch.Tensor:
+def rescaling_factor(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    labels: torch.Tensor,
+    kd_weight: float,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """(B,) ratio of the KD and CE gradients on the true-class logit; ``teacher_probs`` is rho at tau."""
     z = student_logits.double()
     p = torch.softmax(z, dim=1)
@@ -33,8 +38,9 @@ def rescaling_factor(student_logits: torch.Tensor, teacher_probs: torch.Tensor, 
     return w.float()
 
 
-def gradient_ratio(loss_fn: Callable, student_logits: torch.Tensor, labels: torch.Tensor,
-                   teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
+def gradient_ratio(
+    loss_fn: Callable, student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None
+) -> torch.Tensor:
     """(B,) w of any objective (a ``kd.objectives.get`` loss, DKD's too): its gradient on the
     true-class logit over CE's, -(1 - p_c) / B, by autograd. One backward pass gives every example's:
     the loss is a mean over examples, and an example's logits enter only its own term."""
@@ -55,12 +61,21 @@ def of_objective(loss_fn: Callable, student: nn.Module, teacher: nn.Module, data
     """``w`` of the objective ``loss_fn`` (``gradient_ratio``) and the teacher's ``q_c`` at its
     temperature, for every example of ``split`` in example-index order."""
     s, t = (_by_index(predict(model, datamodule, split)) for model in (student, teacher))
-    return {"w": gradient_ratio(loss_fn, s["logits"], s["labels"], t["logits"]),
-            "q_c": true_class_prob(loss_fn.teacher_probs(s["logits"], t["logits"]), s["labels"])}
+    return {
+        "w": gradient_ratio(loss_fn, s["logits"], s["labels"], t["logits"]),
+        "q_c": true_class_prob(loss_fn.teacher_probs(s["logits"], t["logits"]), s["labels"]),
+    }
 
 
-def per_example(student: nn.Module, teacher: nn.Module, datamodule, kd_weight: float, split: str = "train",
-                temperature: float = 1.0, target: Callable = targets.teacher) -> pd.DataFrame:
+def per_example(
+    student: nn.Module,
+    teacher: nn.Module,
+    datamodule,
+    kd_weight: float,
+    split: str = "train",
+    temperature: float = 1.0,
+    target: Callable = targets.teacher,
+) -> pd.DataFrame:
     """One row per example of ``split``: the teacher's q_c, the target's rho_c, the student's p_c and w.
 
     ``target`` turns the teacher's q_tau into the soft target (``kd.objectives.targets``):
@@ -71,10 +86,16 @@ def per_example(student: nn.Module, teacher: nn.Module, datamodule, kd_weight: f
     s = _by_index(probabilities(student, datamodule, split))
     rho = target(t["probs"], t["labels"])
     w = rescaling_factor(s["logits"], rho, s["labels"], kd_weight, temperature)
-    return pd.DataFrame({"index": s["index"].numpy(), "label": s["labels"].numpy(),
-                         "q_c": true_class_prob(t["probs"], t["labels"]).numpy(),
-                         "rho_c": true_class_prob(rho, t["labels"]).numpy(),
-                         "p_c": true_class_prob(s["probs"], s["labels"]).numpy(), "w": w.numpy()})
+    return pd.DataFrame(
+        {
+            "index": s["index"].numpy(),
+            "label": s["labels"].numpy(),
+            "q_c": true_class_prob(t["probs"], t["labels"]).numpy(),
+            "rho_c": true_class_prob(rho, t["labels"]).numpy(),
+            "p_c": true_class_prob(s["probs"], s["labels"]).numpy(),
+            "w": w.numpy(),
+        }
+    )
 
 
 def binned(q_c, w, bins=10) -> pd.DataFrame:
@@ -88,9 +109,14 @@ def binned(q_c, w, bins=10) -> pd.DataFrame:
     edges = np.linspace(0.0, 1.0, bins + 1) if np.isscalar(bins) else np.asarray(bins, dtype=float)
     which = np.clip(np.digitize(q_c, edges[1:-1]), 0, len(edges) - 2)
     groups = pd.DataFrame({"bin": which, "q_c": q_c, "w": w}).groupby("bin")
-    stats = groups.agg(q_c=("q_c", "mean"), w_mean=("w", "mean"), w_median=("w", "median"),
-                       w_q25=("w", lambda v: v.quantile(0.25)), w_q75=("w", lambda v: v.quantile(0.75)),
-                       count=("w", "size")).reset_index()
+    stats = groups.agg(
+        q_c=("q_c", "mean"),
+        w_mean=("w", "mean"),
+        w_median=("w", "median"),
+        w_q25=("w", lambda v: v.quantile(0.25)),
+        w_q75=("w", lambda v: v.quantile(0.75)),
+        count=("w", "size"),
+    ).reset_index()
     stats.insert(1, "q_lo", edges[stats["bin"]])
     stats.insert(2, "q_hi", edges[stats["bin"] + 1])
     return stats.drop(columns="bin")

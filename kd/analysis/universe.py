@@ -29,6 +29,8 @@ def entropy(probs: torch.Tensor) -> torch.Tensor:
 def summary(model: nn.Module, datamodule, split: str = "train", temperature: float = 1.0) -> dict[str, float]:
     """Effective smoothing, mean entropy and mean q_c of ``model``'s softmax at ``temperature``."""
     out = probabilities(model, datamodule, split, temperature)
-    return {"effective_smoothing": effective_smoothing(out["probs"], out["labels"]),
-            "entropy": entropy(out["probs"]).mean().item(),
-            "q_c": true_class_prob(out["probs"], out["labels"]).mean().item()}
+    return {
+        "effective_smoothing": effective_smoothing(out["probs"], out["labels"]),
+        "entropy": entropy(out["probs"]).mean().item(),
+        "q_c": true_class_prob(out["probs"], out["labels"]).mean().item(),
+    }

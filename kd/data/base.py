@@ -54,8 +54,9 @@ class IndexBatchSampler:
     (the ranks' metric states are summed at the end of the epoch, whatever their sizes).
     """
 
-    def __init__(self, size, batch_size, shuffle, seed=0, drop_last=False, rank=0, world_size=1, device="cpu",
-                 epoch_size=0):
+    def __init__(
+        self, size, batch_size, shuffle, seed=0, drop_last=False, rank=0, world_size=1, device="cpu", epoch_size=0
+    ):
         self.size, self.batch_size, self.shuffle = size, batch_size, shuffle
         self.seed, self.drop_last, self.rank, self.world_size = seed, drop_last, rank, world_size
         self.device = device
@@ -191,14 +192,20 @@ class TensorDataModule(SplitDataModule):
         data = self.on_device(split, trainer.strategy.root_device if trainer is not None else torch.device("cpu"))
         return resumable(data, self.sampler(split, shuffle, batch_size, data.x.device), self.seed)
 
-    def sampler(self, split: str, shuffle: bool = False, batch_size: int | None = None,
-                device: torch.device | str = "cpu") -> IndexBatchSampler:
+    def sampler(
+        self, split: str, shuffle: bool = False, batch_size: int | None = None, device: torch.device | str = "cpu"
+    ) -> IndexBatchSampler:
         """The batches of indices ``loader`` serves (a population stacks its members')."""
         trainer = getattr(self, "trainer", None)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return IndexBatchSampler(
-            len(self.splits[split]), batch_size or (self.batch_size if shuffle else self.eval_batch_size),
-            shuffle=shuffle, seed=self.seed, rank=rank, world_size=world, device=device,
+            len(self.splits[split]),
+            batch_size or (self.batch_size if shuffle else self.eval_batch_size),
+            shuffle=shuffle,
+            seed=self.seed,
+            rank=rank,
+            world_size=world,
+            device=device,
             epoch_size=self.min_epoch_size,
         )
 

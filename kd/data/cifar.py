@@ -65,8 +65,10 @@ class CIFARDataModule(ImageDataModule):
             dataset = DATASETS[name](root, train=train)
         except RuntimeError:  # torchvision: missing or failing its md5 check
             folder = os.path.join(root, DATASETS[name].base_folder)
-            raise UserError(f"{name} not found or corrupted in {folder}; fetch it with "
-                            f"`make data DATA={name}` or set data.download=true") from None
+            raise UserError(
+                f"{name} not found or corrupted in {folder}; fetch it with "
+                f"`make data DATA={name}` or set data.download=true"
+            ) from None
         return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets)
 
     def superclasses(self) -> torch.Tensor | None:

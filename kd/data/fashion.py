@@ -26,11 +26,15 @@ from kd.errors import UserError
 
 CLASSES = torchvision.datasets.FashionMNIST.classes
 MEAN_STD = ((0.2860,), (0.3530,))  # of the 60,000 training images
-FILES = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-         False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-FETCH = ("fetch it with `make data DATA=fashion_mnist` (or data.download=true), or point data.root at a folder "
-         "holding the four IDX files (Debian: apt-get install dataset-fashion-mnist, then "
-         "data.root=/usr/share/datasets/fashion-mnist)")
+FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+FETCH = (
+    "fetch it with `make data DATA=fashion_mnist` (or data.download=true), or point data.root at a folder "
+    "holding the four IDX files (Debian: apt-get install dataset-fashion-mnist, then "
+    "data.root=/usr/share/datasets/fashion-mnist)"
+)
 
 
 def folders(root: str) -> list[Path]:
@@ -60,11 +64,15 @@ def superclass_ids(hierarchy: dict) -> torch.Tensor:
     named = [c for members in hierarchy.values() for c in members]
     unknown = sorted(set(named) - set(CLASSES))
     if unknown:
-        raise UserError(f"data.hierarchy names {unknown[0]!r}, not a Fashion-MNIST class; classes: {', '.join(CLASSES)}")
+        raise UserError(
+            f"data.hierarchy names {unknown[0]!r}, not a Fashion-MNIST class; classes: {', '.join(CLASSES)}"
+        )
     if sorted(named) != sorted(CLASSES):
         left = sorted(set(CLASSES) - set(named)) or sorted({c for c in named if named.count(c) > 1})
-        raise UserError(f"data.hierarchy must name every class exactly once; {left[0]!r} is "
-                        f"{'missing' if left[0] not in named else 'named twice'}")
+        raise UserError(
+            f"data.hierarchy must name every class exactly once; {left[0]!r} is "
+            f"{'missing' if left[0] not in named else 'named twice'}"
+        )
     ids = {c: i for i, members in enumerate(hierarchy.values()) for c in members}
     return torch.tensor([ids[c] for c in CLASSES])
 
@@ -84,8 +92,9 @@ class FashionMNISTDataModule(ImageDataModule):
         augment: bool = False,
         download: bool = False,
     ):
-        super().__init__(MEAN_STD, val_size, batch_size, eval_batch_size, seed, augment, train_per_class, split_seed,
-                         min_epoch_size)
+        super().__init__(
+            MEAN_STD, val_size, batch_size, eval_batch_size, seed, augment, train_per_class, split_seed, min_epoch_size
+        )
         hierarchy = {name: list(members) for name, members in hierarchy.items()} if hierarchy else None  # plain
         self.save_hyperparameters()  # data, not Hydra's containers: checkpoints keep the hparams, and load weights-only
         self.superclass_ids = superclass_ids(hierarchy) if hierarchy else None
@@ -105,16 +114,21 @@ class FashionMNISTDataModule(ImageDataModule):
         paths = [find(root, name) for name in FILES[train]]
         if None in paths:
             missing = FILES[train][paths.index(None)]
-            raise UserError(f"Fashion-MNIST not found: no {missing}[.gz] in {' or '.join(map(str, folders(root)))}; "
-                            f"{FETCH}")
+            raise UserError(
+                f"Fashion-MNIST not found: no {missing}[.gz] in {' or '.join(map(str, folders(root)))}; {FETCH}"
+            )
         try:
             x, y = (read(str(p), (os.path.getsize(p), os.path.getmtime(p))) for p in paths)
         except Exception as err:  # torchvision's reader asserts and raises many types on a damaged file
-            raise UserError(f"Fashion-MNIST files in {paths[0].parent} are damaged ({type(err).__name__}: {err}); "
-                            f"delete them and {FETCH}") from None
+            raise UserError(
+                f"Fashion-MNIST files in {paths[0].parent} are damaged ({type(err).__name__}: {err}); "
+                f"delete them and {FETCH}"
+            ) from None
         if len(x) != len(y) or x.shape[1:] != (28, 28) or int(y.max()) >= len(CLASSES):
-            raise UserError(f"{paths[0]} and {paths[1]} do not hold Fashion-MNIST: {tuple(x.shape)} images, "
-                            f"{len(y)} labels up to {int(y.max())}; {FETCH}")
+            raise UserError(
+                f"{paths[0]} and {paths[1]} do not hold Fashion-MNIST: {tuple(x.shape)} images, "
+                f"{len(y)} labels up to {int(y.max())}; {FETCH}"
+            )
         return x[:, None], y
 
     def superclasses(self) -> torch.Tensor | None:

@@ -51,8 +51,10 @@ def carve(labels: torch.Tensor, seed: int, val_per_class: int = 0, val_fraction:
     counts = torch.bincount(labels)
     n_val = torch.full_like(counts, val_per_class) if val_per_class else (counts * val_fraction).round().long()
     if bool(((n_val >= counts) & (counts > 0)).any()):
-        raise UserError(f"data.val_per_class={val_per_class} / data.val_fraction={val_fraction} leaves a class "
-                        f"with no training examples (smallest class: {int(counts[counts > 0].min())}); lower it")
+        raise UserError(
+            f"data.val_per_class={val_per_class} / data.val_fraction={val_fraction} leaves a class "
+            f"with no training examples (smallest class: {int(counts[counts > 0].min())}); lower it"
+        )
     is_val = rank < n_val.repeat_interleave(counts)
     return by_class[~is_val].sort().values, by_class[is_val].sort().values
 
@@ -110,10 +112,14 @@ class LoaderDataModule(SplitDataModule):
         # Lightning calls set_epoch on it, so the order follows (seed, epoch) and survives a resume. Only
         # training is padded to shard evenly: an evaluation pass counts each example once.
         sampler = (DistributedSampler if shuffle else UnrepeatedDistributedSampler)(
-            self.splits[split], num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
+            self.splits[split], num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed
+        )
         return DataLoader(
-            self.splits[split], batch_size=batch_size or (self.batch_size if shuffle else self.eval_batch_size),
-            sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
+            self.splits[split],
+            batch_size=batch_size or (self.batch_size if shuffle else self.eval_batch_size),
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 
@@ -148,9 +154,11 @@ class ImageFolderDataModule(LoaderDataModule):
             return torchvision.datasets.ImageFolder(path)
         except FileNotFoundError as err:
             h = self.hparams
-            raise UserError(f"no <class>/<image> folders in {path} ({err}); for ImageNet run "
-                            f"`make data DATA=imagenet`, or point data.root at a folder with {h.train_dir}/ and "
-                            f"{h.val_dir}/") from None
+            raise UserError(
+                f"no <class>/<image> folders in {path} ({err}); for ImageNet run "
+                f"`make data DATA=imagenet`, or point data.root at a folder with {h.train_dir}/ and "
+                f"{h.val_dir}/"
+            ) from None
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -158,12 +166,16 @@ class ImageFolderDataModule(LoaderDataModule):
         train_set, test_set = self._folder(self.hparams.train_dir), self._folder(self.hparams.val_dir)
         if train_set.classes != test_set.classes:
             h = self.hparams
-            raise UserError(f"{Path(h.root) / h.val_dir} has {len(test_set.classes)} class folders but {h.train_dir}/ "
-                            f"has {len(train_set.classes)}; both need the same classes (ImageNet's val images must be "
-                            "sorted into class folders: `make data DATA=imagenet`)")
+            raise UserError(
+                f"{Path(h.root) / h.val_dir} has {len(test_set.classes)} class folders but {h.train_dir}/ "
+                f"has {len(train_set.classes)}; both need the same classes (ImageNet's val images must be "
+                "sorted into class folders: `make data DATA=imagenet`)"
+            )
         size, normalise = self.hparams.image_size, to_normalised_tensor(*IMAGENET_MEAN_STD)
         self.make_splits(
-            train_set, test_set, torch.tensor(train_set.targets),
+            train_set,
+            test_set,
+            torch.tensor(train_set.targets),
             v2.Compose([v2.RandomResizedCrop(size), v2.RandomHorizontalFlip(), *normalise]),
             v2.Compose([v2.Resize(round(size * 256 / 224)), v2.CenterCrop(size), *normalise]),
         )
@@ -173,8 +185,10 @@ def torchvision_dataset(name: str, root: str, train: bool, download: bool = Fals
     """``torchvision.datasets.<name>``'s train or test split, whether it takes ``train=`` or ``split=``."""
     cls = getattr(torchvision.datasets, name, None)
     if not (isinstance(cls, type) and issubclass(cls, torchvision.datasets.VisionDataset)):
-        raise UserError(f"data.name={name!r} is not a torchvision data set; e.g. MNIST, FashionMNIST, KMNIST, "
-                        "CIFAR10, CIFAR100, SVHN, STL10 (names are case-sensitive)")
+        raise UserError(
+            f"data.name={name!r} is not a torchvision data set; e.g. MNIST, FashionMNIST, KMNIST, "
+            "CIFAR10, CIFAR100, SVHN, STL10 (names are case-sensitive)"
+        )
     params = inspect.signature(cls).parameters
     if "train" in params:
         kwargs["train"] = train
@@ -189,8 +203,9 @@ def torchvision_dataset(name: str, root: str, train: bool, download: bool = Fals
             raise UserError(download_failed(cls, root, err)) from None
         if not isinstance(err, RuntimeError):  # not torchvision's "not found": the system's own error says more
             raise
-        raise UserError(f"{name} not found or corrupted in {root}; fetch it with "
-                        f"`make data DATA={name}` or set data.download=true") from None
+        raise UserError(
+            f"{name} not found or corrupted in {root}; fetch it with `make data DATA={name}` or set data.download=true"
+        ) from None
 
 
 def download_failed(cls: type, root: str, err: BaseException) -> str:
@@ -203,9 +218,13 @@ def download_failed(cls: type, root: str, err: BaseException) -> str:
         files, url = ", ".join(name for name, _ in cls.resources), f"{cls.mirrors[0]}{cls.resources[0][0]}"
         where = str(Path(root) / cls.__name__ / "raw")
     else:
-        return f"downloading {cls.__name__} into {root} failed ({reason}); see torchvision's {cls.__name__} for its source"
-    return (f"downloading {cls.__name__} failed ({reason}); tried {url}; if this machine cannot reach it, "
-            f"download {files} by hand into {where} and run again")
+        return (
+            f"downloading {cls.__name__} into {root} failed ({reason}); see torchvision's {cls.__name__} for its source"
+        )
+    return (
+        f"downloading {cls.__name__} failed ({reason}); tried {url}; if this machine cannot reach it, "
+        f"download {files} by hand into {where} and run again"
+    )
 
 
 def labels_of(dataset) -> torch.Tensor:
@@ -247,8 +266,10 @@ class TorchvisionDataModule(LoaderDataModule):
         if self.splits:
             return
         h = self.hparams
-        train_set, test_set = (torchvision_dataset(h.name, h.root, train, h.download, **(h.dataset_kwargs or {}))
-                               for train in (True, False))
+        train_set, test_set = (
+            torchvision_dataset(h.name, h.root, train, h.download, **(h.dataset_kwargs or {}))
+            for train in (True, False)
+        )
         resize = [v2.Resize(h.image_size), v2.CenterCrop(h.image_size)] if h.image_size else []
         transform = v2.Compose([*resize, *to_normalised_tensor([0.5], [0.5])])
         self.make_splits(train_set, test_set, labels_of(train_set), transform, transform)

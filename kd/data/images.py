@@ -43,8 +43,10 @@ def per_class_subset(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     with the same seed keeps the smaller draw)."""
     counts = torch.bincount(labels)
     if n > counts.min():
-        raise UserError(f"data.train_per_class={n} is more than the {int(counts.min())} training images of class "
-                        f"{int(counts.argmin())}; lower it (null: every training image)")
+        raise UserError(
+            f"data.train_per_class={n} is more than the {int(counts.min())} training images of class "
+            f"{int(counts.argmin())}; lower it (null: every training image)"
+        )
     by_class, rank = ranked_by_class(labels, seed)
     return by_class[rank < n].sort().values
 
@@ -60,10 +62,21 @@ class ImageDataModule(TensorDataModule):
 
     POPULATION_KEYS = ("seed",)
 
-    def __init__(self, mean_std, val_size: int, batch_size: int, eval_batch_size: int, seed: int, augment: bool,
-                 train_per_class: int | None = None, split_seed: int | None = None, min_epoch_size: int = 0):
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed,
-                         min_epoch_size=min_epoch_size)
+    def __init__(
+        self,
+        mean_std,
+        val_size: int,
+        batch_size: int,
+        eval_batch_size: int,
+        seed: int,
+        augment: bool,
+        train_per_class: int | None = None,
+        split_seed: int | None = None,
+        min_epoch_size: int = 0,
+    ):
+        super().__init__(
+            batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed, min_epoch_size=min_epoch_size
+        )
         check_range("data.val_size", val_size, 0, None)
         check_range("data.batch_size", batch_size, 1, None)
         check_range("data.min_epoch_size", min_epoch_size, 0, None)

@@ -46,9 +46,15 @@ class SyntheticDataModule(TensorDataModule):
         eval_batch_size: int = 4096,
     ):
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, seed=seed)
-        for key, value in [("superclasses", superclasses), ("subclasses", subclasses), ("dim", dim),
-                           ("train_per_class", train_per_class), ("val_per_class", val_per_class),
-                           ("test_per_class", test_per_class), ("batch_size", batch_size)]:
+        for key, value in [
+            ("superclasses", superclasses),
+            ("subclasses", subclasses),
+            ("dim", dim),
+            ("train_per_class", train_per_class),
+            ("val_per_class", val_per_class),
+            ("test_per_class", test_per_class),
+            ("batch_size", batch_size),
+        ]:
             check_range(f"data.{key}", value, 1, None)
         check_range("data.delta", delta, 0, None)
         check_range("data.sigma", sigma, 0, None, low_open=True)

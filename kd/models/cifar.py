@@ -45,8 +45,10 @@ class PooledNet(nn.Module):
 def image_channels(input_shape) -> int:
     """Channels of an image input (C, H, W); a one-line error for flat inputs."""
     if len(input_shape) != 3:
-        raise UserError(f"this model needs image inputs (C, H, W), but the data gives input_shape="
-                        f"{tuple(input_shape)}; use model=mlp for flat inputs")
+        raise UserError(
+            f"this model needs image inputs (C, H, W), but the data gives input_shape="
+            f"{tuple(input_shape)}; use model=mlp for flat inputs"
+        )
     return input_shape[0]
 
 

@@ -42,13 +42,26 @@ TOPK_TAILS = ("uniform", "renorm")
 
 _KD_DEFAULTS = {"temperature": 1.0, "kd_weight": 0.9, "ce_weight": None, "t2_scale": True}
 # DKD (Zhao et al., CVPR 2022): mdistiller's CIFAR-100 recipe; tckd_weight and nckd_weight are its alpha, beta.
-_DEFAULTS = {"ce": {}, "ls": {"eps": 0.1},
-             "dkd": {"temperature": 4.0, "ce_weight": 1.0, "tckd_weight": 1.0, "nckd_weight": 8.0, "t2_scale": True}}
-_EXTRA = {"kd_sim": {"class_similarity": None}, "kd_pt_sim": {"class_similarity": None},
-          "kd_topk": {"k": 0.25, "tail": "uniform"}}
+_DEFAULTS = {
+    "ce": {},
+    "ls": {"eps": 0.1},
+    "dkd": {"temperature": 4.0, "ce_weight": 1.0, "tckd_weight": 1.0, "nckd_weight": 8.0, "t2_scale": True},
+}
+_EXTRA = {
+    "kd_sim": {"class_similarity": None},
+    "kd_pt_sim": {"class_similarity": None},
+    "kd_topk": {"k": 0.25, "tail": "uniform"},
+}
 # check_range's (low, high, low_open) for every numeric parameter.
-_RANGES = {"eps": (0, 1), "kd_weight": (0, 1), "ce_weight": (0, 1), "k": (0, 1, True),
-           "temperature": (0, None, True), "tckd_weight": (0, None), "nckd_weight": (0, None)}
+_RANGES = {
+    "eps": (0, 1),
+    "kd_weight": (0, 1),
+    "ce_weight": (0, 1),
+    "k": (0, 1, True),
+    "temperature": (0, None, True),
+    "tckd_weight": (0, None),
+    "nckd_weight": (0, None),
+}
 
 
 def needs_teacher(name: str) -> bool:
@@ -88,10 +101,14 @@ def _class_similarity(name: str, value) -> torch.Tensor:
     if value.ndim < 2 or value.shape[-1] != value.shape[-2]:
         raise UserError(f"class_similarity has shape {tuple(value.shape)}; give {wanted}")
     sums = value.sum(-1)
-    if not (torch.isfinite(value).all() and (value >= 0).all() and torch.allclose(sums, torch.ones_like(sums), atol=1e-4)):
-        raise UserError(f"class_similarity's rows must be distributions (non-negative, summing to 1); its row sums "
-                        f"range from {sums.min().item():.4g} to {sums.max().item():.4g}, its entries from "
-                        f"{value.min().item():.4g} to {value.max().item():.4g}")
+    if not (
+        torch.isfinite(value).all() and (value >= 0).all() and torch.allclose(sums, torch.ones_like(sums), atol=1e-4)
+    ):
+        raise UserError(
+            f"class_similarity's rows must be distributions (non-negative, summing to 1); its row sums "
+            f"range from {sums.min().item():.4g} to {sums.max().item():.4g}, its entries from "
+            f"{value.min().item():.4g} to {value.max().item():.4g}"
+        )
     return value
 
 

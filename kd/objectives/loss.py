@@ -16,8 +16,8 @@ Logits may carry leading member axes, (..., B, K) with labels (..., B): a popula
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -110,19 +110,25 @@ class KDLoss(nn.Module):
             raise UserError(f"student_logits must be a (B, K) tensor (or (..., B, K)); got {_describe(student_logits)}")
         classes = student_logits.shape[-1]
         if not isinstance(labels, torch.Tensor) or labels.shape != student_logits.shape[:-1]:
-            raise UserError(f"labels must be a tensor of shape {tuple(student_logits.shape[:-1])}, one class index "
-                            f"per example; got {_describe(labels)}")
+            raise UserError(
+                f"labels must be a tensor of shape {tuple(student_logits.shape[:-1])}, one class index "
+                f"per example; got {_describe(labels)}"
+            )
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise UserError(f"labels must be integer class indices in [0, {classes - 1}]; got dtype {labels.dtype}")
-        if self.needs_teacher and (not isinstance(teacher_logits, torch.Tensor)
-                                   or teacher_logits.shape != student_logits.shape):
-            raise UserError(f"teacher_logits must have the student's shape {tuple(student_logits.shape)}; "
-                            f"got {_describe(teacher_logits)}")
+        if self.needs_teacher and (
+            not isinstance(teacher_logits, torch.Tensor) or teacher_logits.shape != student_logits.shape
+        ):
+            raise UserError(
+                f"teacher_logits must have the student's shape {tuple(student_logits.shape)}; "
+                f"got {_describe(teacher_logits)}"
+            )
         if labels.numel() and (labels.device.type == "cpu" or not self._range_checked):
             low, high = labels.aminmax()
             if low < 0 or high >= classes:
-                raise UserError(f"labels must be class indices in [0, {classes - 1}]; got values from "
-                                f"{int(low)} to {int(high)}")
+                raise UserError(
+                    f"labels must be class indices in [0, {classes - 1}]; got values from {int(low)} to {int(high)}"
+                )
             self._range_checked = True
         return labels.long()
 

@@ -38,8 +38,11 @@ def closure(names) -> set[str]:
 
 ALLOWED = closure(GPU_MACHINE)
 SITE = {os.path.realpath(p) for p in site.getsitepackages()}
-HIDDEN = {module for module, dists in metadata.packages_distributions().items()
-          if not any(normal(d) in ALLOWED for d in dists)}
+HIDDEN = {
+    module
+    for module, dists in metadata.packages_distributions().items()
+    if not any(normal(d) in ALLOWED for d in dists)
+}
 
 
 class Bare(importlib.machinery.PathFinder):
@@ -53,8 +56,11 @@ class Bare(importlib.machinery.PathFinder):
 
     @classmethod
     def find_distributions(cls, *args, **kwargs):
-        return (d for d in super().find_distributions(*args, **kwargs)
-                if normal(d.name) in ALLOWED or os.path.realpath(d.locate_file("")) not in SITE)
+        return (
+            d
+            for d in super().find_distributions(*args, **kwargs)
+            if normal(d.name) in ALLOWED or os.path.realpath(d.locate_file("")) not in SITE
+        )
 
 
 sys.meta_path[sys.meta_path.index(importlib.machinery.PathFinder)] = Bare
