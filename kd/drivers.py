@@ -66,32 +66,39 @@ class DriverParser(argparse.ArgumentParser):
     and ``<logs>/<name>_<data>`` on the others, so the data sets never overwrite one another, where
     ``<results>`` and ``<logs>`` are ``paths.results_dir`` and ``paths.log_dir``: under
     ``paths.root_dir`` ($KD_ROOT, else the current folder), as the runs' teachers are; and the
-    seeds, ``seeds[data]`` (``seeds[None]`` for the others)."""
+    seeds, ``seeds[data]`` (``seeds[None]`` for the others). ``runs_of``: the driver whose run
+    folders this one shares (its <name> in ``--runs``)."""
 
-    def __init__(self, name: str, bound: bool, seeds: dict, **kwargs):
+    def __init__(self, name: str, bound: bool, seeds: dict, runs_of: str | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.name, self.bound, self.seeds = name, bound, seeds
+        self.name, self.bound, self.seeds, self.runs_of = name, bound, seeds, runs_of or name
+
+    def tag(self, name: str, data: str) -> str:
+        return name if self.bound or data == "synthetic" else f"{name}_{data}"
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
-        tag = self.name if self.bound or parsed.data == "synthetic" else f"{self.name}_{parsed.data}"
         paths = compose_config([o for o in parsed.overrides if override_key(o).startswith("paths.")]).paths
-        parsed.out = parsed.out or str(Path(paths.results_dir) / tag)
-        parsed.runs = parsed.runs or str(Path(paths.log_dir) / tag)
+        parsed.out = parsed.out or str(Path(paths.results_dir) / self.tag(self.name, parsed.data))
+        parsed.runs = parsed.runs or str(Path(paths.log_dir) / self.tag(self.runs_of, parsed.data))
         if parsed.seeds is None:
             parsed.seeds = list(self.seeds.get(parsed.data, self.seeds[None]))
         return parsed
 
 
-def parser(name: str, doc: str, seeds=(0, 1, 2), data: str | None = None) -> argparse.ArgumentParser:
+def parser(
+    name: str, doc: str, seeds=(0, 1, 2), data: str | None = None, runs_of: str | None = None
+) -> argparse.ArgumentParser:
     """The flags every driver takes; Hydra overrides for every run go after ``--``. A driver
     bound to one data set passes ``data`` and gets no ``--data`` flag. ``seeds``: the default
-    seeds, or ``{data set: seeds}`` with ``None`` for the others."""
+    seeds, or ``{data set: seeds}`` with ``None`` for the others. ``runs_of``: the driver whose run
+    folders it shares by default (sensitivity: fig3's)."""
     defaults = seeds if isinstance(seeds, dict) else {None: seeds}
     p = DriverParser(
         name,
         data is not None,
         defaults,
+        runs_of,
         prog=f"python -m experiments.{name}",
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -113,8 +120,8 @@ def parser(name: str, doc: str, seeds=(0, 1, 2), data: str | None = None) -> arg
     )
     p.add_argument(
         "--runs",
-        help=f"run folders: checkpoints, results.json (default: logs/{name}, "
-        f"logs/{name}_<data> on real data, under $KD_ROOT if set)",
+        help=f"run folders: checkpoints, results.json (default: logs/{runs_of or name}, "
+        f"logs/{runs_of or name}_<data> on real data, under $KD_ROOT if set)",
     )
     p.add_argument("--quick", action="store_true", help="a few epochs: checks the pipeline, not the science")
     p.add_argument("--no-wandb", action="store_true")
