@@ -183,17 +183,17 @@ def claim_lines(gaps: pd.DataFrame, by: str) -> list[str]:
     return lines
 
 
-def family_line(gaps: pd.DataFrame, by: str) -> str:
-    """How many comparisons a verdict table makes at once, and which of its decided verdicts survive
-    Holm's correction of that family (family-wise error 5%)."""
+def family_line(gaps: pd.DataFrame, name_of, shape: str = "") -> str:
+    """How many comparisons a verdict table makes at once (``shape`` says how they are made up), and
+    which of its decided verdicts survive Holm's correction of that family (family-wise error 5%);
+    ``name_of`` names a row of ``gaps``."""
     decided = gaps[gaps.verdict.isin(["holds", "reversed"])]
     kept = holm(gaps.p)[decided.index]
-    lost = [f"{LABELS[r.a]} > {LABELS[r.b]} at {position(by, r[by])}" for _, r in decided[~kept].iterrows()]
+    lost = [name_of(r) for _, r in decided[~kept].iterrows()]
     return (
-        f"These verdicts make {len(gaps)} comparisons at once ({gaps.groupby(['a', 'b']).ngroups} claims x "
-        f"{gaps[by].nunique()} {by} values). With Holm's correction of that family (family-wise error 5%), "
-        f"{int(kept.sum())} of the {len(decided)} decided verdicts survive"
-        + (f"; lost: {', '.join(lost)}." if lost else ".")
+        f"These verdicts make {len(gaps)} comparisons at once{f' ({shape})' if shape else ''}. With Holm's "
+        f"correction of that family (family-wise error 5%), {int(kept.sum())} of the {len(decided)} decided "
+        "verdicts survive" + (f"; lost: {', '.join(lost)}." if lost else ".")
     )
 
 
@@ -235,7 +235,9 @@ def summarise(
         "",
     ]
     gaps = paired_gaps(ok, ORDERING, metric, by=by)
-    lines += [*claim_lines(gaps, by), "", family_line(gaps, by)]
+    shape = f"{gaps.groupby(['a', 'b']).ngroups} claims x {gaps[by].nunique()} {by} values"
+    name_of = lambda r: f"{LABELS[r.a]} > {LABELS[r.b]} at {position(by, r[by])}"  # noqa: E731
+    lines += [*claim_lines(gaps, by), "", family_line(gaps, name_of, shape)]
     if gen is not None:
         lines += generator_lines(gen)
     if teachers:
