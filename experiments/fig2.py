@@ -59,13 +59,15 @@ def seed_matrices(loaded: dict, tau: float, split: str):
     matrices["weights_teacher"] = domain.weight_cosine(teacher)
     matrices.update({f"weights_{m}": domain.weight_cosine(student) for m, (_, student, _, _) in loaded.items()})
     smoothing = {t: universe.summary(teacher, dm, split, t)["effective_smoothing"] for t in (1.0, tau)}
-    return matrices, dm.superclass_of, smoothing
+    return matrices, dm.superclass_of, dm.class_names, smoothing
 
 
-def plot(matrices: dict, superclass_of: torch.Tensor, labels: dict, seed: int, at: str):
+def plot(matrices: dict, superclass_of: torch.Tensor, names: list[str], labels: dict, seed: int, at: str):
+    """The six matrices, classes ordered by superclass and named on both axes."""
     order = domain.superclass_order(superclass_of)
     bounds = (torch.nonzero(superclass_of[order][1:] != superclass_of[order][:-1]).flatten() + 0.5).tolist()
-    fig, axes = plt.subplots(2, 3, figsize=(12, 7.6), constrained_layout=True)
+    ticks = [names[k] for k in order.tolist()]
+    fig, axes = plt.subplots(2, 3, figsize=(13, 9.4), constrained_layout=True)
     for ax, (name, matrix) in zip(axes.flat, matrices.items()):
         image = ax.imshow(matrix[order][:, order].numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
         for b in bounds:
@@ -73,8 +75,8 @@ def plot(matrices: dict, superclass_of: torch.Tensor, labels: dict, seed: int, a
             ax.axvline(b, color="k", lw=0.6)
         score = domain.superclass_score(matrix, superclass_of)["score"]
         ax.set_title(f"{labels[name]}\nwithin - between = {score:+.2f}", fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set_xticks(range(len(ticks)), ticks, rotation=90, fontsize=6)
+        ax.set_yticks(range(len(ticks)), ticks, fontsize=6)
     for ax in list(axes.flat)[len(matrices) :]:
         ax.axis("off")
     fig.colorbar(image, ax=axes, shrink=0.6, label="correlation / cosine")
@@ -132,7 +134,9 @@ def summarise(
         "",
         "## The paper's claims, seed by seed",
         "",
-        "Gap = mean over seeds of the paired difference of within - between scores ± its std.",
+        "Gap = mean over seeds of the paired difference of within - between scores, with its 95% paired-t "
+        "interval over seeds; *holds* when the interval is above 0, *reversed* below, *unresolved* when it "
+        "contains 0 (fig3's verdicts).",
         "",
     ]
     pairs = [
@@ -142,8 +146,8 @@ def summarise(
     ]
     for r in paired_gaps(scores.assign(method=scores.matrix, delta=0), pairs, "score", by="delta").itertuples():
         lines.append(
-            f"- {labels[r.a]} > {labels[r.b]}: gap {r.gap:+.3f} ± {r.spread:.3f} over {r.n} seeds"
-            f"{', beyond the seed spread' if r.exceeds_spread else ''}."
+            f"- {labels[r.a]} > {labels[r.b]}: {r.gap:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] {r.verdict} "
+            f"over {r.n} seeds."
         )
     eps = smoothing.groupby("tau").effective_smoothing.agg(["mean", "std"]).fillna(0.0)
     lines += [
@@ -172,7 +176,7 @@ def main(argv=None) -> Path:
     scores, matrices, smoothing, figure = [], [], [], None
     for seed, rows in runs[runs.status == "completed"].groupby("seed"):
         loaded = {r.method: load_job(args.runs, r.job, jobs[r.job].overrides) for r in rows.itertuples()}
-        found, superclass_of, eps = seed_matrices(loaded, args.tau, args.split)
+        found, superclass_of, names, eps = seed_matrices(loaded, args.tau, args.split)
         if superclass_of is None:
             raise SystemExit("error: fig2 orders and scores classes by superclass; this data set has none")
         scores += [
@@ -180,7 +184,7 @@ def main(argv=None) -> Path:
         ]
         smoothing += [{"seed": seed, "tau": t, "effective_smoothing": e} for t, e in eps.items()]
         matrices.append(long_form(found, seed))
-        figure = figure or plot(found, superclass_of, labels, seed, at)
+        figure = figure or plot(found, superclass_of, names, labels, seed, at)
     if figure is None:
         raise SystemExit(f"error: no fig2 run completed; see {args.runs}/runs/*/results.json")
     scores, smoothing = pd.DataFrame(scores), pd.DataFrame(smoothing)

@@ -43,7 +43,7 @@ from kd.analysis.domain import sibling_mass
 from kd.predict import probabilities
 from kd.report import publish
 from kd.runner import compose_config
-from kd.stats import paired_gaps
+from kd.stats import holm, paired_gaps
 
 METHODS = ["ce", "ls", "kd_sim", "kd_pt", "kd_pt_sim", "kd", "kd_topk"]
 # Every method --methods takes, in the order of plots and tables: the default ones, then DKD, the peer
@@ -184,6 +184,20 @@ def claim_lines(gaps: pd.DataFrame, by: str) -> list[str]:
     return lines
 
 
+def family_line(gaps: pd.DataFrame, name_of, shape: str = "") -> str:
+    """How many comparisons a verdict table makes at once (``shape`` says how they are made up), and
+    which of its decided verdicts survive Holm's correction of that family (family-wise error 5%);
+    ``name_of`` names a row of ``gaps``."""
+    decided = gaps[gaps.verdict.isin(["holds", "reversed"])]
+    kept = holm(gaps.p)[decided.index]
+    lost = [name_of(r) for _, r in decided[~kept].iterrows()]
+    return (
+        f"These verdicts make {len(gaps)} comparisons at once{f' ({shape})' if shape else ''}. With Holm's "
+        f"correction of that family (family-wise error 5%), {int(kept.sum())} of the {len(decided)} decided "
+        "verdicts survive" + (f"; lost: {', '.join(lost)}." if lost else ".")
+    )
+
+
 def summarise(
     df: pd.DataFrame,
     seconds: float,
@@ -221,7 +235,10 @@ def summarise(
         "is above 0, *reversed* when below, *unresolved* when it contains 0.",
         "",
     ]
-    lines += claim_lines(paired_gaps(ok, ORDERING, metric, by=by), by)
+    gaps = paired_gaps(ok, ORDERING, metric, by=by)
+    shape = f"{gaps.groupby(['a', 'b']).ngroups} claims x {gaps[by].nunique()} {by} values"
+    name_of = lambda r: f"{LABELS[r.a]} > {LABELS[r.b]} at {position(by, r[by])}"  # noqa: E731
+    lines += [*claim_lines(gaps, by), "", family_line(gaps, name_of, shape)]
     if gen is not None:
         lines += generator_lines(gen)
     if teachers:

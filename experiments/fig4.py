@@ -34,6 +34,7 @@ from experiments.drivers import (
     sweep,
     where,
 )
+from experiments.fig3 import family_line
 from kd.objectives import TOPK_TAILS
 from kd.report import publish
 from kd.stats import paired_gaps
@@ -61,9 +62,18 @@ def variants(ks, tails) -> dict[str, Job]:
     return {**{m: Job([f"objective={m}"], {"k": float("nan"), "tail": ""}) for m in REFERENCES}, **topk}
 
 
+def gaps_to_kd(ok: pd.DataFrame, metric: str = "test_acc_last") -> pd.DataFrame:
+    """Each KD-topk variant's paired gap to KD over seeds, with its 95% interval and verdict, by (tail, k)."""
+    topk = ok[ok["tail"] != ""].drop_duplicates("method").set_index("method")[["tail", "k"]]
+    gaps = paired_gaps(ok, [(m, "kd") for m in topk.index], metric, by="data")
+    return gaps.join(topk, on="a").sort_values(["tail", "k"])
+
+
 def plot(df: pd.DataFrame, at: str, metric: str = "test_acc_last"):
+    """Left: accuracy against k (mean ± std over seeds), KD and CE as lines. Right: each k's paired gap
+    to KD with its 95% paired-t interval, the verdicts of the summary."""
     ok = df[df.status == "completed"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(12, 4.2), constrained_layout=True)
     for method, label in REFERENCES.items():
         acc = ok[ok.method == method][metric]
         if len(acc):
@@ -82,6 +92,23 @@ def plot(df: pd.DataFrame, at: str, metric: str = "test_acc_last"):
     ax.set_title(f"Fig. 4: KD-topk ({at})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    gaps = gaps_to_kd(ok, metric)
+    for i, (tail, rows) in enumerate(gaps.groupby("tail")):
+        right.errorbar(
+            rows.k,
+            rows.gap,
+            yerr=[rows.gap - rows.ci_low, rows.ci_high - rows.gap],
+            fmt="o-",
+            capsize=3,
+            color=f"C{i}",
+            label=f"KD-topk, tail={tail}",
+        )
+    right.axhline(0, color="k", lw=0.8)
+    right.set_xlabel("k (fraction of the classes whose teacher probability is kept)")
+    right.set_ylabel(f"paired gap to KD in {metric.replace('_', ' ')} (95% paired-t interval)")
+    right.set_title("KD-topk minus KD, paired by seed")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=8)
     return fig
 
 
@@ -91,7 +118,7 @@ def summarise(
     ok = df[df.status == "completed"]
     failed = df[df.status != "completed"]
     stats = ok.groupby("method")[metric].agg(["mean", "std"]).fillna(0.0)
-    gaps = paired_gaps(ok, [(m, "kd") for m in stats.index if m not in REFERENCES], metric, by="data").set_index("a")
+    gaps = gaps_to_kd(ok, metric)
 
     def cell(method: str) -> str:
         return f"{stats.loc[method, 'mean']:.3f} ± {stats.loc[method, 'std']:.3f}" if method in stats.index else "n/a"
@@ -104,21 +131,18 @@ def summarise(
         "",
         *[f"- {label}: {cell(m)}" for m, label in REFERENCES.items()],
         "",
-        "Gap vs KD = mean over seeds of the paired difference (same seed = same data and teacher) ± its std.",
+        "Gap vs KD = mean over seeds of the paired difference (same seed = same data and teacher), with its "
+        "95% paired-t interval over seeds; verdict as fig3's: *holds* (KD-topk above KD) when the interval is "
+        "above 0, *reversed* (below KD) when below, *unresolved* when it contains 0.",
         "",
-        "| tail | k | accuracy | gap vs KD | beyond seed spread |",
+        "| tail | k | accuracy | gap vs KD [95% interval] | verdict |",
         "|---|---|---|---|---|",
     ]
-    for row in ok[ok["tail"] != ""].drop_duplicates("method").sort_values(["tail", "k"]).itertuples():
-        gap = gaps.loc[row.method] if row.method in gaps.index else None
-        lines.append(
-            f"| {row.tail} | {row.k:g} | {cell(row.method)} | "
-            + (
-                f"{gap.gap:+.3f} ± {gap.spread:.3f} | {'yes' if gap.exceeds_spread else 'no'} |"
-                if gap is not None
-                else "n/a | n/a |"
-            )
-        )
+    lines += [
+        f"| {g.tail} | {g.k:g} | {cell(g.a)} | {g.gap:+.3f} [{g.ci_low:+.3f}, {g.ci_high:+.3f}] | {g.verdict} |"
+        for g in gaps.itertuples()
+    ]
+    lines += ["", family_line(gaps, lambda r: f"tail={r['tail']} k={r['k']:g}", "each (tail, k) against KD")]
     for tail, rows in ok[ok["tail"] != ""].groupby("tail"):
         best = rows.groupby("k")[metric].mean()
         lines.append(

@@ -85,6 +85,13 @@ def methods(data: str) -> dict[str, Job]:
     return found
 
 
+def with_values(df: pd.DataFrame, data: str) -> pd.DataFrame:
+    """The rows of a published sensitivity.csv, which leaves them out, with the objective and variant
+    their jobs carried: ``methods``' values, looked up by the method (the label ``methods`` gave)."""
+    values = pd.DataFrame.from_dict({label: job.values for label, job in methods(data).items()}, orient="index")
+    return df.join(values, on="method")
+
+
 def under(df: pd.DataFrame, variant: str, changed: list[str]) -> pd.DataFrame:
     """The runs as the variant sees them, each named by its objective: its own runs of the ``changed``
     methods, fig3's of the rest."""

@@ -148,3 +148,32 @@ def test_sibling_mass_counts_wrong_mass_on_superclass_siblings():
     assert sibling_mass(on_siblings, labels, superclass_of) == pytest.approx(1.0)
     uniform = torch.full((2, 4), 0.25)
     assert sibling_mass(uniform, labels, superclass_of) == pytest.approx(1 / 3)
+
+
+def test_target_profiles_of_known_targets(batch):
+    """kd.analysis.targets on closed forms: KD is the teacher itself (KL 0); KD-pt keeps q_c and
+    spreads the rest evenly; the uniform target has entropy log K and shares its wrong-class mass with
+    the siblings in proportion to their number; a target that favours one wrong class beyond rho_c
+    counts as wrong at the top."""
+    from kd.analysis.targets import mean_profile, profile, ranked
+
+    _, labels, teacher_logits = batch
+    q = torch.softmax(teacher_logits / 4, dim=-1)
+    superclass_of = torch.tensor([0, 0, 0, 1, 1, 2])  # class 5 alone: no siblings
+    kd = profile(targets.teacher(q, labels), q, labels, superclass_of)
+    assert torch.allclose(kd["kl_from_teacher"], torch.zeros(B, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(kd["wrong_argmax"], (q.argmax(-1) != labels).double())
+    pt = profile(targets.pt(q, labels), q, labels)
+    q_c = q.gather(-1, labels[:, None]).squeeze(-1).double()
+    assert torch.allclose(pt["true"], q_c) and torch.allclose(pt["top_wrong"], (1 - q_c) / (K - 1))
+    uniform = mean_profile(targets.uniform(q, labels), q, labels, superclass_of)
+    assert math.isclose(uniform["entropy"], math.log(K), rel_tol=1e-6)  # a float32 1/K
+    with_siblings = superclass_of[labels] != 2
+    siblings = (superclass_of[None, :] == superclass_of[:, None]).sum(1) - 1  # of each class
+    expected = (siblings[labels][with_siblings].double() / (K - 1)).mean().item()
+    assert math.isclose(uniform["sibling_share"], expected, rel_tol=1e-6)
+    tilted = torch.full((B, K), 0.1).scatter(-1, labels[:, None], 0.2)
+    tilted.scatter_(-1, ((labels + 1) % K)[:, None], 0.3)
+    tilted = tilted / tilted.sum(-1, keepdim=True)
+    assert mean_profile(tilted, q, labels)["wrong_argmax"] == 1.0
+    assert torch.allclose(ranked(tilted, labels)[:3], torch.tensor([0.2, 0.3, 0.1], dtype=torch.float64) / 0.9)

@@ -134,6 +134,11 @@ class SplitDataModule(L.LightningDataModule):
         DistillationModule runs the frozen teacher over it once, not once per epoch."""
         return False
 
+    @property
+    def class_names(self) -> list[str]:
+        """A name for each class, for figures (its index where the data set names none)."""
+        return [str(k) for k in range(self.num_classes)]
+
     def train_dataloader(self):
         return self.loader("train", shuffle=True)
 

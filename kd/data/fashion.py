@@ -104,6 +104,10 @@ class FashionMNISTDataModule(ImageDataModule):
         return len(CLASSES)
 
     @property
+    def class_names(self) -> list[str]:
+        return list(CLASSES)
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         return (1, 28, 28)
 

@@ -74,6 +74,11 @@ class SyntheticDataModule(TensorDataModule):
         return self.hparams.superclasses * self.hparams.subclasses
 
     @property
+    def class_names(self) -> list[str]:
+        """``superclass.subclass``: the generator's own hierarchy."""
+        return [f"{s}.{i}" for s in range(self.hparams.superclasses) for i in range(self.hparams.subclasses)]
+
+    @property
     def input_shape(self) -> tuple[int, ...]:
         return (self.hparams.dim,)
 
