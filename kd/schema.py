@@ -136,6 +136,8 @@ def check_objectives(plain: dict) -> None:
     setting the recipe gives (``recipe.<objective>.<parameter>``), whichever objective runs."""
     for name, given in (plain.get("recipe") or {}).items():
         check_choice("recipe.<objective>", name, objectives.REGISTRY)
+        if not isinstance(given, dict):
+            raise UserError(f"recipe.{name}={given!r} is not valid; give its parameters: recipe.{name}.<parameter>=...")
         objectives.lookup(name).check(given, where=f"recipe.{name}")
     objectives.check(plain["objective"])
 

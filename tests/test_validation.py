@@ -74,6 +74,7 @@ from tests.conftest import TINY
             "objective 'kd' takes no parameter 'tau' (in recipe.kd); valid parameters: temperature, kd_weight,",
         ),
         ("+recipe.kd_tpok.k=0.5", "recipe.<objective>='kd_tpok' is not valid; choose one of: ce, ls,"),
+        ("+recipe.kd=4", "recipe.kd=4 is not valid; give its parameters: recipe.kd.<parameter>=..."),
         # teachers
         (
             "objective=kd teacher=checkpoint",
