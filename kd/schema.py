@@ -132,8 +132,8 @@ def _options(path: str, target_name: str, name) -> tuple[str, dict, bool] | None
 
 
 def check_objectives(plain: dict) -> None:
-    """The objective against its declaration (``kd.objectives``), and so is every objective's
-    setting the recipe gives (``recipe.<objective>.<parameter>``), whichever objective runs."""
+    """The objective against its declaration (``kd.objectives``), and every setting the recipe gives
+    an objective (``recipe.<objective>.<parameter>``), whichever objective runs."""
     for name, given in (plain.get("recipe") or {}).items():
         check_choice("recipe.<objective>", name, objectives.REGISTRY)
         if not isinstance(given, dict):
