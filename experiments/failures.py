@@ -31,7 +31,6 @@ Writes results/failures/{failures.csv (students), failures_teachers.csv, failure
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -39,15 +38,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from kd.analysis import diagnosis
-from kd.drivers import (
+from experiments.drivers import (
     DATA,
+    Job,
     axis_points,
     build_jobs,
     check_data,
     collect,
     ending,
-    load_teacher,
     parser,
     require_data,
     rerun,
@@ -55,7 +53,9 @@ from kd.drivers import (
     sweep,
     where,
 )
+from kd.analysis import diagnosis
 from kd.report import publish
+from kd.runner import job_folder, load_teacher
 from kd.stats import paired_gaps
 from kd.teachers import teacher_config
 
@@ -127,42 +127,39 @@ PREDICTED = {
     "capacity": {"q_c_q50": +1, "q_c_std": -1, "kd_pt": -1, "kd": -1},
 }
 HARMLESS_AT_TAU_1 = {"label smoothing"}
-# A student's name: <method>-tau<t>@<teacher>; the CE reference is plain "ce".
-STUDENT = re.compile(r"(?P<student>[^@]+?)-tau(?P<tau>[^@]+)@(?P<teacher>.+)")
+# A student's values (its row's last columns): its objective, the temperature and the teacher it
+# distils from; the CE reference has no teacher: tau NaN, teacher "".
+PARTS = ("student", "tau", "teacher")
 
 
 def student_label(method: str, teacher: str, tau: float) -> str:
+    """A student's name, ``<method>-tau<t>@<teacher>``: its runs' folders and its method in the CSV."""
     return f"{method}-tau{tau:g}@{teacher}"
 
 
-def variants(teachers, methods, temperatures) -> dict[str, list[str]]:
-    """The CE reference and every (method, teacher, temperature) student, as ``build_jobs`` methods."""
+def variants(teachers, methods, temperatures) -> dict[str, Job]:
+    """The CE reference and every (method, teacher, temperature) student, as ``build_jobs`` methods
+    whose rows carry their ``PARTS``."""
     students = {
-        student_label(m, t, tau): [f"objective={m}", f"objective.temperature={tau}", *extra]
+        student_label(m, t, tau): Job(
+            [f"objective={m}", f"objective.temperature={tau}", *extra], {"student": m, "tau": tau, "teacher": t}
+        )
         for t, extra in teachers.items()
         for tau in temperatures
         for m in methods
     }
-    return {REFERENCE: [f"objective={REFERENCE}"], **students}
+    reference = Job([f"objective={REFERENCE}"], {"student": REFERENCE, "tau": float("nan"), "teacher": ""})
+    return {REFERENCE: reference, **students}
 
 
-def with_teacher(df: pd.DataFrame) -> pd.DataFrame:
-    """``collect``'s rows with the student's objective, temperature and teacher apart (CE: no teacher,
-    teacher "" and tau NaN)."""
-    parts = df.method.str.extract(STUDENT)
-    return df.assign(
-        student=parts.student.fillna(df.method), tau=parts.tau.astype(float), teacher=parts.teacher.fillna("")
-    )
-
-
-def diagnose_teachers(runs: pd.DataFrame, jobs: dict, root: str):
+def diagnose_teachers(runs: pd.DataFrame, jobs: dict[str, Job], root: str):
     """``kd.analysis.diagnose`` at tau 1 and the per-example q_c and w of each teacher and seed, from
     the config of one of its students; a teacher several seeds share (a fixed teacher seed) is measured once."""
     rows, examples, measured = [], [], {}
     distilled = runs[(runs.teacher != "") & (runs.status == "completed")]
     for (teacher, seed), group in distilled.groupby(["teacher", "seed"]):
         job = group.job.iloc[0]
-        cfg, net, dm = load_teacher(jobs[job], Path(root) / "runs" / job)
+        cfg, net, dm = load_teacher(jobs[job].overrides, job_folder(root, job))
         folder = teacher_config(cfg).paths.output_dir  # the same cache folder is the same teacher
         if folder not in measured:
             measured[folder] = diagnosis.diagnose(net, dm, cfg.objective.kd_weight)
@@ -283,11 +280,6 @@ def student_table(
     return [*lines, ""]
 
 
-def teacher_of(labels: pd.Series) -> pd.Series:
-    """The teacher part of ``student_label``s ("" for the CE reference)."""
-    return labels.str.extract(STUDENT).teacher.fillna("")
-
-
 def against_base(
     teachers: pd.DataFrame, ok: pd.DataFrame, others: list[str], base: str, temperatures, metric: str
 ) -> pd.DataFrame:
@@ -300,9 +292,9 @@ def against_base(
     frames = [f.assign(teacher=f.a, tau=np.nan) for f in frames]
     for m in METHODS:
         for tau in temperatures:
-            pairs = [(student_label(m, t, tau), student_label(m, base, tau)) for t in others]
-            gaps = paired_gaps(ok, pairs, metric, by="data")
-            frames.append(gaps.assign(quantity=m, tau=tau, teacher=teacher_of(gaps.a)))
+            teacher_of = {student_label(m, t, tau): t for t in others}
+            gaps = paired_gaps(ok, [(a, student_label(m, base, tau)) for a in teacher_of], metric, by="data")
+            frames.append(gaps.assign(quantity=m, tau=tau, teacher=gaps.a.map(teacher_of)))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -426,9 +418,9 @@ def main(argv=None) -> Path:
     jobs = build_jobs(
         args.data, axis_points(args), args.seeds, variants(chosen, methods, args.temperatures), run_overrides(args)
     )
-    require_data(next(iter(jobs.values())))
-    records = sweep(jobs, args, "failures")
-    runs = with_teacher(collect(records).assign(job=list(jobs), data=args.data))
+    require_data(next(iter(jobs.values())).overrides)
+    runs = collect(jobs, sweep(jobs, args, "failures")).assign(job=list(jobs), data=args.data)
+    runs = runs[[*runs.columns.drop(list(PARTS)), *PARTS]]  # failures.csv: the student's values last
     if not (runs[runs.teacher != ""].status == "completed").any():
         raise SystemExit(f"error: no failures run with a teacher completed; see {args.runs}/runs/*/results.json")
     teachers, examples = diagnose_teachers(runs, jobs, args.runs)
@@ -438,7 +430,7 @@ def main(argv=None) -> Path:
     out = publish(
         "failures",
         args.out,
-        {"failures": runs.drop(columns=["objective"]), "failures_teachers": teachers, "failures_examples": examples},
+        {"failures": runs, "failures_teachers": teachers, "failures_examples": examples},
         {"failures": plot(runs, teachers, examples, families, at)},
         summary,
         wandb=not args.no_wandb,

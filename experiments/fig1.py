@@ -23,14 +23,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from kd.analysis import instance
-from kd.drivers import (
+from experiments.drivers import (
+    Job,
     axis_points,
     build_jobs,
     check_data,
     collect,
     ending,
-    load_job,
     parser,
     require_data,
     rerun,
@@ -38,8 +37,10 @@ from kd.drivers import (
     sweep,
     where,
 )
+from kd.analysis import instance
 from kd.objectives import targets
 from kd.report import publish
+from kd.runner import load_job
 
 # objective -> (its config key that plays kd_weight, the soft target whose rho_c enters w)
 METHODS = {"kd": ("kd_weight", targets.teacher), "ls": ("eps", targets.uniform)}
@@ -51,11 +52,11 @@ SPLITS = {"train": "training examples", "val": "held-out examples (validation)"}
 W_RANGE = (-1.0, 1.05)
 
 
-def per_example(runs: pd.DataFrame, jobs: dict, root: str) -> pd.DataFrame:
+def per_example(runs: pd.DataFrame, jobs: dict[str, Job], root: str) -> pd.DataFrame:
     """q_c, rho_c, p_c and w of every example of every split, for every completed job."""
     frames = []
     for r in runs[runs.status == "completed"].itertuples():
-        cfg, student, teacher, dm = load_job(root, r.job, jobs[r.job])
+        cfg, student, teacher, dm = load_job(root, r.job, jobs[r.job].overrides)
         weight_key, target = METHODS[r.method]
         for split in SPLITS:
             rows = instance.per_example(
@@ -170,8 +171,8 @@ def main(argv=None) -> Path:
     check_data(args.data, "fig1")
     start = time.time()
     jobs = build_jobs(args.data, axis_points(args), args.seeds, list(METHODS), run_overrides(args))
-    require_data(next(iter(jobs.values())))
-    runs = collect(sweep(jobs, args, "fig1")).assign(job=list(jobs))
+    require_data(next(iter(jobs.values())).overrides)
+    runs = collect(jobs, sweep(jobs, args, "fig1")).assign(job=list(jobs))
     if not (runs.status == "completed").any():
         raise SystemExit(f"error: no fig1 run completed; see {args.runs}/runs/*/results.json")
     examples = per_example(runs, jobs, args.runs)

@@ -22,14 +22,12 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from kd.analysis import domain, universe
-from kd.drivers import (
+from experiments.drivers import (
     axis_points,
     build_jobs,
     check_data,
     collect,
     ending,
-    load_job,
     parser,
     require_data,
     rerun,
@@ -37,7 +35,9 @@ from kd.drivers import (
     sweep,
     where,
 )
+from kd.analysis import domain, universe
 from kd.report import publish
+from kd.runner import load_job
 from kd.stats import paired_gaps
 
 STUDENTS = ["ce", "ls", "kd"]
@@ -169,13 +169,13 @@ def main(argv=None) -> Path:
     check_data(args.data, "fig2")
     start = time.time()
     jobs = build_jobs(args.data, axis_points(args), args.seeds, STUDENTS, run_overrides(args))
-    require_data(next(iter(jobs.values())))
+    require_data(next(iter(jobs.values())).overrides)
     at = where(args.data, axis_points(args))
-    runs = collect(sweep(jobs, args, "fig2")).assign(job=list(jobs))
+    runs = collect(jobs, sweep(jobs, args, "fig2")).assign(job=list(jobs))
     labels = matrix_labels(args.tau)
     scores, matrices, smoothing, figure = [], [], [], None
     for seed, rows in runs[runs.status == "completed"].groupby("seed"):
-        loaded = {r.method: load_job(args.runs, r.job, jobs[r.job]) for r in rows.itertuples()}
+        loaded = {r.method: load_job(args.runs, r.job, jobs[r.job].overrides) for r in rows.itertuples()}
         found, superclass_of, names, eps = seed_matrices(loaded, args.tau, args.split)
         if superclass_of is None:
             raise SystemExit("error: fig2 orders and scores classes by superclass; this data set has none")

@@ -23,11 +23,10 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from hydra.utils import instantiate
 
-from kd import objectives
-from kd.analysis.domain import sibling_mass
-from kd.drivers import (
+from experiments.drivers import (
     AXES,
     DATA,
+    Job,
     axis_points,
     build_jobs,
     check_data,
@@ -40,6 +39,8 @@ from kd.drivers import (
     sweep,
     teacher_accuracy,
 )
+from kd import objectives
+from kd.analysis.domain import sibling_mass
 from kd.predict import probabilities
 from kd.report import publish
 from kd.runner import compose_config
@@ -113,16 +114,16 @@ def plot(df: pd.DataFrame, metric: str = "test_acc_last"):
     return fig
 
 
-def generator(jobs: dict[str, list[str]]) -> pd.DataFrame:
+def generator(jobs: dict[str, Job]) -> pd.DataFrame:
     """What the synthetic data offer at each delta, read off the exact Bayes posterior (the oracle
     teacher) on the test split: how hard the task is and how related the classes are."""
     rows, seen = [], set()
-    for name, overrides in jobs.items():
-        key = name.split("-", 1)[1]  # delta and seed: the same data for every method
+    for job in jobs.values():
+        key = job.values["delta"], job.values["seed"]  # the same data for every method
         if key in seen:
             continue
         seen.add(key)
-        dm = instantiate(compose_config(overrides).data)
+        dm = instantiate(compose_config(job.overrides).data)
         dm.setup()
         out = probabilities(dm.oracle_teacher(), dm, "test")
         m, k = dm.hparams.subclasses, dm.num_classes
@@ -272,11 +273,10 @@ def main(argv=None) -> Path:
     check_data(args.data, "fig3", supported=tuple(DATA))
     start = time.time()
     jobs = build_jobs(args.data, axis_points(args), args.seeds, args.methods, run_overrides(args))
-    require_data(next(iter(jobs.values())))
-    records = sweep(jobs, args, "fig3")
-    df = collect(records).assign(data=args.data)
+    require_data(next(iter(jobs.values())).overrides)
+    df = collect(jobs, sweep(jobs, args, "fig3")).assign(data=args.data)
     seconds = time.time() - start
-    tables = {"fig3": df.drop(columns=["objective"])}
+    tables = {"fig3": df}
     if args.data == "synthetic":
         tables["fig3_generator"] = generator(jobs)
     summary = summarise(

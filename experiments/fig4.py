@@ -20,8 +20,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from experiments.fig3 import family_line
-from kd.drivers import (
+from experiments.drivers import (
+    Job,
     axis_points,
     build_jobs,
     check_data,
@@ -34,6 +34,7 @@ from kd.drivers import (
     sweep,
     where,
 )
+from experiments.fig3 import family_line
 from kd.objectives import REGISTRY
 from kd.report import publish
 from kd.stats import paired_gaps
@@ -48,23 +49,17 @@ def topk_label(k: float, tail: str) -> str:
     return f"kd_topk-k{k:g}-{tail}"
 
 
-def variants(ks, tails) -> dict[str, list[str]]:
-    """The reference objectives and KD-topk at every (k, tail), as ``build_jobs`` methods."""
+def variants(ks, tails) -> dict[str, Job]:
+    """The reference objectives (k NaN, tail "") and KD-topk at every (k, tail), as ``build_jobs``
+    methods whose rows carry their k and tail."""
     topk = {
-        topk_label(k, tail): ["objective=kd_topk", f"objective.k={k}", f"objective.tail={tail}"]
+        topk_label(k, tail): Job(
+            ["objective=kd_topk", f"objective.k={k}", f"objective.tail={tail}"], {"k": k, "tail": tail}
+        )
         for tail in tails
         for k in ks
     }
-    return {**{m: [f"objective={m}"] for m in REFERENCES}, **topk}
-
-
-def with_k(df: pd.DataFrame, ks, tails) -> pd.DataFrame:
-    """``collect``'s rows with the k and tail of each KD-topk job (NaN / "" for the references)."""
-    params = {topk_label(k, tail): (k, tail) for tail in tails for k in ks}
-    return df.assign(
-        k=df.method.map(lambda m: params.get(m, (float("nan"), ""))[0]),
-        tail=df.method.map(lambda m: params.get(m, (0, ""))[1]),
-    )
+    return {**{m: Job([f"objective={m}"], {"k": float("nan"), "tail": ""}) for m in REFERENCES}, **topk}
 
 
 def gaps_to_kd(ok: pd.DataFrame, metric: str = "test_acc_last") -> pd.DataFrame:
@@ -176,15 +171,14 @@ def main(argv=None) -> Path:
     ks = args.ks or KS[args.data]
     start = time.time()
     jobs = build_jobs(args.data, axis_points(args), args.seeds, variants(ks, args.tail), run_overrides(args))
-    require_data(next(iter(jobs.values())))
-    df = with_k(collect(sweep(jobs, args, "fig4")), ks, args.tail)
-    df = df.assign(data=args.data)
+    require_data(next(iter(jobs.values())).overrides)
+    df = collect(jobs, sweep(jobs, args, "fig4")).assign(data=args.data)
     seconds = time.time() - start
     at = where(args.data, axis_points(args))
     out = publish(
         "fig4",
         args.out,
-        {"fig4": df.drop(columns=["objective"])},
+        {"fig4": df},
         {"fig4": plot(df, at)},
         summarise(df, seconds, at, rerun=rerun("fig4", args.data)),
         wandb=not args.no_wandb,

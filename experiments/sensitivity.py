@@ -23,8 +23,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from experiments.fig3 import LABELS, METHODS, ORDERING, axis, claim_lines, position
-from kd.drivers import (
+from experiments.drivers import (
+    Job,
     axis_points,
     build_jobs,
     check_data,
@@ -36,6 +36,7 @@ from kd.drivers import (
     run_overrides,
     sweep,
 )
+from experiments.fig3 import LABELS, METHODS, ORDERING, axis, claim_lines, position
 from kd.report import publish
 from kd.stats import paired_gaps
 
@@ -72,22 +73,24 @@ DEFAULT = "default"
 CLAIMED = sorted({m for pair in ORDERING for m in pair}, key=METHODS.index)
 
 
-def variant_label(method: str, variant: str) -> str:
-    return method if variant == DEFAULT else f"{method}+{variant}"
-
-
-def methods(data: str) -> dict[str, list[str]]:
-    """fig3's runs of the claimed methods and every variant's, as ``build_jobs`` methods."""
-    found = {m: [f"objective={m}"] for m in CLAIMED}
+def methods(data: str) -> dict[str, Job]:
+    """fig3's runs of the claimed methods (named as in fig3, so they are its runs) and every
+    variant's (``<method>+<variant>``), as ``build_jobs`` methods whose rows carry their objective
+    and variant (``DEFAULT``: fig3's settings)."""
+    found = {m: Job([f"objective={m}"], {"objective": m, "variant": DEFAULT}) for m in CLAIMED}
     for variant, (_, changed, extra) in variants(data).items():
-        found.update({variant_label(m, variant): [f"objective={m}", *extra] for m in changed})
+        found.update(
+            {f"{m}+{variant}": Job([f"objective={m}", *extra], {"objective": m, "variant": variant}) for m in changed}
+        )
     return found
 
 
 def under(df: pd.DataFrame, variant: str, changed: list[str]) -> pd.DataFrame:
-    """The runs as the variant sees them: its own runs of the ``changed`` methods, fig3's of the rest."""
-    keep = df.method.isin([m for m in CLAIMED if m not in changed] + [variant_label(m, variant) for m in changed])
-    return df[keep].assign(method=df.method.str.split("+").str[0])
+    """The runs as the variant sees them, each named by its objective: its own runs of the ``changed``
+    methods, fig3's of the rest."""
+    own = df.objective.isin(changed)
+    keep = ((df.variant == DEFAULT) & ~own) | ((df.variant == variant) & own)
+    return df[keep].assign(method=df.objective)
 
 
 def claims(df: pd.DataFrame, shown: dict, metric: str = "test_acc_last") -> pd.DataFrame:
@@ -198,14 +201,14 @@ def main(argv=None) -> Path:
     start = time.time()
     shown = variants(args.data)
     jobs = build_jobs(args.data, axis_points(args), args.seeds, methods(args.data), run_overrides(args))
-    require_data(next(iter(jobs.values())))
-    df = collect(sweep(jobs, args, "sensitivity")).assign(data=args.data)
+    require_data(next(iter(jobs.values())).overrides)
+    df = collect(jobs, sweep(jobs, args, "sensitivity")).assign(data=args.data)
     gaps = claims(df, shown)
     seconds = time.time() - start
     out = publish(
         "sensitivity",
         args.out,
-        {"sensitivity": df.drop(columns=["objective"]), "sensitivity_claims": gaps},
+        {"sensitivity": df.drop(columns=["objective", "variant"]), "sensitivity_claims": gaps},
         {"sensitivity": plot(gaps, shown, axis(df), args.data)},
         summarise(df, gaps, shown, seconds, rerun("sensitivity", args.data)),
         wandb=not args.no_wandb,

@@ -20,9 +20,9 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig
 
+from experiments.drivers import Job, collect, ending, parser, require_data, run_overrides, sweep
 from experiments.fig3 import LABELS, METHODS, ORDERING
 from kd import objectives, teachers
-from kd.drivers import collect, ending, parser, require_data, run_overrides, sweep
 from kd.report import publish
 from kd.results import completed_record
 from kd.runner import QUIET, compose_config
@@ -205,12 +205,14 @@ def main(table: str, argv=None) -> Path:
     table_cells = cells(table, args.methods)
     require_data(cell_overrides(table, next(iter(table_cells)), overrides))
     jobs = {
-        f"{cell}-s{seed}": [*cell_overrides(table, cell, overrides), f"seed={seed}"]
-        for cell in table_cells
+        f"{cell}-s{seed}": Job(
+            [*cell_overrides(table, cell, overrides), f"seed={seed}"],
+            {"method": method, "seed": seed, "teacher": teacher, "student": student},
+        )
+        for cell, (teacher, student, method) in table_cells.items()
         for seed in args.seeds
     }
-    runs = collect(sweep(jobs, args, table)).drop(columns=["objective"])
-    runs[["teacher", "student", "method"]] = [table_cells[cell] for cell in runs.method]
+    runs = collect(jobs, sweep(jobs, args, table))
     runs = pd.concat([teacher_rows(table, overrides), runs], ignore_index=True)
     stats = summary_table(table, runs)
     seconds = time.time() - start

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from experiments.drivers import require_data
 from experiments.tables import TABLES, cell_overrides, cells, teacher_configs
-from kd.drivers import require_data
 from kd.errors import one_line
 from kd.results import completed_record
 from kd.teachers import ensure_trained

@@ -17,6 +17,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from kd.analysis import instance
 from kd.errors import TrainingDiverged
+from kd.private_api import cluster_environment, save_checkpoint_now, slurm_requeue_handler
 
 
 def resume_checkpoint(last: Path, hpc_dir) -> Path | None:
@@ -82,8 +83,8 @@ class LastCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         stopping = trainer.received_sigterm and mid_epoch(trainer, batch_idx)
-        if stopping and not self._should_skip_saving_checkpoint(trainer):
-            self._save_topk_checkpoint(trainer, self._monitor_candidates(trainer))
+        if stopping:
+            save_checkpoint_now(self, trainer)
 
 
 # Signals received and not yet acted on in this process: SIGUSR1 outside training (``defer_requeue_signal``),
@@ -170,11 +171,11 @@ class ResumeState(L.Callback):
         the previous ones back after fit)."""
         if threading.current_thread() is not threading.main_thread():
             return
-        env = trainer._accelerator_connector.cluster_environment
+        env = cluster_environment(trainer)
         self._handlers = {signal.SIGTERM: signal.getsignal(signal.SIGTERM)}
         if isinstance(env, SLURMEnvironment) and env.auto_requeue:
             # Lightning's requeue, also where it set no handler (defer_requeue_signal's was there first).
-            self._handlers[env.requeue_signal] = trainer._signal_connector._slurm_sigusr_handler_fn
+            self._handlers[env.requeue_signal] = slurm_requeue_handler(trainer)
 
         def hold(signum, frame):
             _received.add(signum)

@@ -27,9 +27,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from kd import teachers
 from kd.analysis import diagnose
 from kd.analysis.diagnosis import HIGH_TEMPERATURE, QUANTILES
-from kd.drivers import setup_teacher
 from kd.errors import UserError, one_line
-from kd.runner import QUIET, compose_config, override_key
+from kd.runner import QUIET, compose_config, override_key, setup_teacher
 from kd.train import REPORTED
 
 # Nothing is written for the diagnosed run itself; its paths still need an output folder.

@@ -18,6 +18,8 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from kd.private_api import wandb_run_started
+
 
 def wandb_mode() -> str:
     if os.environ.get("WANDB_MODE"):
@@ -77,7 +79,7 @@ def finish_loggers(loggers: list, failed: bool = False) -> None:
     service that is gone is no error of the run: SLURM signals every process of a job it requeues
     or preempts, W&B's too, and the run's own error (or stop) is what its record must say."""
     for logger in loggers:
-        if type(logger).__name__ == "WandbLogger" and logger._experiment is not None:
+        if type(logger).__name__ == "WandbLogger" and wandb_run_started(logger):
             try:
                 logger.experiment.finish(exit_code=1 if failed else 0)
             except OSError as err:  # ConnectionResetError from a killed service

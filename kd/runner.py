@@ -12,6 +12,8 @@ population (or one lone job) each, run in ``workers`` processes at once (each im
 once and runs many units); jobs that share a teacher stay in one unit, so the teachers a unit
 needs are trained there, as a population too, once. A worker the OS kills takes only its own
 units with it: the others run on in a fresh pool.
+
+``load_job`` rebuilds a finished job (its config, student, teacher and data) for analysis.
 """
 
 from __future__ import annotations
@@ -32,14 +34,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
-from hydra._internal.config_loader_impl import ConfigLoaderImpl  # Hydra's step that applies value overrides
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.utils import get_object
+from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from kd import population as populations
+from kd import teachers
 from kd.errors import UserError, one_line
+from kd.private_api import apply_value_overrides
 from kd.results import check_same_run, completed_record
 from kd.train import CONFIG_DIR, run
 
@@ -71,8 +73,8 @@ def compose_config(overrides: list[str], output_dir: str | Path | None = None) -
 
     Hydra composes from the overrides that choose config files (``structure``) and then sets the
     other overrides' values; a sweep's jobs share a few structures, so each is composed once per
-    process (composing takes a tenth of a second or more) and Hydra's own value step is applied to
-    a copy of it.
+    process (composing takes a tenth of a second or more) and Hydra's own value step
+    (``kd.private_api.apply_value_overrides``) is applied to a copy of it.
     """
     choices = structure(overrides)
     values = [o for o in overrides if o not in choices]
@@ -80,7 +82,7 @@ def compose_config(overrides: list[str], output_dir: str | Path | None = None) -
         cfg = _composed(tuple(overrides))
     else:
         cfg = _composed(choices)
-        ConfigLoaderImpl._apply_overrides_to_config(OverridesParser.create().parse_overrides(values), cfg)
+        apply_value_overrides(cfg, values)
     if output_dir is not None:
         with open_dict(cfg):
             cfg.paths.output_dir = str(output_dir)
@@ -300,17 +302,22 @@ class _Bar:
         self.bar.update(self.done + sum(self.partial.values()) - self.bar.n)
 
 
+def job_folder(root: str | Path, name: str) -> Path:
+    """The run folder of ``run_jobs``' job ``name``: ``<root>/runs/<name>``."""
+    return Path(root) / "runs" / name
+
+
 def run_jobs(
     jobs: dict[str, list[str]], root: str | Path, desc: str = "runs", workers: int = 1, population: bool = True
 ) -> dict[str, dict]:
-    """Run every ``name -> overrides`` job into ``root/runs/<name>``; return their records, in the
+    """Run every ``name -> overrides`` job into its ``job_folder``; return their records, in the
     order of ``jobs`` whatever the order they finish in.
 
     A failed job's record has ``status="failed"`` and ``error``; it never stops the others. An
     override that cannot apply to some job stops everything first, with a one-line UserError.
     """
     quiet_lightning()
-    outs = {name: Path(root) / "runs" / name for name in jobs}
+    outs = {name: job_folder(root, name) for name in jobs}
     check_reuse(jobs, outs)
     records = {name: completed_record(out) for name, out in outs.items()}
     todo = {name: jobs[name] for name, record in records.items() if record is None}
@@ -423,3 +430,32 @@ def _pool(batch, jobs, outs, workers, done, context, address) -> list[list[str]]
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     return broken
+
+
+def setup_teacher(cfg: DictConfig):
+    """``(teacher, datamodule)`` of a run config: its data set up, its teacher found in the cache (or
+    trained there on first use), as the run itself has them."""
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    return teachers.resolve(cfg, datamodule, train=run), datamodule
+
+
+def load_teacher(overrides: list[str], output_dir):
+    """``(cfg, teacher, datamodule)`` of a run config (``setup_teacher``); ``output_dir`` is the run's
+    folder, which the config's paths need."""
+    cfg = compose_config([*QUIET, *overrides], output_dir)
+    return (cfg, *setup_teacher(cfg))
+
+
+def load_job(root, name: str, overrides: list[str]):
+    """``(cfg, student, teacher, datamodule)`` of a finished ``run_jobs`` job, rebuilt from its overrides.
+
+    The config is composed again (not read back resolved from results.json, whose paths point into
+    the student's folder), so a trained teacher is found in its cache, never retrained.
+    """
+    out = job_folder(root, name)
+    cfg, teacher, datamodule = load_teacher(overrides, out)
+    student = teachers.load_checkpoint(
+        teachers.checkpoint_in(out, "last"), datamodule.num_classes, datamodule.input_shape
+    )
+    return cfg, student, teacher, datamodule

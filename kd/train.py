@@ -21,7 +21,6 @@ from hydra.errors import HydraException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -34,6 +33,7 @@ from kd.errors import TrainingDiverged, UserError, check_bool, check_choice, che
 from kd.logging import build_loggers, finish_loggers, summarise
 from kd.module import DistillationModule
 from kd.predict import predict
+from kd.private_api import cluster_environment, relaunches_script
 from kd.results import check_same_run, completed_record, hardware, lock, versions, write_atomic, write_json_atomic
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
@@ -130,15 +130,12 @@ def check_ddp_launch(trainer) -> None:
         "run each data-parallel job as its own `python -m kd.train trainer=ddp ...`, or on SLURM "
         "with hydra/launcher=slurm (one task per device)"
     )
-    if launcher is not None and not isinstance(launcher, _SubprocessScriptLauncher):
+    if launcher is not None and not relaunches_script(launcher):
         raise UserError(
             f"trainer.strategy=ddp_spawn (or ddp_fork, ddp_notebook) runs the fit in child processes "
             f"whose metrics, checkpoint and errors do not come back; {instead}"
         )
-    relaunches = (
-        isinstance(launcher, _SubprocessScriptLauncher)
-        and not trainer.strategy.cluster_environment.creates_processes_externally
-    )
+    relaunches = relaunches_script(launcher) and not trainer.strategy.cluster_environment.creates_processes_externally
     if relaunches and not (HydraConfig.initialized() and HydraConfig.get().mode == RunMode.RUN):
         raise UserError(
             f"trainer.strategy=ddp re-runs the command line for each extra device, which only works "
@@ -385,7 +382,7 @@ def _new_records(cfgs: list[DictConfig], plains: list[dict], outs: list[Path], f
             "device_batch": batch,
             "lr": scaled_lr(cfgs[0], trainer),
             # how the ranks met: LightningEnvironment (ours), SLURMEnvironment, ...
-            "environment": type(trainer._accelerator_connector.cluster_environment).__name__,
+            "environment": type(cluster_environment(trainer)).__name__,
         },
     }
     records = [{**common, "config": plain, "output_dir": str(out)} for plain, out in zip(plains, outs)]

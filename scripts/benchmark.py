@@ -6,16 +6,16 @@
     python scripts/benchmark.py --measure kd_step epoch parity   # what scripts/gpu_check.sh measures
     python scripts/benchmark.py --smoke         # seconds: checks the script, not the speed
 
-Writes results/bench/bench.json (flat dotted keys) and results/bench/bench.md; see kd/bench.py
+Writes results/bench/bench.json (flat dotted keys) and results/bench/bench.md; see experiments/bench.py
 for what is measured and docs/performance.md for the figures.
 """
 
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's kd, installed or not
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this checkout's kd and experiments
 
-from kd.bench import main  # noqa: E402
+from experiments.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -3,7 +3,7 @@
 #   1. the tests marked gpu (tests/conftest.py) on CUDA: resident data and on-device crop/flip against
 #      the CPU path, the teacher's stored outputs, trainer=gpu_fast with and without compile (no
 #      training step waits for the device), a one-device DDP run;
-#   2. the benchmark at full size (kd/bench.py), its headline first: epoch (the 240-epoch CRD KD run
+#   2. the benchmark at full size (experiments/bench.py), its headline first: epoch (the 240-epoch CRD KD run
 #      projected from measured epochs), then kd_step (ours, fast path and fp32, against the common
 #      loop), then parity (fp32 against bf16-mixed: CE test accuracy, 3 seeds each, and the KD loss
 #      at tau 4 from the teacher's bf16 logits), then images (populations of image students: 7 cnn

@@ -12,11 +12,11 @@ import torch
 from torch.nn import functional as F
 
 from experiments import failures
+from experiments.drivers import DATA, QUICK, build_jobs
+from experiments.drivers import QUICK_DATA as QUICK_SYNTHETIC
 from kd import diagnose as diagnose_cli
 from kd.analysis import diagnose, diagnosis
 from kd.data.base import IndexedTensors, TensorDataModule
-from kd.drivers import DATA, QUICK, build_jobs
-from kd.drivers import QUICK_DATA as QUICK_SYNTHETIC
 from kd.models.mlp import MLP
 from kd.runner import compose_config
 
@@ -167,8 +167,15 @@ def test_a_confident_teacher_starts_kd_at_w_one_and_uniform_at_one_minus_kd_weig
 
 def test_cifar100_jobs_vary_the_teacher_as_configured():
     jobs = build_jobs("cifar100", [], [0], failures.variants(failures.TEACHERS["cifar100"], ["kd"], [4.0]), [])
-    assert DATA["cifar100"] in jobs["kd-tau4@resnet110-s0"][0]
-    teachers = {name: compose_config(overrides, "/unused").teacher for name, overrides in jobs.items()}
+    assert DATA["cifar100"] in jobs["kd-tau4@resnet110-s0"].overrides[0]
+    assert jobs["kd-tau4@resnet56-ls0.2-s0"].values == {
+        "method": "kd-tau4@resnet56-ls0.2",
+        "seed": 0,
+        "student": "kd",
+        "tau": 4.0,
+        "teacher": "resnet56-ls0.2",
+    }
+    teachers = {name: compose_config(job.overrides, "/unused").teacher for name, job in jobs.items()}
     assert teachers["kd-tau4@resnet110-s0"].model.name == "resnet110"
     assert teachers["kd-tau4@resnet20-s0"].model.name == "resnet20"
     assert teachers["kd-tau4@resnet56-ls0.2-s0"].objective == {"name": "ls", "eps": 0.2}

@@ -11,8 +11,8 @@ import torch
 from hydra.utils import instantiate
 
 from experiments import failures, fig1, fig2, fig3, fig4
+from experiments.drivers import AXES, build_jobs, collect, rerun
 from kd.data.fashion import CLASSES, FashionMNISTDataModule
-from kd.drivers import AXES, build_jobs, collect, rerun
 from kd.errors import UserError
 from kd.runner import compose_config
 from kd.train import run, validate
@@ -174,10 +174,11 @@ def test_every_driver_job_list_builds_and_composes(tmp_path):
     others differ only in data.train_per_class or objective.temperature) composes into a valid config."""
     distinct = {}
     for jobs in JOBS.values():
-        points = collect({name: {"status": "completed"} for name in jobs})[AXES["fashion_mnist"].column]
-        for (name, overrides), point in zip(jobs.items(), points):
+        points = collect(jobs, {name: {"status": "completed"} for name in jobs})[AXES["fashion_mnist"].column]
+        for (name, job), point in zip(jobs.items(), points):
+            overrides = job.overrides
             assert f"data.train_per_class={point}" in overrides and overrides[0] == "experiment=fig3_fashion_mnist"
-            if point == POINT and "-tau2@" not in name and "-tau4@" not in name:
+            if point == POINT and job.values.get("tau") not in (2.0, 4.0):
                 distinct[tuple(overrides)] = name
     assert len(distinct) == 7 + 4 + 5  # fig3's methods (fig1's and fig2's among them), fig4's k, failures' teachers
     for overrides, name in distinct.items():
@@ -189,19 +190,19 @@ def test_every_driver_job_list_builds_and_composes(tmp_path):
 
 def test_failures_distils_each_teacher_at_each_temperature_and_ce_at_none():
     jobs = JOBS["failures"]
-    assert jobs["ce-per_class60-s0"] == [
+    assert jobs["ce-per_class60-s0"].overrides == [
         "experiment=fig3_fashion_mnist",
         "objective=ce",
         "data.train_per_class=60",
         "seed=0",
     ]
-    cfg = compose_config(jobs["kd-tau2@cnn32-per_class60-s0"], "/unused")
+    cfg = compose_config(jobs["kd-tau2@cnn32-per_class60-s0"].overrides, "/unused")
     assert cfg.objective.temperature == 2 and list(cfg.teacher.model.widths) == [32, 64, 128]
-    assert compose_config(jobs["kd-tau4@cnn16-ls0.2-per_class60-s0"], "/unused").teacher.objective == {
+    assert compose_config(jobs["kd-tau4@cnn16-ls0.2-per_class60-s0"].overrides, "/unused").teacher.objective == {
         "name": "ls",
         "eps": 0.2,
     }
-    runs = failures.with_teacher(collect({name: {"status": "completed"} for name in jobs}))
+    runs = collect(jobs, {name: {"status": "completed"} for name in jobs})
     assert set(runs.tau.dropna()) == {1, 2, 4} and set(runs.teacher) == {"", *failures.TEACHERS["fashion_mnist"]}
     assert len(runs) == 1 + 5 * 3
 
@@ -209,7 +210,7 @@ def test_failures_distils_each_teacher_at_each_temperature_and_ce_at_none():
 def test_a_two_step_cnn_job_of_fig3_completes(root, tmp_path):
     data = tmp_path / "data"
     write_fashion_mnist(data, gz=True)
-    ((name, overrides),) = build_jobs("fashion_mnist", [3], [0], ["kd"], []).items()
+    ((name, job),) = build_jobs("fashion_mnist", [3], [0], ["kd"], []).items()
     # One epoch of 2 batches of 15 (3 images of each class, no epoch filling); the teacher: one epoch of all 110.
     two_steps = [
         "data.batch_size=15",
@@ -218,7 +219,7 @@ def test_a_two_step_cnn_job_of_fig3_completes(root, tmp_path):
         "teacher.trainer.max_epochs=1",
         "trainer.enable_progress_bar=false",
     ]
-    record = run(compose_config([*overrides, f"data.root={data}", "data.val_size=10", *two_steps], root / name))
+    record = run(compose_config([*job.overrides, f"data.root={data}", "data.val_size=10", *two_steps], root / name))
     assert record["status"] == "completed" and record["global_step"] == 2
     assert 0 <= record["metrics"]["test/acc_last"] <= 1 and record["config"]["objective"]["temperature"] == 4
 

@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 import torch
 
+from experiments.bench import RandomCIFAR, teacher_checkpoint, template_images
 from kd import config, models
-from kd.bench import RandomCIFAR, teacher_checkpoint, template_images
 from kd.errors import TrainingDiverged
 from kd.module import DistillationModule
 from kd.runner import compose_config
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 # A tiny CIFAR-shaped student run through kd.train.run; resnet8 keeps it to seconds.
 CIFAR = [
     "data=cifar100",
-    "data._target_=kd.bench.RandomCIFAR",
+    "data._target_=experiments.bench.RandomCIFAR",
     "+data.size=16",
     "data.batch_size=8",
     "data.eval_batch_size=8",

@@ -265,15 +265,16 @@ def test_run_jobs_trains_populations_or_not_as_asked(tmp_path):
 
 
 def test_units_keep_a_teachers_students_together_and_balance_the_workers():
-    from kd.drivers import build_jobs
+    from experiments.drivers import build_jobs, overrides_of
     from kd.runner import check
 
-    jobs = build_jobs("synthetic", [0.5, 1.0], [0, 1, 2], ["ce", "kd", "kd_pt"], ["logger=none"])
+    built = build_jobs("synthetic", [0.5, 1.0], [0, 1, 2], ["ce", "kd", "kd_pt"], ["logger=none"])
+    jobs = overrides_of(built)
     plan = units(jobs, check(jobs), workers=2, population=True)
     assert sorted(map(len, plan)) == [9, 9] and sorted(n for u in plan for n in u) == sorted(jobs)
-    for unit in plan:  # every (delta, seed) whole in one unit
-        keys = {n.split("-", 1)[1] for n in unit}
-        assert all(f"{m}-{k}" in unit for k in keys for m in ("ce", "kd", "kd_pt"))
+    for unit in plan:  # every (delta, seed) whole in one unit: its three methods
+        points = [(built[n].values["delta"], built[n].values["seed"]) for n in unit]
+        assert all(points.count(point) == 3 for point in points)
     assert len(units(jobs, check(jobs), workers=2, population=False)) == len(jobs)
 
 

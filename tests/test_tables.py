@@ -10,8 +10,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from experiments import fig3, tables, teachers
+from experiments.drivers import Job, build_jobs, collect
 from kd import objectives
-from kd.drivers import build_jobs, collect
 from kd.runner import compose_config
 from kd.teachers import teacher_config
 from kd.train import CONFIG_DIR, validate
@@ -119,16 +119,54 @@ def test_a_pair_shares_one_teacher_across_objectives_seeds_and_fig3(tmp_path):
 
 
 def test_job_names_with_and_without_an_axis():
-    synthetic = build_jobs("synthetic", [0.5], [0], {"kd_topk-k0.25-uniform": ["objective=kd_topk"]}, [])
+    synthetic = build_jobs("synthetic", [0.5], [0], {"kd_topk-k0.25-uniform": Job(["objective=kd_topk"])}, [])
+    assert list(synthetic) == ["kd_topk-k0.25-uniform-delta0.5-s0"]
     real = build_jobs("cifar100", [0.5, 1.0], [3], ["kd_pt"], ["x=1"])
-    assert real == {"kd_pt-s3": ["experiment=fig3_cifar100", "objective=kd_pt", "seed=3", "x=1"]}
+    assert real == {
+        "kd_pt-s3": Job(
+            ["experiment=fig3_cifar100", "objective=kd_pt", "seed=3", "x=1"], {"method": "kd_pt", "seed": 3}
+        )
+    }
     fashion = build_jobs("fashion_mnist", [20], [1], ["ce"], [])
     assert fashion == {
-        "ce-per_class20-s1": ["experiment=fig3_fashion_mnist", "objective=ce", "data.train_per_class=20", "seed=1"]
+        "ce-per_class20-s1": Job(
+            ["experiment=fig3_fashion_mnist", "objective=ce", "data.train_per_class=20", "seed=1"],
+            {"method": "ce", "per_class": 20, "seed": 1},
+        )
     }
-    df = collect({name: {"status": "completed"} for name in [*synthetic, *real, *fashion]})
+    jobs = {**synthetic, **real, **fashion}
+    df = collect(jobs, {name: {"status": "completed"} for name in jobs})
     assert df.method.tolist() == ["kd_topk-k0.25-uniform", "kd_pt", "ce"] and df.seed.tolist() == [0, 3, 1]
     assert df.delta.iloc[0] == 0.5 and math.isnan(df.delta.iloc[1]) and df.per_class.iloc[2] == 20
+
+
+def test_a_rows_values_are_its_jobs_never_read_back_from_its_name():
+    """A label that looks like an axis point (``kd-delta0.5`` on CIFAR-100, whose runs have no delta)
+    and a name that says nothing at all: each row holds what its job carries, in the CSV's order (what
+    the run is, how it went, then the driver's own values)."""
+    jobs = build_jobs("cifar100", [], [2], {"kd-delta0.5": Job(["objective=kd"], {"teacher": "resnet56"})}, [])
+    jobs["anything"] = Job(["objective=ce"], {"teacher": "", "seed": 7, "method": "ce", "delta": 4.0})
+    records = {
+        "kd-delta0.5-s2": {"status": "completed", "metrics": {"test/acc_last": 0.5}, "seconds": 3.0},
+        "anything": {"status": "failed", "error": "RuntimeError: boom"},
+    }
+    df = collect(jobs, records)
+    assert list(jobs) == ["kd-delta0.5-s2", "anything"]
+    assert list(collect({"anything": jobs["anything"]}, records).columns) == [
+        "method",
+        "delta",
+        "seed",
+        "status",
+        "test_acc_last",
+        "test_acc_best",
+        "val_acc_best",
+        "seconds",
+        "error",
+        "teacher",
+    ]
+    assert df.method.tolist() == ["kd-delta0.5", "ce"] and df.seed.tolist() == [2, 7]
+    assert math.isnan(df.delta.iloc[0]) and df.delta.iloc[1] == 4.0 and df.teacher.tolist() == ["resnet56", ""]
+    assert df.test_acc_last.iloc[0] == 0.5 and df.error.tolist() == ["", "RuntimeError: boom"]
 
 
 def test_drivers_stop_on_missing_data_with_the_fetch_command(root):
@@ -167,6 +205,9 @@ def test_teachers_then_table1_then_fig3_on_fake_cifar100(root, cifar100):
     )
     runs = pd.read_csv(out / "table1_runs.csv")
     assert (runs.status == "completed").all() and len(runs) == 2 + 2 * 2  # teachers + pairs x methods
+    columns = "teacher student method seed status test_acc_last test_acc_best val_acc_best seconds error"
+    assert list(runs.columns) == columns.split()
+    assert runs.method.tolist() == ["teacher", "teacher", "ce", "kd", "ce", "kd"]
     stats = pd.read_csv(out / "table1.csv").set_index(["teacher", "student", "method"])
     assert stats.loc[("resnet56", "resnet20", "kd"), "published_test_acc"] == 70.66
     assert stats.loc[("resnet32x4", "resnet8x4", "teacher"), "published_test_acc"] == 79.42

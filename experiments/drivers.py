@@ -1,14 +1,18 @@
 """What the figure drivers (``experiments/fig*.py``) share: the data sets they support, the job
-grid, the command line and reloading a finished job's student, teacher and data.
+grid, the command line, the rows of their CSVs and the endings of their summaries.
+
+A job (``Job``) carries the values its CSV row reports: method, the axis value, seed and the
+driver's own (a teacher, a temperature, fig4's k). Its name, the run folder's, is a label only:
+finished runs are found by it, and nothing reads values back from it.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pandas as pd
 from hydra.utils import instantiate
@@ -16,8 +20,7 @@ from hydra.utils import instantiate
 from kd import teachers
 from kd.errors import UserError
 from kd.results import completed_record
-from kd.runner import QUIET, compose_config, override_key, run_jobs
-from kd.train import run
+from kd.runner import compose_config, override_key, run_jobs
 
 # The experiment config each data set runs under.
 DATA = {"synthetic": "fig3_synthetic", "cifar100": "fig3_cifar100", "fashion_mnist": "fig3_fashion_mnist"}
@@ -53,11 +56,23 @@ QUICK_DATA = {
     "synthetic": ["data.test_per_class=50", "data.val_per_class=10"],
     "fashion_mnist": ["teacher.data.train_per_class=50", "data.val_size=200"],
 }
-# A job's name: <label>[-<axis column><value>]-s<seed> (see build_jobs).
-JOB_NAME = re.compile(
-    rf"(?P<label>.+?)(?:-(?P<axis>{'|'.join(a.column for a in AXES.values())})(?P<value>[^-]+))?"
-    r"-s(?P<seed>\d+)"
-)
+# The leading columns of a job's row, what the run is: its other values follow its outcome (collect).
+IDENTITY = ("method", *(a.column for a in AXES.values()), "seed")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A driver's run: the Hydra overrides it trains with and the values its CSV row carries as they
+    are (method, the axis value, seed, and the driver's own, e.g. the teacher). ``build_jobs`` takes
+    a method's variants as Jobs too: the overrides and values the variant adds."""
+
+    overrides: list[str]
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def overrides_of(jobs: dict[str, Job]) -> dict[str, list[str]]:
+    """``name -> overrides``, what ``kd.runner.run_jobs`` runs."""
+    return {name: job.overrides for name, job in jobs.items()}
 
 
 class DriverParser(argparse.ArgumentParser):
@@ -172,11 +187,13 @@ def workers(args) -> int:
     return min(os.cpu_count() or 1, 8) if args.data in PARALLEL else 1
 
 
-def sweep(jobs: dict[str, list[str]], args, desc: str) -> dict[str, dict]:
+def sweep(jobs: dict[str, Job], args, desc: str) -> dict[str, dict]:
     """``kd.runner.run_jobs`` with the driver's --runs, --jobs and --population; a sweep that cannot
     start (an override no job takes, a run folder of other settings) ends in one line."""
     try:
-        return run_jobs(jobs, args.runs, desc=desc, workers=workers(args), population=args.population == "on")
+        return run_jobs(
+            overrides_of(jobs), args.runs, desc=desc, workers=workers(args), population=args.population == "on"
+        )
     except UserError as err:
         raise SystemExit(f"error: {err}") from None
 
@@ -201,53 +218,55 @@ def where(data: str, points=()) -> str:
     return ", ".join([data, *(axis.label.format(axis.kind(p)) for p in points)] if axis else [data])
 
 
-def build_jobs(data: str, points, seeds, methods, overrides) -> dict[str, list[str]]:
-    """``<method>-<axis><value>-s<seed> -> overrides`` (e.g. ``kd-delta0.5-s0``, ``kd-per_class60-s0``),
-    or ``<method>-s<seed>`` on data without an axis (``points`` then unused); ``methods`` are
-    objective names or ``{label: overrides}`` for variants of one objective (e.g. KD-topk at several k)."""
-    variants = methods if isinstance(methods, dict) else {m: [f"objective={m}"] for m in methods}
-    axis = [(f"-{AXES[data].column}{p}", [f"{AXES[data].key}={p}"]) for p in points] if data in AXES else [("", [])]
+def build_jobs(data: str, points, seeds, methods, overrides) -> dict[str, Job]:
+    """``<method>-<axis><value>-s<seed> -> Job`` (e.g. ``kd-delta0.5-s0``, ``kd-per_class60-s0``), or
+    ``<method>-s<seed>`` on data without an axis (``points`` then unused). Each job's values: its
+    method (the label), axis value and seed, then its variant's. ``methods`` are objective names or
+    ``{label: Job}`` for variants of one objective (e.g. KD-topk at several k: their overrides, and
+    values such as k and tail)."""
+    variants = methods if isinstance(methods, dict) else {m: Job([f"objective={m}"]) for m in methods}
+    axis = AXES.get(data)
+    at = [(f"-{axis.column}{p}", [f"{axis.key}={p}"], {axis.column: axis.kind(p)}) for p in points] if axis else []
     return {
-        f"{label}{tag}-s{s}": [f"experiment={DATA[data]}", *extra, *point, f"seed={s}", *overrides]
-        for tag, point in axis
+        f"{label}{tag}-s{s}": Job(
+            [f"experiment={DATA[data]}", *variant.overrides, *point, f"seed={s}", *overrides],
+            {"method": label, **value, "seed": s, **variant.values},
+        )
+        for tag, point, value in at or [("", [], {})]
         for s in seeds
-        for label, extra in variants.items()
+        for label, variant in variants.items()
     }
 
 
-def collect(records: dict[str, dict]) -> pd.DataFrame:
-    """One row per job of ``build_jobs``: method, the axis value (a ``delta`` or ``per_class`` column, none
-    without an axis), seed, status, accuracies, time, error."""
-    kinds = {a.column: a.kind for a in AXES.values()}
+def collect(jobs: dict[str, Job], records: dict[str, dict]) -> pd.DataFrame:
+    """One row per job, from its values, never from its name: method, the axis value (a ``delta`` or
+    ``per_class`` column, none without an axis) and seed; status, accuracies, time, error; then the
+    job's other values (e.g. fig4's k and tail)."""
     rows = []
-    for name, rec in records.items():
-        cfg = rec.get("config", {})
-        metrics = rec.get("metrics", {})
-        job = JOB_NAME.fullmatch(name)
-        point = {job["axis"]: kinds[job["axis"]](job["value"])} if job["axis"] else {}
+    for name, job in jobs.items():
+        record = records[name]
+        metrics = record.get("metrics", {})
         rows.append(
             {
-                "method": job["label"],
-                **point,
-                "seed": int(job["seed"]),
-                "status": rec["status"],
+                **{key: job.values[key] for key in IDENTITY if key in job.values},
+                "status": record["status"],
                 "test_acc_last": metrics.get("test/acc_last"),
                 "test_acc_best": metrics.get("test/acc_best"),
                 "val_acc_best": metrics.get("val/acc_best"),
-                "seconds": rec.get("seconds"),
-                "error": rec.get("error", ""),
-                "objective": str(cfg.get("objective", "")),
+                "seconds": record.get("seconds"),
+                "error": record.get("error", ""),
+                **{key: value for key, value in job.values.items() if key not in IDENTITY},
             }
         )
     return pd.DataFrame(rows)
 
 
-def teacher_accuracy(jobs: dict[str, list[str]]) -> dict[str, float]:
+def teacher_accuracy(jobs: dict[str, Job]) -> dict[str, float]:
     """Test accuracy (last epoch) of each trained teacher the jobs distil from, by its cache folder
     (jobs that differ only in their objective share a teacher)."""
     found = {}
     for group in {
-        tuple(o for o in overrides if not o.startswith(("objective=", "objective."))) for overrides in jobs.values()
+        tuple(o for o in job.overrides if not o.startswith(("objective=", "objective."))) for job in jobs.values()
     }:
         cfg = compose_config(list(group), "unused")  # a run folder: the trainer config refers to one
         if cfg.teacher.kind == "trained":
@@ -255,35 +274,6 @@ def teacher_accuracy(jobs: dict[str, list[str]]) -> dict[str, float]:
             if record is not None:
                 found[Path(record["output_dir"]).name] = record["metrics"]["test/acc_last"]
     return dict(sorted(found.items()))
-
-
-def load_teacher(overrides: list[str], output_dir):
-    """``(cfg, teacher, datamodule)`` of a run config (``setup_teacher``); ``output_dir`` is the run's
-    folder, which the config's paths need."""
-    cfg = compose_config([*QUIET, *overrides], output_dir)
-    return (cfg, *setup_teacher(cfg))
-
-
-def setup_teacher(cfg):
-    """``(teacher, datamodule)`` of a run config: its data set up, its teacher found in the cache (or
-    trained there on first use)."""
-    datamodule = instantiate(cfg.data)
-    datamodule.setup()
-    return teachers.resolve(cfg, datamodule, train=run), datamodule
-
-
-def load_job(root, name: str, overrides: list[str]):
-    """``(cfg, student, teacher, datamodule)`` of a finished ``run_jobs`` job, rebuilt from its overrides.
-
-    The config is composed again (not read back resolved from results.json, whose paths point into
-    the student's folder), so a trained teacher is found in its cache, never retrained.
-    """
-    out = Path(root) / "runs" / name
-    cfg, teacher, datamodule = load_teacher(overrides, out)
-    student = teachers.load_checkpoint(
-        teachers.checkpoint_in(out, "last"), datamodule.num_classes, datamodule.input_shape
-    )
-    return cfg, student, teacher, datamodule
 
 
 def ending(lines: list[str], failed: pd.DataFrame, rerun: str, describe=lambda r: f"{r.method} seed={r.seed}") -> str:
