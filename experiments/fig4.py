@@ -35,7 +35,7 @@ from experiments.drivers import (
     where,
 )
 from experiments.fig3 import family_line
-from kd.objectives import TOPK_TAILS
+from kd.objectives import REGISTRY
 from kd.report import publish
 from kd.stats import paired_gaps
 
@@ -165,7 +165,7 @@ def main(argv=None) -> Path:
         + "; ".join(f"{data}: {' '.join(f'{k:g}' for k in ks)}" for data, ks in KS.items())
         + ")",
     )
-    cli.add_argument("--tail", nargs="+", default=["uniform"], choices=TOPK_TAILS)
+    cli.add_argument("--tail", nargs="+", default=["uniform"], choices=REGISTRY["kd_topk"].params["tail"].choices)
     args = cli.parse_args(argv)
     check_data(args.data, "fig4")
     ks = args.ks or KS[args.data]

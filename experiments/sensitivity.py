@@ -42,7 +42,7 @@ from kd.stats import paired_gaps
 
 # variant -> (what it changes, the methods of the ordering it changes, their extra overrides).
 # Defaults (fig3): similarity_source=teacher_weights_cosine, beta=0.2, eps=0.1; tau 1 on synthetic data,
-# the recipe's 4 on Fashion-MNIST (recipe_objective/fashion_mnist).
+# the recipe's 4 on Fashion-MNIST (recipe.kd of configs/recipe/fashion_mnist.yaml).
 VARIANTS = {
     "mean_probs": (
         "KD-sim's similarity: the teacher's mean probabilities",

@@ -91,9 +91,8 @@ def _on_host(tensors: dict | None) -> dict | None:
 
 
 def _loss_params(objective: dict) -> dict:
-    """An objective config's arguments of its loss (``kd.objectives.get``): all but its name and how
-    its class similarities were made."""
-    return {k: v for k, v in objective.items() if k not in ("name", "beta", "similarity_source")}
+    """An objective config's parameters (``kd.objectives.get``): all but its name."""
+    return {k: v for k, v in objective.items() if k != "name"}
 
 
 def _as_members(value, members: int) -> list:
@@ -145,13 +144,14 @@ class DistillationModule(L.LightningModule):
                 model.to(memory_format=torch.channels_last)
             if compile:
                 model.compile()  # in place: the state_dict keys, hence checkpoints, stay the same
-        similarities = _as_members(class_similarity, self.members)
+        # Each member's class similarity, where its objective's target needs one.
+        similarities = [
+            similarity if objectives.lookup(o["name"]).needs_similarity else None
+            for similarity, o in zip(_as_members(class_similarity, self.members), objective_list)
+        ]
         self.loss_groups = self._loss_groups(objective_list, similarities)
         # (name, parameters, class similarity) of each member's objective (member_loss)
-        self.member_objectives = [
-            (o["name"], _loss_params(o), similarities[g] if o["name"] in objectives.NEEDS_SIMILARITY else None)
-            for g, o in enumerate(objective_list)
-        ]
+        self.member_objectives = [(o["name"], _loss_params(o), similarities[g]) for g, o in enumerate(objective_list)]
         self.member_loggers: list[list] = [[] for _ in range(self.members)]  # a population's (kd.train)
         self.register_buffer(
             "grouped_order", torch.cat([group.members for group in self.loss_groups]), persistent=False
@@ -194,10 +194,9 @@ class DistillationModule(L.LightningModule):
         built = nn.ModuleList()
         for members in groups.values():
             objective = objective_list[members[0]]
-            params = _loss_params(objective)
-            if objective["name"] in objectives.NEEDS_SIMILARITY:
-                params["class_similarity"] = torch.stack([similarities[g] for g in members])
-            built.append(LossGroup(members, objectives.get(objective["name"], **params)))
+            given = [similarities[g] for g in members]
+            stacked = None if given[0] is None else torch.stack(given)
+            built.append(LossGroup(members, objectives.get(objective["name"], stacked, **_loss_params(objective))))
         return built
 
     @property
@@ -404,7 +403,7 @@ class DistillationModule(L.LightningModule):
     def member_loss(self, g: int) -> nn.Module:
         """Member ``g``'s loss on its own (B, K) logits: its group's, with its own class similarities."""
         name, params, similarity = self.member_objectives[g]
-        return objectives.get(name, **params, **({} if similarity is None else {"class_similarity": similarity}))
+        return objectives.get(name, similarity, **params)
 
     def on_train_epoch_end(self):
         self._raise_if_diverged()

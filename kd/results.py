@@ -226,10 +226,12 @@ def completed_record(run_dir) -> dict | None:
 
 # What does not define a run: where it writes (paths), how it reports and keeps checkpoints (logger,
 # callbacks, names, progress), where its data lie, and the devices it runs on (a run requeued onto fewer
-# GPUs resumes; its record's data_parallel says what it ran on). A run folder whose config differs from
-# a job's only here is that job's run.
+# GPUs resumes; its record's data_parallel says what it ran on), and the recipe's settings for objectives
+# (recipe.*), which define a run only through its objective, recorded there. A run folder whose config
+# differs from a job's only here is that job's run.
 NOT_DEFINING = {
     "paths": None,
+    "recipe": None,
     "logger": None,
     "callbacks": None,
     "task_name": None,

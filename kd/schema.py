@@ -4,7 +4,8 @@ Every node with a ``_target_`` is checked against the signature of what it names
 ``get(name, **kwargs)`` with a ``REGISTRY``, the registered callable too): a key it does not take,
 or a value whose type its annotation (else its default) rules out, is a one-line user error.
 Values only a library can judge, such as an optimizer's learning rate, are judged by building
-the optimizer and scheduler once on a dummy parameter.
+the optimizer and scheduler once on a dummy parameter. The objective, and the recipe's settings for
+objectives, are checked against the objectives' declarations (``kd.objectives.registry``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from kd import CUBLAS_DETERMINISTIC
+from kd import CUBLAS_DETERMINISTIC, objectives
 from kd.errors import UserError, check_choice
 
 _HYDRA_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
@@ -41,6 +42,7 @@ def check(cfg: DictConfig) -> dict:
     check_cublas(plain)
     check_targets(plain, OmegaConf.to_container(cfg, resolve=False))
     check_optimizer(cfg)
+    check_objectives(plain)
     return plain
 
 
@@ -127,6 +129,17 @@ def _options(path: str, target_name: str, name) -> tuple[str, dict, bool] | None
             if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
                 params[p.name] = hints.get(p.name, _from_default(p.default))
     return getattr(chain[-1], "__qualname__", str(chain[-1])), params, _takes_any_keyword(chain[-1])
+
+
+def check_objectives(plain: dict) -> None:
+    """The objective against its declaration (``kd.objectives``), and every setting the recipe gives
+    an objective (``recipe.<objective>.<parameter>``), whichever objective runs."""
+    for name, given in (plain.get("recipe") or {}).items():
+        check_choice("recipe.<objective>", name, objectives.REGISTRY)
+        if not isinstance(given, dict):
+            raise UserError(f"recipe.{name}={given!r} is not valid; give its parameters: recipe.{name}.<parameter>=...")
+        objectives.lookup(name).check(given, where=f"recipe.{name}")
+    objectives.check(plain["objective"])
 
 
 def check_optimizer(cfg: DictConfig) -> None:

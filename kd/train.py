@@ -32,7 +32,6 @@ from kd.callbacks import defer_requeue_signal, resume_checkpoint
 from kd.errors import TrainingDiverged, UserError, check_bool, check_choice, check_range, one_line
 from kd.logging import build_loggers, finish_loggers, summarise
 from kd.module import DistillationModule
-from kd.objectives import similarity
 from kd.predict import predict
 from kd.private_api import cluster_environment, relaunches_script
 from kd.results import check_same_run, completed_record, hardware, lock, versions, write_atomic, write_json_atomic
@@ -72,14 +71,6 @@ def validate(cfg: DictConfig, teachers_checked: dict | None = None) -> tuple[dic
     (``teachers.teacher_config``), if it has one: checked too, once in ``teachers_checked``, which
     the members of a population share."""
     plain = schema.check(cfg)
-    objective = dict(plain["objective"])
-    name = objective.pop("name", None)
-    check_choice("objective", name, objectives.NAMES)
-    if name in objectives.NEEDS_SIMILARITY:
-        check_choice("objective.similarity_source", objective.pop("similarity_source", None), similarity.SOURCES)
-        check_range("objective.beta", objective.pop("beta", None), 0, None, low_open=True)
-        objective["class_similarity"] = torch.eye(2)  # shape-free stand-in: only the parameters are checked here
-    objectives.get(name, **objective)
     teachers.check_spec(cfg.teacher)
     check_choice("lr_scaling", cfg.get("lr_scaling", "none"), LR_SCALING)
     check_bool("global_batch", cfg.get("global_batch", False))
@@ -94,6 +85,7 @@ def validate(cfg: DictConfig, teachers_checked: dict | None = None) -> tuple[dic
         check_choice(switch, cfg.get(switch, False), (True, False))
     if cfg.get("threads") is not None:
         check_range("threads", cfg.threads, 1, None)
+    name = plain["objective"]["name"]
     if objectives.needs_teacher(name) and cfg.teacher.kind == "none":
         raise UserError(
             f"objective={name} distils from a teacher but teacher=none; use teacher=mlp (trained and "
@@ -120,14 +112,10 @@ def validate(cfg: DictConfig, teachers_checked: dict | None = None) -> tuple[dic
 
 
 def class_similarity(cfg: DictConfig, teacher, datamodule) -> torch.Tensor | None:
-    """The (K, K) class-similarity distribution for kd_sim / kd_pt_sim, from the teacher."""
-    if cfg.objective.name not in objectives.NEEDS_SIMILARITY:
-        return None
-    if cfg.objective.similarity_source == "teacher_weights_cosine":
-        return similarity.from_teacher_weights(teacher.classifier.weight, cfg.objective.beta)
-    out = predict(teacher, datamodule, "train")
-    probs = torch.softmax(out["logits"] / cfg.objective.temperature, dim=1)
-    return similarity.from_mean_teacher_probs(probs, out["labels"], datamodule.num_classes)
+    """The (K, K) class-similarity distribution the objective's target needs, from the teacher; None
+    for a target that needs none."""
+    objective = OmegaConf.to_container(cfg.objective, resolve=True)
+    return objectives.class_similarity(objective, teacher, lambda: predict(teacher, datamodule, "train"))
 
 
 def check_ddp_launch(trainer) -> None:

@@ -31,9 +31,13 @@ def test_every_option_composes_and_resolves(group, option, tmp_path):
         validate(cfg)
 
 
-def test_objective_configs_cover_every_objective():
+def test_objective_configs_are_the_declared_objectives_with_their_defaults():
+    """configs/objective/<name>.yaml, without a recipe, is objective <name>'s declaration (kd.objectives)."""
     names = {f.stem for f in (Path(CONFIG_DIR) / "objective").glob("*.yaml")}
-    assert names == set(objectives.NAMES)
+    assert names == set(objectives.REGISTRY)
+    for name, objective in objectives.REGISTRY.items():
+        found = OmegaConf.to_container(compose_config([f"objective={name}"]).objective, resolve=True)
+        assert found == {"name": name, **{k: p.default for k, p in objective.parameters.items()}}, name
 
 
 @pytest.mark.parametrize(

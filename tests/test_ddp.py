@@ -21,7 +21,7 @@ from kd.data.folder import ImageFolderDataModule, Split
 from kd.data.synthetic import SyntheticDataModule
 from kd.errors import UserError
 from kd.module import STAGES, DistillationModule
-from kd.objectives import NEEDS_SIMILARITY, similarity
+from kd.objectives import REGISTRY, similarity
 from kd.predict import predict
 from kd.teachers import load_checkpoint
 from kd.train import check_ddp_launch
@@ -65,7 +65,7 @@ def population_module(objectives: list[str]) -> DistillationModule:
         [{"name": name} for name in objectives],
         lambda params: torch.optim.SGD(params, lr=0.1),
         teacher=teacher,
-        class_similarity=[sim if name in NEEDS_SIMILARITY else None for name in objectives],
+        class_similarity=[sim if REGISTRY[name].needs_similarity else None for name in objectives],
         num_classes=4,
         input_shape=(8,),
     )

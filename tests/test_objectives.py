@@ -85,7 +85,7 @@ TEACHER_TARGETS = ["kd", "kd_uniform", "kd_pt", "kd_sim", "kd_pt_sim", "kd_topk"
 def test_loss_and_gradient_match_closed_form(batch, sim_matrix, name, temperature):
     z, t, y = batch
     params = {"kd_weight": 0.7, "temperature": temperature}
-    if name in O.NEEDS_SIMILARITY:
+    if O.REGISTRY[name].needs_similarity:
         params["class_similarity"] = sim_matrix
     loss = O.get(name, **params)(z, y, t)
     q = torch.softmax(t / temperature, 1)
@@ -162,12 +162,12 @@ def test_dkd_loss_and_gradient_match_closed_form(batch, temperature):
     assert torch.allclose(grad, expected_grad, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["ce", "ls", "dkd", *TEACHER_TARGETS])
+@pytest.mark.parametrize("name", [n for n in O.REGISTRY if n != "kd_permuted"])  # permuted: a random target
 def test_a_population_gets_each_members_own_loss(batch, sim_matrix, name):
     """(G, B, K) logits, as kd.population stacks them: member g's loss is its loss alone."""
     z, t, y = batch
     members = [(z, y, t), (0.5 * z.detach(), y.roll(1, 0), t.roll(1, 0))]
-    similarity = {"class_similarity": sim_matrix} if name in O.NEEDS_SIMILARITY else {}
+    similarity = {"class_similarity": sim_matrix} if O.REGISTRY[name].needs_similarity else {}
     stacked = {"class_similarity": torch.stack([sim_matrix, sim_matrix.T.softmax(1)])} if similarity else {}
     losses = O.get(name, **stacked)(*(torch.stack(parts) for parts in zip(*members)))
     alone = [
@@ -301,7 +301,7 @@ SIM = similarity.from_teacher_weights(torch.randn(K, 8, generator=torch.Generato
 @pytest.mark.parametrize(
     "name, params, match",
     [
-        ("kd_foo", {}, r"objective='kd_foo' is not valid; choose one of: ce, ls, kd, kd_pt"),
+        ("kd_foo", {}, rf"objective='kd_foo' is not valid; choose one of: {', '.join(O.REGISTRY)}$"),
         ("kd", {"temperature": 0}, r"objective.temperature=0 is out of range; allowed: \(0, inf\)"),
         ("kd", {"temperature": math.inf}, r"objective.temperature=inf is out of range; allowed: \(0, inf\)"),
         ("kd", {"temperature": "4"}, r"objective.temperature='4' is not a number; allowed: \(0, inf\)"),
@@ -321,6 +321,13 @@ SIM = similarity.from_teacher_weights(torch.randn(K, 8, generator=torch.Generato
         ),
         ("dkd", {"nckd_weight": -1}, r"objective.nckd_weight=-1 is out of range; allowed: \[0, inf\)"),
         ("kd_sim", {}, r"needs class_similarity, a \(K, K\) tensor whose rows are distributions"),
+        ("kd_sim", {"class_similarity": SIM, "beta": 0}, r"objective.beta=0 is out of range; allowed: \(0, inf\)"),
+        (
+            "kd_pt_sim",
+            {"class_similarity": SIM, "similarity_source": "x"},
+            r"objective.similarity_source='x' is not valid; choose one of: teacher_weights_cosine, mean_teacher_probs",
+        ),
+        ("kd", {"class_similarity": SIM}, r"objective 'kd' takes no class_similarity: its target uses none"),
         ("kd_sim", {"class_similarity": [[1.0]]}, r"class_similarity is a list; give a \(K, K\) tensor"),
         ("kd_sim", {"class_similarity": torch.eye(3, dtype=torch.long)}, r"class_similarity is a torch.int64 tensor"),
         (
@@ -381,7 +388,7 @@ def test_numpy_and_0d_tensor_parameters_count_as_their_value(batch, temperature)
 )
 def test_bad_inputs_are_one_line_user_errors(batch, name, call, match):
     z, t, y = batch
-    loss_fn = O.get(name, **({"class_similarity": SIM} if name in O.NEEDS_SIMILARITY else {}))
+    loss_fn = O.get(name, **({"class_similarity": SIM} if O.REGISTRY[name].needs_similarity else {}))
     with pytest.raises(UserError, match=match) as info:
         loss_fn(*call(z, y, t))
     assert "\n" not in str(info.value)
@@ -398,3 +405,75 @@ def test_kd_uniform_needs_no_teacher(batch):
     loss_fn = O.get("kd_uniform", temperature=2.0)
     assert not O.needs_teacher("kd_uniform")
     assert torch.equal(loss_fn(z, y), loss_fn(z, y, t))
+
+
+@pytest.mark.parametrize("name", list(O.REGISTRY))
+def test_every_declared_objective_builds_from_its_defaults_and_needs_what_it_declares(batch, sim_matrix, name):
+    z, t, y = batch
+    objective = O.REGISTRY[name]
+    loss_fn = O.get(name, class_similarity=sim_matrix if objective.needs_similarity else None)
+    assert loss_fn.needs_teacher == objective.needs_teacher == O.needs_teacher(name)
+    loss = loss_fn(z, y, t) if objective.needs_teacher else loss_fn(z, y)
+    assert loss.shape == () and torch.isfinite(loss)
+    defaults = {k: p.default for k, p in objective.parameters.items()}
+    assert O.check({"name": name, **defaults}) == (objective, defaults)
+
+
+@pytest.fixture
+def registry():
+    """The registry as it is, restored after a test that declares objectives of its own."""
+    saved = dict(O.REGISTRY)
+    yield O.REGISTRY
+    O.REGISTRY.clear()
+    O.REGISTRY.update(saved)
+
+
+def test_a_declared_soft_target_is_an_objective_with_kds_loss(batch, registry):
+    @O.soft_target("kd_sharp", "KD-sharp", "all three", gamma=O.Param(2.0, low=0, low_open=True))
+    def sharp(q, labels, gamma):
+        return torch.softmax(gamma * q.log(), -1)
+
+    z, t, y = batch
+    assert list(registry)[-1] == "kd_sharp" and registry["kd_sharp"].label == "KD-sharp"
+    loss = O.get("kd_sharp", gamma=3.0, temperature=2.0, kd_weight=0.6)(z, y, t)
+    q = torch.softmax(t / 2.0, 1)
+    expected = closed_form_loss(z, y, q**3 / (q**3).sum(1, keepdim=True), 0.6, 2.0)
+    assert torch.allclose(loss.double(), expected, rtol=1e-5)
+    with pytest.raises(UserError, match=r"objective.gamma=0 is out of range; allowed: \(0, inf\)"):
+        O.get("kd_sharp", gamma=0)
+    with pytest.raises(UserError, match=r"objective 'kd_sharp' takes no parameter 'k'; valid parameters: temperature"):
+        O.get("kd_sharp", k=0.5)
+
+
+def test_a_declaration_that_disagrees_with_its_target_fails_at_import(registry):
+    def f(q, labels, gamma=1.0):
+        return q
+
+    with pytest.raises(TypeError, match=r"its target f takes \['gamma'\] but declares none; declare each with a Param"):
+        O.soft_target("kd_a", "A", "none")(f)
+    with pytest.raises(TypeError, match=r"gamma defaults to 1.0 in its target, not as declared"):
+        O.soft_target("kd_b", "B", "none", gamma=O.Param(2.0))(f)
+
+    with pytest.raises(TypeError, match=r"\['temperature'\] are its loss's or its similarity's parameters"):
+
+        @O.soft_target("kd_c", "C", "none", temperature=O.Param(2.0))
+        def g(q, labels, temperature):
+            return q
+
+    with pytest.raises(ValueError, match="objective 'kd' is declared twice"):
+        O.soft_target("kd", "KD", "all three")(targets.teacher)
+
+
+@pytest.mark.parametrize("source", ["teacher_weights_cosine", "mean_teacher_probs"])
+def test_the_class_similarity_an_objective_asks_for(batch, source):
+    _, t, y = batch
+    teacher = torch.nn.Module()
+    teacher.classifier = torch.nn.Linear(8, K)
+    config = {"name": "kd_pt_sim", "similarity_source": source, "beta": 0.5, "temperature": 2.0}
+    found = O.class_similarity(config, teacher, lambda: {"logits": t, "labels": y})
+    if source == "teacher_weights_cosine":
+        expected = similarity.from_teacher_weights(teacher.classifier.weight, 0.5)
+    else:
+        expected = similarity.from_mean_teacher_probs(torch.softmax(t / 2.0, 1), y, K)
+    assert torch.equal(found, expected)
+    assert O.class_similarity({"name": "kd"}, teacher, lambda: pytest.fail("kd needs no similarity")) is None

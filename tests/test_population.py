@@ -107,7 +107,7 @@ def test_members_with_one_teacher_and_the_same_inputs_share_its_pass():
     teacher = get_model("mlp", num_classes=5, input_shape=(8,), hidden=[16])
     calls = []
     teacher.register_forward_hook(lambda *_: calls.append(1))
-    kd = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "objective" / "kd.yaml"))
+    kd = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "objective" / "kd.yaml"), resolve=True)
     nets = [get_model("mlp", num_classes=5, input_shape=(8,), hidden=[16]) for _ in range(3)]
     module = DistillationModule(population.Stack(nets), objective=[kd] * 3, optimizer=None, teacher=teacher)
     module.teacher_outputs["val"] = TeacherOutputs(6)

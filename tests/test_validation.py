@@ -8,6 +8,7 @@ import pytest
 
 from kd import aggregate
 from kd.errors import UserError
+from kd.objectives import REGISTRY
 from kd.runner import compose_config
 from kd.train import CONFIG_DIR, main, run, validate
 from tests.conftest import TINY
@@ -61,6 +62,19 @@ from tests.conftest import TINY
         ("objective=kd_topk teacher=oracle objective.k=0", "objective.k=0 is out of range; allowed: (0, 1]"),
         ("objective=kd_topk teacher=oracle objective.k=1.5", "objective.k=1.5 is out of range; allowed: (0, 1]"),
         ("objective=kd_sim", "objective=kd_sim distils from a teacher but teacher=none; use teacher=mlp"),
+        ("objective=kd_sim teacher=oracle objective.beta=0", "objective.beta=0 is out of range; allowed: (0, inf)"),
+        (
+            "objective=kd_pt_sim teacher=oracle objective.similarity_source=x",
+            "objective.similarity_source='x' is not valid; choose one of: teacher_weights_cosine, mean_teacher_probs",
+        ),
+        # a recipe's settings for objectives, whichever objective runs
+        ("recipe=imagenet recipe.kd_topk.k=0", "recipe.kd_topk.k=0 is out of range; allowed: (0, 1]"),
+        (
+            "recipe=fashion_mnist +recipe.kd.tau=2",
+            "objective 'kd' takes no parameter 'tau' (in recipe.kd); valid parameters: temperature, kd_weight,",
+        ),
+        ("+recipe.kd_tpok.k=0.5", "recipe.<objective>='kd_tpok' is not valid; choose one of: ce, ls,"),
+        ("+recipe.kd=4", "recipe.kd=4 is not valid; give its parameters: recipe.kd.<parameter>=..."),
         # teachers
         (
             "objective=kd teacher=checkpoint",
@@ -155,7 +169,7 @@ def test_teacher_on_other_classes_fails_before_it_is_trained(root):
     [
         ("foo=1", "error: Could not override 'foo'. To append to your config use +foo=1 (Key 'foo' is not in struct)"),
         ("objective.tau=2", "error: Could not override 'objective.tau'. To append to your config use +objective.tau=2"),
-        ("objective=kd_typo", "error: objective=kd_typo is not valid; choose one of: ce, dkd, kd, kd_permuted,"),
+        ("objective=kd_typo", f"error: objective=kd_typo is not valid; choose one of: {', '.join(sorted(REGISTRY))}"),
         ("trainer.max_epochs=[1", "error: cannot parse the override 'trainer.max_epochs=[1': no viable alternative"),
         ("data.dim=0", "error: data.dim=0 is out of range; allowed: [1, inf)"),  # raised inside Hydra's instantiate
         (

@@ -1,4 +1,5 @@
-"""Soft-target builders: what each level of teacher knowledge looks like as a distribution.
+"""Soft-target builders: what each level of teacher knowledge looks like as a distribution, each
+declared as the target of its objectives (``registry.soft_target``).
 
 Every builder returns a (B, K) tensor of probabilities that the one KD loss (``loss.py``)
 consumes in place of the teacher distribution q. ``q`` is the teacher's softmax at the
@@ -11,21 +12,34 @@ with labels (..., B) for a population of students, one distribution per member a
 - both:     ``pt_sim`` -- q_c per example, the rest shared by class similarity.
 - ``topk`` (KD-topk), ``permuted`` (control: keeps q_c, destroys class relationships),
   ``teacher`` (plain KD).
+
+Objectives are listed (in errors, ``python -m kd.objectives``, fig3 after its default methods) in
+the order they are declared here, stacked declarations from the bottom up.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kd.objectives.registry import CE, DKD, LS, Objective, Param, register, soft_target
 
-def teacher(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Plain KD: the teacher's own distribution."""
-    return q
+register(Objective("ce", "CE (none)", "none", target=None, loss=CE, needs_teacher=False))
 
 
+# Label smoothing, and the same uniform target under KD's loss: equal at tau 1 with kd_weight = eps, no t2.
+@soft_target("kd_uniform", "KD-uniform (control)", "universe (control: == ls at tau 1)", needs_teacher=False)
+@soft_target("ls", "LS (universe)", "universe", loss=LS, needs_teacher=False)
 def uniform(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Universe level: a teacher that knows nothing but "do not be over-confident"."""
     return torch.full_like(q, 1.0 / q.shape[-1])
+
+
+# DKD keeps the teacher's distribution and weighs the two parts of its KL apart (registry.DKD).
+@soft_target("dkd", "DKD (peer)", "peer: Decoupled KD", loss=DKD)
+@soft_target("kd", "KD", "all three")
+def teacher(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Plain KD: the teacher's own distribution."""
+    return q
 
 
 def true_class_prob(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -43,6 +57,7 @@ def _with_true_class(rest: torch.Tensor, q_c: torch.Tensor, labels: torch.Tensor
     return (rest * (1.0 - q_c)[..., None]).scatter(-1, labels[..., None], q_c[..., None])
 
 
+@soft_target("kd_pt", "KD-pt (instance)", "universe + instance")
 def pt(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Instance level (KD-pt): rho_c = q_c, rho_k = (1 - q_c) / (K - 1)."""
     return _with_true_class(torch.ones_like(q), true_class_prob(q, labels), labels)
@@ -54,11 +69,25 @@ def sim(class_similarity: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return class_similarity.gather(-2, labels[..., None].expand(*labels.shape, class_similarity.shape[-1]))
 
 
+@soft_target("kd_sim", "KD-sim (domain)", "universe + domain", needs_similarity=True)
+def sim_row(q: torch.Tensor, labels: torch.Tensor, class_similarity: torch.Tensor) -> torch.Tensor:
+    """KD-sim's target: ``sim``, whatever the teacher says of the example."""
+    return sim(class_similarity, labels)
+
+
+@soft_target("kd_pt_sim", "KD-pt+sim", "all three", needs_similarity=True)
 def pt_sim(q: torch.Tensor, labels: torch.Tensor, class_similarity: torch.Tensor) -> torch.Tensor:
     """Instance + domain (KD-pt+sim): rho_c = q_c, rho_k = (1 - q_c) sim_k / sum_{j != c} sim_j."""
     return _with_true_class(sim(class_similarity, labels), true_class_prob(q, labels), labels)
 
 
+@soft_target(
+    "kd_topk",
+    "KD-topk",
+    "KD-topk",
+    k=Param(0.25, low=0, high=1, low_open=True),  # the fraction of the classes kept
+    tail=Param("uniform", choices=("uniform", "renorm")),
+)
 def topk(q: torch.Tensor, labels: torch.Tensor, k: float, tail: str = "uniform") -> torch.Tensor:
     """KD-topk: keep the teacher's round(k K) largest probabilities (at least one).
 
@@ -75,6 +104,7 @@ def topk(q: torch.Tensor, labels: torch.Tensor, k: float, tail: str = "uniform")
     return torch.where(keep > 0, keep, leftover.expand_as(q))
 
 
+@soft_target("kd_permuted", "KD-permuted (control)", "control for domain")
 def permuted(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Control: q_c kept, the wrong-class probabilities shuffled independently per example."""
     num_classes = q.shape[-1]
