@@ -11,7 +11,7 @@ TORCH_INDEX ?=
 # The virtual environment of make gpu-env: the GPU machine's packages (docs/performance.md)
 GPU_ENV ?= .gpu-env
 
-.PHONY: install lint test reproduce-fig1 reproduce-fig2 reproduce-fig3 reproduce-fig4 reproduce-sensitivity reproduce-failures \
+.PHONY: install lint test reproduce-fig1 reproduce-fig2 reproduce-fig3 reproduce-fig4 reproduce-sensitivity reproduce-targets reproduce-claims reproduce-failures \
         reproduce-table1 reproduce-table2 teachers data bench gpu-check gpu-wheels gpu-env clean
 
 install:  ## .venv with the exact pins of requirements/lock.txt, kd installed editable
@@ -27,8 +27,11 @@ lint:  ## ruff's lint and format checks (pyproject.toml [tool.ruff]); `ruff form
 test:  ## the whole suite, CPU only, W&B offline in a temporary folder
 	WANDB_MODE=offline WANDB_DIR=$$(mktemp -d) $(PY) -m pytest -q
 
-reproduce-fig1 reproduce-fig2 reproduce-fig3 reproduce-fig4 reproduce-sensitivity:
+reproduce-fig1 reproduce-fig2 reproduce-fig3 reproduce-fig4 reproduce-sensitivity reproduce-targets:
 	$(PY) -m experiments.$(subst reproduce-,,$@) --data $(DATA) $(ARGS)
+
+reproduce-claims:  ## the claims side by side, from fig3's and sensitivity's published tables (no training)
+	$(PY) -m experiments.claims $(ARGS)
 
 reproduce-failures:
 	$(PY) -m experiments.failures --data $(DATA) $(ARGS)

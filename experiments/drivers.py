@@ -81,12 +81,13 @@ class DriverParser(argparse.ArgumentParser):
     and ``<logs>/<name>_<data>`` on the others, so the data sets never overwrite one another, where
     ``<results>`` and ``<logs>`` are ``paths.results_dir`` and ``paths.log_dir``: under
     ``paths.root_dir`` ($KD_ROOT, else the current folder), as the runs' teachers are; and the
-    seeds, ``seeds[data]`` (``seeds[None]`` for the others). ``runs_of``: the driver whose run
-    folders this one shares (its <name> in ``--runs``)."""
+    seeds, ``seeds[data]`` (``seeds[None]`` for the others). ``runs_of`` / ``out_of``: the driver
+    whose run folders / results folder this one shares (its <name> in ``--runs`` / ``--out``)."""
 
-    def __init__(self, name: str, bound: bool, seeds: dict, runs_of: str | None = None, **kwargs):
+    def __init__(self, name: str, bound: bool, seeds: dict, runs_of=None, out_of=None, **kwargs):
         super().__init__(**kwargs)
-        self.name, self.bound, self.seeds, self.runs_of = name, bound, seeds, runs_of or name
+        self.name, self.bound, self.seeds = name, bound, seeds
+        self.runs_of, self.out_of = runs_of or name, out_of or name
 
     def tag(self, name: str, data: str) -> str:
         return name if self.bound or data == "synthetic" else f"{name}_{data}"
@@ -94,7 +95,7 @@ class DriverParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
         paths = compose_config([o for o in parsed.overrides if override_key(o).startswith("paths.")]).paths
-        parsed.out = parsed.out or str(Path(paths.results_dir) / self.tag(self.name, parsed.data))
+        parsed.out = parsed.out or str(Path(paths.results_dir) / self.tag(self.out_of, parsed.data))
         parsed.runs = parsed.runs or str(Path(paths.log_dir) / self.tag(self.runs_of, parsed.data))
         if parsed.seeds is None:
             parsed.seeds = list(self.seeds.get(parsed.data, self.seeds[None]))
@@ -102,18 +103,19 @@ class DriverParser(argparse.ArgumentParser):
 
 
 def parser(
-    name: str, doc: str, seeds=(0, 1, 2), data: str | None = None, runs_of: str | None = None
+    name: str, doc: str, seeds=(0, 1, 2), data: str | None = None, runs_of: str | None = None, out_of: str | None = None
 ) -> argparse.ArgumentParser:
     """The flags every driver takes; Hydra overrides for every run go after ``--``. A driver
     bound to one data set passes ``data`` and gets no ``--data`` flag. ``seeds``: the default
-    seeds, or ``{data set: seeds}`` with ``None`` for the others. ``runs_of``: the driver whose run
-    folders it shares by default (sensitivity: fig3's)."""
+    seeds, or ``{data set: seeds}`` with ``None`` for the others. ``runs_of`` / ``out_of``: the driver
+    whose run folders / results folder it shares by default (sensitivity: fig3's runs; targets: both)."""
     defaults = seeds if isinstance(seeds, dict) else {None: seeds}
     p = DriverParser(
         name,
         data is not None,
         defaults,
         runs_of,
+        out_of,
         prog=f"python -m experiments.{name}",
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -130,8 +132,8 @@ def parser(
     )
     p.add_argument(
         "--out",
-        help=f"where the figures and tables go (default: results/{name}, "
-        f"results/{name}_<data> on real data, under $KD_ROOT if set)",
+        help=f"where the figures and tables go (default: results/{out_of or name}, "
+        f"results/{out_of or name}_<data> on real data, under $KD_ROOT if set)",
     )
     p.add_argument(
         "--runs",

@@ -38,14 +38,16 @@ def publish(
     config: dict | None = None,
 ) -> Path:
     """Write tables as CSV, figures as PNG/PDF and ``<name>.md``; log them all to one W&B run named
-    after ``out_dir``'s folder."""
+    after ``out_dir``'s folder (``<folder>-<name>`` where the folder is another driver's: targets in
+    fig3_fashion_mnist/)."""
     out_dir = Path(out_dir)
     for table_name, table in tables.items():
         write_atomic(out_dir / f"{table_name}.csv", lambda tmp, t=table: t.to_csv(tmp, index=False))
     images = {fig_name: save_figure(fig, out_dir, fig_name)[0] for fig_name, fig in figures.items()}
     write_text_atomic(out_dir / f"{name}.md", summary)
     if wandb:
-        _log_wandb(name, out_dir.name, tables, images, summary, config)
+        label = out_dir.name if out_dir.name.startswith(name) else f"{out_dir.name}-{name}"
+        _log_wandb(name, label, tables, images, summary, config)
     return out_dir
 
 

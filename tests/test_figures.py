@@ -10,7 +10,7 @@ import pytest
 
 wandb = pytest.importorskip("wandb")  # what the drivers publish is read back from W&B
 
-from experiments import fig1, fig2, fig4  # noqa: E402 (after the skip: they import wandb)
+from experiments import fig1, fig2, fig4, targets  # noqa: E402 (after the skip: they import wandb)
 from tests.conftest import assert_published_to_wandb  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -70,6 +70,23 @@ def test_fig4(dirs):
     assert (runs.status == "completed").all()
     assert set(runs.method) == {"ce", "kd", "kd_topk-k0.25-uniform", "kd_topk-k1-uniform"}
     assert "Best k with tail=uniform" in (out / "fig4.md").read_text()
+
+
+def test_targets(dirs):
+    """Every target of fig3 and every KD-pt+sim variant is profiled and trained; KD's target is the
+    teacher's own distribution, KD-pt's and KD-pt+sim's carry the same q_c, and so does q_c at tau 1
+    where the run's tau is 1 (synthetic data)."""
+    root, flags, overrides = dirs
+    out = targets.main([*flags, "--delta", "1.0", "--out", str(root / "targets"), *overrides])
+    tables = publish_files(out, "targets", ["targets", "targets_runs", "targets_gaps"])
+    profile = tables["targets"].set_index("method")
+    assert set(profile.index) == set(targets.TARGETS) | set(targets.SHORT)
+    assert profile.loc["kd", "kl_from_teacher"] == pytest.approx(0, abs=1e-9)
+    assert profile.loc["kd_pt", "true"] == pytest.approx(profile.loc["kd_pt_sim", "true"])
+    assert profile.loc["kd_pt_sim+qc_tau1", "true"] == pytest.approx(profile.loc["kd_pt_sim", "true"])
+    assert (tables["targets_runs"].status == "completed").all()
+    assert len(tables["targets_gaps"]) == 2 * len(targets.VARIANTS)
+    assert "Why KD-pt+sim fails" in (out / "targets.md").read_text()
 
 
 @pytest.mark.parametrize("driver", [fig1, fig2, fig4], ids=["fig1", "fig2", "fig4"])

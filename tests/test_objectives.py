@@ -288,6 +288,26 @@ def test_pt_and_pt_sim_keep_q_c(batch, sim_matrix):
         assert torch.allclose(rho.sum(1), torch.ones(B, dtype=q.dtype))
 
 
+@pytest.mark.parametrize("name", ["kd_pt", "kd_pt_sim"])
+def test_true_class_power_takes_q_c_at_tau_over_power_and_leaves_the_rest_to_q(batch, sim_matrix, name):
+    """true_class_power = tau: q_c of softmax(t), the wrong classes' shape still from q_tau; power 1
+    is the paper's target, bit for bit."""
+    z, t, y = batch
+    tau, rows = 4.0, torch.arange(B)
+    q, q1 = torch.softmax(t / tau, 1), torch.softmax(t, 1)
+    build = targets.pt if name == "kd_pt" else lambda q, y, **p: targets.pt_sim(q, y, sim_matrix, **p)
+    rho = build(q, y, true_class_power=tau)
+    assert torch.allclose(rho[rows, y], q1[rows, y])
+    assert torch.allclose(rho.sum(1), torch.ones(B, dtype=q.dtype))
+    wrong = torch.ones_like(q, dtype=torch.bool)
+    wrong[rows, y] = False  # the wrong classes share 1 - q_c as they share 1 - q_c in the paper's target
+    shares = rho / (1 - rho[rows, y])[:, None], build(q, y) / (1 - q[rows, y])[:, None]
+    assert torch.allclose(shares[0][wrong], shares[1][wrong])
+    assert torch.equal(build(q, y, true_class_power=1.0), build(q, y))
+    with pytest.raises(UserError, match="true_class_power"):
+        O.get(name, **({"class_similarity": sim_matrix} if name == "kd_pt_sim" else {}), true_class_power=0)
+
+
 def test_teacher_free_objectives_need_no_teacher_and_kd_does(batch):
     z, t, y = batch
     O.get("ls")(z, y)

@@ -57,10 +57,20 @@ def _with_true_class(rest: torch.Tensor, q_c: torch.Tensor, labels: torch.Tensor
     return (rest * (1.0 - q_c)[..., None]).scatter(-1, labels[..., None], q_c[..., None])
 
 
-@soft_target("kd_pt", "KD-pt (instance)", "universe + instance")
-def pt(q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def sharpened_true_class_prob(q: torch.Tensor, labels: torch.Tensor, power: float) -> torch.Tensor:
+    """q_c of q^power renormalised: of softmax(t / tau), q_c at temperature tau / power (power 4 at
+    tau 4: q_c at tau 1). Power 1 is q_c itself, unchanged to the last bit."""
+    return true_class_prob(q if power == 1 else torch.softmax(power * q.log(), dim=-1), labels)
+
+
+# true_class_power: q_c from q^power (sharpened_true_class_prob), the rest of the target from q itself.
+TRUE_CLASS_POWER = Param(1.0, low=0, low_open=True)
+
+
+@soft_target("kd_pt", "KD-pt (instance)", "universe + instance", true_class_power=TRUE_CLASS_POWER)
+def pt(q: torch.Tensor, labels: torch.Tensor, true_class_power: float = 1.0) -> torch.Tensor:
     """Instance level (KD-pt): rho_c = q_c, rho_k = (1 - q_c) / (K - 1)."""
-    return _with_true_class(torch.ones_like(q), true_class_prob(q, labels), labels)
+    return _with_true_class(torch.ones_like(q), sharpened_true_class_prob(q, labels, true_class_power), labels)
 
 
 def sim(class_similarity: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -75,10 +85,13 @@ def sim_row(q: torch.Tensor, labels: torch.Tensor, class_similarity: torch.Tenso
     return sim(class_similarity, labels)
 
 
-@soft_target("kd_pt_sim", "KD-pt+sim", "all three", needs_similarity=True)
-def pt_sim(q: torch.Tensor, labels: torch.Tensor, class_similarity: torch.Tensor) -> torch.Tensor:
+@soft_target("kd_pt_sim", "KD-pt+sim", "all three", needs_similarity=True, true_class_power=TRUE_CLASS_POWER)
+def pt_sim(
+    q: torch.Tensor, labels: torch.Tensor, class_similarity: torch.Tensor, true_class_power: float = 1.0
+) -> torch.Tensor:
     """Instance + domain (KD-pt+sim): rho_c = q_c, rho_k = (1 - q_c) sim_k / sum_{j != c} sim_j."""
-    return _with_true_class(sim(class_similarity, labels), true_class_prob(q, labels), labels)
+    q_c = sharpened_true_class_prob(q, labels, true_class_power)
+    return _with_true_class(sim(class_similarity, labels), q_c, labels)
 
 
 @soft_target(
