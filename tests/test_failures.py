@@ -6,6 +6,8 @@ temperatures, plus the CE student; the kd.diagnose tests reuse the teacher it tr
 trains twice.
 """
 
+import re
+
 import pandas as pd
 import pytest
 import torch
@@ -189,31 +191,29 @@ def test_unknown_teacher_is_refused_in_one_line(tmp_path):
 
 
 def test_a_label_smoothed_teacher_is_predicted_harmless_at_tau_1_and_harmful_above():
-    def row(tau, gap, exceeds):
-        return {
-            "teacher": "t-ls0.1",
-            "quantity": "kd",
-            "tau": tau,
-            "gap": gap,
-            "spread": 0.001,
-            "exceeds_spread": exceeds,
-            "n": 3,
-        }
+    """Judged by the 95% paired interval, as fig3's claims; the comparisons then get their Holm line."""
+
+    def row(tau, gap, verdict, p):
+        low, high = {"holds": (0.005, 0.015), "reversed": (-0.015, -0.005), "unresolved": (-0.006, 0.004)}[verdict]
+        return {"teacher": "t-ls0.1", "quantity": "kd", "tau": tau, "gap": gap, "n": 3, "ci_low": low,
+                "ci_high": high, "p": p, "verdict": verdict}  # fmt: skip
 
     gaps = pd.DataFrame(
         [
-            row(1.0, +0.010, True),
-            row(1.0, -0.001, False),
-            row(2.0, -0.001, False),
-            row(4.0, -0.010, True),
-            row(1.0, -0.010, True),
+            row(1.0, +0.010, "holds", 0.001),
+            row(1.0, -0.001, "unresolved", 0.6),
+            row(2.0, -0.001, "unresolved", 0.7),
+            row(4.0, -0.010, "reversed", 0.004),
+            row(1.0, -0.010, "reversed", 0.02),
         ]
     )
-    lines = failures.verdicts(gaps, {"label smoothing": ["t", "t-ls0.1"]}, "t")
-    assert [line.split(", ", 2)[-1].split(" (")[0] for line in lines] == [
+    *lines, blank, family = failures.verdicts(gaps, {"label smoothing": ["t", "t-ls0.1"]}, "t")
+    assert [re.search(r"\]\*?, (.*)\.$", line)[1] for line in lines] == [
         "as predicted: no harm at tau 1",  # better at tau 1 is no harm
-        "as predicted: no harm at tau 1",  # within the seed spread
-        "as predicted",  # worse above tau 1, even within the spread: the sign of the prediction
+        "as predicted: no harm at tau 1",  # its interval contains 0
+        "unresolved (the interval contains 0)",  # above tau 1 the prediction needs an interval below 0
         "as predicted",
-        "against the prediction of no harm at tau 1",
-    ]  # worse beyond the seed spread at tau 1
+        "against the prediction of no harm at tau 1",  # its interval below 0 at tau 1
+    ]
+    # 5 comparisons: 0.001 <= .05/5, 0.004 <= .05/4, 0.02 > .05/3 stops the rest
+    assert blank == "" and "5 comparisons" in family and "2 of the 3 decided verdicts survive" in family
