@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from kd.errors import UserError
+from kd.objectives import REGISTRY
 
 PACKAGES = ("kd", "torch", "torchvision", "lightning", "torchmetrics", "hydra-core", "omegaconf", "wandb")
 
@@ -297,6 +298,18 @@ def differences(old: dict, new: dict, prefix: str = "") -> dict[str, tuple]:
     return found
 
 
+def declared_since(config: dict, key: str, values: tuple) -> bool:
+    """Whether ``key`` is a parameter the run's objective declared after one of the two runs was made,
+    asked for at its default there: the same run, since an objective's new option keeps the behaviour
+    before it as its default (docs/extending.md)."""
+    section, _, name = key.partition(".")
+    objective = REGISTRY.get((config.get("objective") or {}).get("name"))
+    if section != "objective" or objective is None or "<absent>" not in values:
+        return False
+    param = objective.parameters.get(name)
+    return param is not None and values[values[0] == "<absent>"] == param.default
+
+
 def check_same_run(run_dir, config: dict) -> None:
     """Stop, in one line, where ``run_dir`` holds a run of other settings than the resolved ``config``
     that would be reused: reported as finished, or resumed from its checkpoint. A folder with no
@@ -308,7 +321,11 @@ def check_same_run(run_dir, config: dict) -> None:
     resumable = (record.get("checkpoints") or {}).get("resume")
     if "config" not in record or not (record.get("status") == "completed" or resumable):
         return
-    changed = differences(definition(record["config"]), definition(config))
+    changed = {
+        key: values
+        for key, values in differences(definition(record["config"]), definition(config)).items()
+        if not declared_since(config, key, values)
+    }
     if changed:
         shown = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in list(changed.items())[:3])
         more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""

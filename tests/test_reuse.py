@@ -5,6 +5,7 @@ without flock, and a driver's workers each get a GPU of their own. Every run is 
 
 import errno
 import fcntl
+import json
 import multiprocessing
 import os
 import socket
@@ -43,6 +44,18 @@ def test_a_finished_run_of_other_settings_is_refused_not_reported(tmp_path):
         population=False,
     )["ce-s0"]
     assert moved == first
+
+
+def test_an_option_an_objective_declared_since_a_run_reads_as_its_default_there(tmp_path):
+    """fig3's KD-pt runs, made before kd_pt took true_class_power, are KD-pt at its default (1), not at 4."""
+    made = {"objective": {"name": "kd_pt", "temperature": 4.0}, "seed": 0}
+    (tmp_path / "results.json").write_text(json.dumps({"status": "completed", "config": made}))
+    asked = {**made, "objective": {**made["objective"], "true_class_power": 1.0}}
+    results.check_same_run(tmp_path, asked)
+    for changed, shown in (("true_class_power", "'<absent>' there, 4.0 now"), ("temperature", "4.0 there, 2.0 now")):
+        other = {**asked, "objective": {**asked["objective"], changed: 4.0 if changed != "temperature" else 2.0}}
+        with pytest.raises(UserError, match=rf"\(objective.{changed}: {shown}\)"):
+            results.check_same_run(tmp_path, other)
 
 
 def test_a_driver_stops_in_one_line_and_writes_under_kd_root(tmp_path, monkeypatch):
