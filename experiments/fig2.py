@@ -145,10 +145,12 @@ def summarise(
         ("weights_kd", "weights_ls"),
     ]
     for r in paired_gaps(scores.assign(method=scores.matrix, delta=0), pairs, "score", by="delta").itertuples():
-        lines.append(
-            f"- {labels[r.a]} > {labels[r.b]}: {r.gap:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] {r.verdict} "
-            f"over {r.n} seeds."
+        judged = (
+            f"the same in each of {r.n} seeds (one teacher): exact"
+            if r.spread == 0
+            else f"[{r.ci_low:+.3f}, {r.ci_high:+.3f}] {r.verdict} over {r.n} seeds"
         )
+        lines.append(f"- {labels[r.a]} > {labels[r.b]}: {r.gap:+.3f} {judged}.")
     eps = smoothing.groupby("tau").effective_smoothing.agg(["mean", "std"]).fillna(0.0)
     lines += [
         "",

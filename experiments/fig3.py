@@ -184,10 +184,12 @@ def family_line(gaps: pd.DataFrame, name_of, shape: str = "") -> str:
     decided = gaps[gaps.verdict.isin(["holds", "reversed"])]
     kept = holm(gaps.p)[decided.index]
     lost = [name_of(r) for _, r in decided[~kept].iterrows()]
+    made = f"These verdicts make {len(gaps)} comparisons at once{f' ({shape})' if shape else ''}."
+    if decided.empty:
+        return f"{made} None is decided, so Holm's correction of that family (family-wise error 5%) has none to undo."
     return (
-        f"These verdicts make {len(gaps)} comparisons at once{f' ({shape})' if shape else ''}. With Holm's "
-        f"correction of that family (family-wise error 5%), {int(kept.sum())} of the {len(decided)} decided "
-        "verdicts survive" + (f"; lost: {', '.join(lost)}." if lost else ".")
+        f"{made} With Holm's correction of that family (family-wise error 5%), {int(kept.sum())} of the "
+        f"{len(decided)} decided verdicts survive" + (f"; lost: {', '.join(lost)}." if lost else ".")
     )
 
 

@@ -5,6 +5,8 @@ common (kd, ls, ce at the same delta and seed), so the whole file trains one sma
 five students.
 """
 
+import re
+
 import pandas as pd
 import pytest
 
@@ -94,3 +96,18 @@ def test_real_data_is_refused_in_one_line(driver, tmp_path):
     name = driver.__name__.rsplit(".", 1)[1]
     with pytest.raises(SystemExit, match=f"--data=cifar100 is not supported by {name}"):
         driver.main(["--data", "cifar100", "--out", str(tmp_path), "--runs", str(tmp_path)])
+
+
+def test_fig2_says_a_teachers_gap_is_exact_where_every_seed_shares_one_teacher():
+    """On real data one teacher serves every seed: its tau 4 - tau 1 gap has no spread to judge."""
+    rows = [
+        {"seed": s, "matrix": m, "within": w, "between": 0.0, "score": w}
+        for s in (0, 1, 2)
+        for m, w in (("teacher_probs_tau1", 0.1), ("teacher_probs_tau4", 0.4), ("weights_ce", 0.2 + s / 10))
+        + (("weights_kd", 0.3 + s / 20), ("weights_ls", 0.1))
+    ]
+    labels = {m: m for m in {r["matrix"] for r in rows}}
+    smoothing = pd.DataFrame({"tau": [1.0, 4.0], "effective_smoothing": [0.2, 0.6]})
+    text = fig2.summarise(pd.DataFrame(rows), smoothing, pd.DataFrame(), labels, 4.0, "test", 60.0)
+    assert "- teacher_probs_tau4 > teacher_probs_tau1: +0.300 the same in each of 3 seeds (one teacher): exact." in text
+    assert re.search(r"- weights_kd > weights_ce: \+0\.050 \[[-+.0-9]+, [-+.0-9]+\] unresolved over 3 seeds\.", text)
