@@ -134,8 +134,9 @@ def summarise(gaps: pd.DataFrame, movement: dict, sources: list[str]) -> str:
     for data, rows in gaps.groupby("data", sort=False):
         decided = rows[rows.verdict != "unresolved"]
         lost = decided[~decided.holm]
+        seeds = rows.n.min() if rows.n.min() == rows.n.max() else f"{rows.n.min()} to {rows.n.max()}"
         lines.append(
-            f"- {data}: {len(rows)} comparisons ({rows.n.min()} to {rows.n.max()} seeds each); "
+            f"- {data}: {len(rows)} comparisons ({seeds} seeds each); "
             f"{len(decided)} decided by their own interval, {int(rows.holm.sum())} of them survive Holm"
             + (
                 "; lost: "
