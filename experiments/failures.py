@@ -236,8 +236,11 @@ def cell(values) -> str:
 
 
 def gap_text(r) -> str:
-    """A ``paired_gaps`` row: mean gap [its 95% paired-t interval]; * where the interval excludes 0."""
+    """A ``paired_gaps`` row: mean gap [its 95% paired-t interval], or exact where it is the same in every
+    seed; * where the interval excludes 0."""
     decided = "*" if r.verdict in ("holds", "reversed") else ""
+    if r.n > 1 and r.spread == 0:  # one teacher in every seed: nothing to estimate
+        return f"{r.gap:+.3f} (exact: the same in every seed){decided}"
     return f"{r.gap:+.3f}" + (f" [{r.ci_low:+.3f}, {r.ci_high:+.3f}]{decided}" if r.n > 1 else "")
 
 

@@ -25,7 +25,7 @@ def paired_gaps(df: pd.DataFrame, pairs, metric: str, by: str) -> pd.DataFrame:
     Runs are paired by seed (the same seed draws the same data and teacher), which removes the
     spread the two methods share. ``exceeds_spread`` is |gap| > std of the paired differences; the
     interval is gap ± t(0.975, n - 1) std / sqrt(n) (NaN for one seed), ``p`` the two-sided paired
-    t-test's p-value, and ``verdict`` says whether the interval excludes zero.
+    t-test's p-value (0 for a nonzero difference the same in every seed, as scipy's), and ``verdict`` says whether the interval excludes zero.
     """
     wide = df.pivot_table(index=[by, "seed"], columns="method", values=metric)
     rows = []
@@ -38,7 +38,10 @@ def paired_gaps(df: pd.DataFrame, pairs, metric: str, by: str) -> pd.DataFrame:
             spread = d.std() if n > 1 else float("nan")
             half = stats.t.ppf(0.5 + LEVEL / 2, n - 1) * spread / n**0.5 if n > 1 else float("nan")
             low, high = mean - half, mean + half
-            p = 2 * stats.t.sf(abs(mean) / (spread / n**0.5), n - 1) if n > 1 and spread > 0 else float("nan")
+            if n > 1 and spread > 0:
+                p = 2 * stats.t.sf(abs(mean) / (spread / n**0.5), n - 1)
+            else:  # the same difference in every seed (one teacher on real data): scipy's limit, t = inf
+                p = 0.0 if n > 1 and mean != 0 else float("nan")
             rows.append(
                 {
                     "a": a,

@@ -195,7 +195,7 @@ def test_a_label_smoothed_teacher_is_predicted_harmless_at_tau_1_and_harmful_abo
 
     def row(tau, gap, verdict, p):
         low, high = {"holds": (0.005, 0.015), "reversed": (-0.015, -0.005), "unresolved": (-0.006, 0.004)}[verdict]
-        return {"teacher": "t-ls0.1", "quantity": "kd", "tau": tau, "gap": gap, "n": 3, "ci_low": low,
+        return {"teacher": "t-ls0.1", "quantity": "kd", "tau": tau, "gap": gap, "n": 3, "spread": 0.01, "ci_low": low,
                 "ci_high": high, "p": p, "verdict": verdict}  # fmt: skip
 
     gaps = pd.DataFrame(
@@ -217,6 +217,8 @@ def test_a_label_smoothed_teacher_is_predicted_harmless_at_tau_1_and_harmful_abo
     ]
     # 5 comparisons: 0.001 <= .05/5, 0.004 <= .05/4, 0.02 > .05/3 stops the rest
     assert blank == "" and "5 comparisons" in family and "2 of the 3 decided verdicts survive" in family
+    exact = pd.Series({**row(1.0, -0.115, "reversed", 0.0), "spread": 0.0, "ci_low": -0.115, "ci_high": -0.115})
+    assert failures.gap_text(exact) == "-0.115 (exact: the same in every seed)*"  # one teacher in every seed
     *_, none = failures.verdicts(gaps[gaps.verdict == "unresolved"], {"label smoothing": ["t", "t-ls0.1"]}, "t")
     assert none.endswith(
         "2 comparisons at once. None is decided, so Holm's correction of that family (family-wise error 5%) has none to undo."

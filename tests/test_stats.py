@@ -33,6 +33,21 @@ def test_paired_gaps_are_scipys_paired_t_test():
     assert ((gaps.p < 0.05) == (gaps.verdict != "unresolved")).all()  # the interval and the test agree
 
 
+def test_a_gap_the_same_in_every_seed_has_scipys_limit():
+    """One teacher serves every seed on real data: its differences are exact, p = 0 as scipy's (t = inf);
+    no difference at all stays unresolved with no p."""
+    df = pd.DataFrame(
+        [
+            {"method": m, "delta": 0, "seed": s, "acc": v + s}
+            for s in range(3)
+            for m, v in (("a", 0.5), ("b", 0.25), ("c", 0.5))
+        ]
+    )
+    gaps = paired_gaps(df, [("a", "b"), ("a", "c")], "acc", by="delta")
+    assert gaps.p[0] == stats.ttest_rel(df.acc[df.method == "a"], df.acc[df.method == "b"]).pvalue == 0.0
+    assert gaps.verdict.tolist() == ["holds", "unresolved"] and np.isnan(gaps.p[1])
+
+
 @pytest.mark.parametrize(
     "p, rejected",
     [
