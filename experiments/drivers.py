@@ -205,6 +205,28 @@ def run_overrides(args) -> list[str]:
     return (QUICK + QUICK_DATA.get(args.data, []) if args.quick else []) + args.overrides
 
 
+def axis_arguments(cli: argparse.ArgumentParser, delta, per_class, whose: str = "") -> None:
+    """The data set's axis on the command line: ``--delta`` and ``--per-class`` at one point, or
+    ``--deltas`` and ``--per-class`` at several where the defaults are lists; ``whose`` says whose
+    points they are (fig3's, for a driver that reuses fig3's runs)."""
+    many = {"nargs": "+"} if isinstance(delta, list) else {}
+    cli.add_argument(
+        "--deltas" if many else "--delta",
+        dest="delta",
+        type=float,
+        default=delta,
+        help=f"synthetic data: {whose or 'the'} class-relationship strength{'s' if many else ''}",
+        **many,
+    )
+    cli.add_argument(
+        "--per-class",
+        type=int,
+        default=per_class,
+        help=f"fashion_mnist: {whose or 'the students'} training images per class",
+        **many,
+    )
+
+
 def axis_points(args) -> list:
     """The points of the data set's axis a driver runs at: its ``--delta(s)`` or ``--per-class`` values
     (one or several); [] on a data set without an axis."""

@@ -41,6 +41,7 @@ import pandas as pd
 from experiments.drivers import (
     DATA,
     Job,
+    axis_arguments,
     axis_points,
     build_jobs,
     check_data,
@@ -403,8 +404,7 @@ def summarise(
 
 def main(argv=None) -> Path:
     cli = parser("failures", __doc__)
-    cli.add_argument("--delta", type=float, default=0.5, help="synthetic data: the class-relationship strength")
-    cli.add_argument("--per-class", type=int, default=60, help="fashion_mnist: the students' training images per class")
+    axis_arguments(cli, delta=0.5, per_class=60)
     cli.add_argument("--teachers", nargs="+", help="a subset of the teachers (default: all of the data set's)")
     cli.add_argument(
         "--methods", nargs="+", choices=list(METHODS), help="the distilled students (default: all; fashion_mnist: kd)"

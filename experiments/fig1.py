@@ -25,6 +25,7 @@ import pandas as pd
 
 from experiments.drivers import (
     Job,
+    axis_arguments,
     axis_points,
     build_jobs,
     check_data,
@@ -164,8 +165,7 @@ def summarise(
 
 def main(argv=None) -> Path:
     cli = parser("fig1", __doc__)
-    cli.add_argument("--delta", type=float, default=1.0, help="synthetic data: the class-relationship strength")
-    cli.add_argument("--per-class", type=int, default=60, help="fashion_mnist: the students' training images per class")
+    axis_arguments(cli, delta=1.0, per_class=60)
     cli.add_argument("--bins", type=int, default=10, help="equal-width bins of q_c for the curves")
     args = cli.parse_args(argv)
     check_data(args.data, "fig1")

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 
 from experiments.drivers import (
+    axis_arguments,
     axis_points,
     build_jobs,
     check_data,
@@ -163,8 +164,7 @@ def summarise(
 
 def main(argv=None) -> Path:
     cli = parser("fig2", __doc__)
-    cli.add_argument("--delta", type=float, default=0.5, help="synthetic data: the class-relationship strength")
-    cli.add_argument("--per-class", type=int, default=60, help="fashion_mnist: the students' training images per class")
+    axis_arguments(cli, delta=0.5, per_class=60)
     cli.add_argument("--tau", type=float, default=4.0, help="the high temperature")
     cli.add_argument("--split", default="test", help="examples over which the teacher's probabilities correlate")
     args = cli.parse_args(argv)

@@ -27,6 +27,7 @@ from experiments.drivers import (
     AXES,
     DATA,
     Job,
+    axis_arguments,
     axis_points,
     build_jobs,
     check_data,
@@ -255,21 +256,7 @@ def summarise(
 
 def main(argv=None) -> Path:
     cli = parser("fig3", __doc__, seeds={"synthetic": range(10), None: (0, 1, 2)})
-    cli.add_argument(
-        "--deltas",
-        dest="delta",
-        type=float,
-        nargs="+",
-        default=[0.5, 1.0, 2.0, 4.0],
-        help="synthetic data: the class-relationship strengths",
-    )
-    cli.add_argument(
-        "--per-class",
-        type=int,
-        nargs="+",
-        default=[20, 60, 200],
-        help="fashion_mnist: the students' training images per class",
-    )
+    axis_arguments(cli, delta=[0.5, 1.0, 2.0, 4.0], per_class=[20, 60, 200])
     cli.add_argument("--methods", nargs="+", default=METHODS, choices=list(LABELS))
     args = cli.parse_args(argv)
     check_data(args.data, "fig3", supported=tuple(DATA))

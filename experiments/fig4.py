@@ -22,6 +22,7 @@ import pandas as pd
 
 from experiments.drivers import (
     Job,
+    axis_arguments,
     axis_points,
     build_jobs,
     check_data,
@@ -155,8 +156,7 @@ def summarise(
 
 def main(argv=None) -> Path:
     cli = parser("fig4", __doc__)
-    cli.add_argument("--delta", type=float, default=1.0, help="synthetic data: the class-relationship strength")
-    cli.add_argument("--per-class", type=int, default=60, help="fashion_mnist: the students' training images per class")
+    axis_arguments(cli, delta=1.0, per_class=60)
     cli.add_argument(
         "--ks",
         type=float,

@@ -25,6 +25,7 @@ import pandas as pd
 
 from experiments.drivers import (
     Job,
+    axis_arguments,
     axis_points,
     build_jobs,
     check_data,
@@ -188,21 +189,7 @@ def summarise(df: pd.DataFrame, gaps: pd.DataFrame, shown: dict, seconds: float,
 
 def main(argv=None) -> Path:
     cli = parser("sensitivity", __doc__, seeds=range(10), runs_of="fig3")  # fig3's runs are not trained again
-    cli.add_argument(
-        "--deltas",
-        dest="delta",
-        type=float,
-        nargs="+",
-        default=[0.5, 1.0, 2.0, 4.0],
-        help="synthetic data: fig3's class-relationship strengths",
-    )
-    cli.add_argument(
-        "--per-class",
-        type=int,
-        nargs="+",
-        default=[20, 60, 200],
-        help="fashion_mnist: fig3's training images per class",
-    )
+    axis_arguments(cli, delta=[0.5, 1.0, 2.0, 4.0], per_class=[20, 60, 200], whose="fig3's")
     args = cli.parse_args(argv)
     check_data(args.data, "sensitivity", supported=tuple(TEMPERATURES))
     start = time.time()

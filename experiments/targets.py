@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from experiments.drivers import (
     Job,
+    axis_arguments,
     axis_points,
     build_jobs,
     check_data,
@@ -249,8 +250,7 @@ def summarise(profile, df, gaps, at: str, seconds: float, rerun_line: str) -> st
 
 def main(argv=None) -> Path:
     cli = parser("targets", __doc__, seeds=range(10), runs_of="fig3", out_of="fig3")
-    cli.add_argument("--delta", type=float, default=1.0, help="synthetic data: the class-relationship strength")
-    cli.add_argument("--per-class", type=int, default=60, help="fashion_mnist: the students' training images per class")
+    axis_arguments(cli, delta=1.0, per_class=60)
     args = cli.parse_args(argv)
     check_data(args.data, "targets")
     start = time.time()
