@@ -300,7 +300,13 @@ def teacher_accuracy(jobs: dict[str, Job]) -> dict[str, float]:
     return dict(sorted(found.items()))
 
 
-def ending(lines: list[str], failed: pd.DataFrame, rerun: str, describe=lambda r: f"{r.method} seed={r.seed}") -> str:
+def named(r) -> str:
+    """A run (a row of a driver's table) by its method, its point of the data set's axis, and its seed."""
+    at = [a.label.format(a.kind(getattr(r, a.column))) for a in AXES.values() if pd.notna(getattr(r, a.column, None))]
+    return " ".join([r.method, *at, f"seed={r.seed}"])
+
+
+def ending(lines: list[str], failed: pd.DataFrame, rerun: str, describe=named) -> str:
     """A summary's markdown: ``lines``, then every failed run with its error (never dropped
     silently) and how to re-run; ``describe`` names a failed run (a row of ``failed``)."""
     if len(failed):

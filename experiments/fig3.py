@@ -246,12 +246,7 @@ def summarise(
             else f"{len(accs)} teachers: test accuracy {accs.mean():.3f} ± {accs.std():.3f}, "
             f"{accs.min():.3f} to {accs.max():.3f} (last epoch).",
         ]
-    return ending(
-        lines,
-        failed,
-        f"{rerun} (see README for settings and time).",
-        describe=lambda r: f"{r.method} {position(by, getattr(r, by))} seed={r.seed}",
-    )
+    return ending(lines, failed, f"{rerun} (see README for settings and time).")
 
 
 def main(argv=None) -> Path:

@@ -179,12 +179,7 @@ def summarise(df: pd.DataFrame, gaps: pd.DataFrame, shown: dict, seconds: float,
             *claim_lines(gaps[gaps.variant == variant].drop(columns="variant"), by),
             "",
         ]
-    return ending(
-        lines,
-        failed,
-        f"{rerun_line} (see README for settings and time).",
-        describe=lambda r: f"{r.method} {position(by, getattr(r, by))} seed={r.seed}",
-    )
+    return ending(lines, failed, f"{rerun_line} (see README for settings and time).")
 
 
 def main(argv=None) -> Path:

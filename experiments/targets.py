@@ -40,7 +40,7 @@ from experiments.drivers import (
     sweep,
     where,
 )
-from experiments.fig3 import LABELS, axis, position
+from experiments.fig3 import LABELS, axis
 from kd import objectives
 from kd.analysis.targets import mean_profile, ranked
 from kd.predict import predict
@@ -213,7 +213,6 @@ def plot(profile: pd.DataFrame, ranks: pd.DataFrame, gaps: pd.DataFrame, at: str
 def summarise(profile, df, gaps, at: str, seconds: float, rerun_line: str) -> str:
     ok = df[df.status == "completed"]
     failed = df[df.status != "completed"]
-    by = axis(df)
     table = profile.groupby("method", sort=False)[list(QUANTITIES)].mean()
     lines = [
         f"# Why KD-pt+sim fails: fig3's soft targets measured ({at})",
@@ -240,12 +239,7 @@ def summarise(profile, df, gaps, at: str, seconds: float, rerun_line: str) -> st
     for (a, b), rows in named.groupby(["a", "b"], sort=False):
         r = rows.iloc[0]
         lines.append(f"- {label(a)} − {LABELS[b]}: {r.gap:+.3f} [{r.ci_low:+.3f}, {r.ci_high:+.3f}] {r.verdict}")
-    return ending(
-        lines,
-        failed,
-        f"{rerun_line} (see README for settings and time).",
-        describe=lambda r: f"{r.method} {position(by, getattr(r, by))} seed={r.seed}",
-    )
+    return ending(lines, failed, f"{rerun_line} (see README for settings and time).")
 
 
 def main(argv=None) -> Path:
