@@ -20,7 +20,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from experiments.fig3 import LABELS, ORDERING, axis, position
+from experiments.drivers import position
+from experiments.fig3 import LABELS, ORDERING, axis
 from experiments.sensitivity import DEFAULT, claims, variants, with_values
 from kd.report import publish
 from kd.stats import holm, paired_gaps

@@ -300,9 +300,16 @@ def teacher_accuracy(jobs: dict[str, Job]) -> dict[str, float]:
     return dict(sorted(found.items()))
 
 
+def position(by: str, key) -> str:
+    """A point ``key`` of the axis whose column is ``by``, as figures and summaries show it ("delta=0.5",
+    "60 per class"); any other key as itself."""
+    found = next((a for a in AXES.values() if a.column == by), None)
+    return found.label.format(found.kind(key)) if found else str(key)
+
+
 def named(r) -> str:
     """A run (a row of a driver's table) by its method, its point of the data set's axis, and its seed."""
-    at = [a.label.format(a.kind(getattr(r, a.column))) for a in AXES.values() if pd.notna(getattr(r, a.column, None))]
+    at = [position(a.column, getattr(r, a.column)) for a in AXES.values() if pd.notna(getattr(r, a.column, None))]
     return " ".join([r.method, *at, f"seed={r.seed}"])
 
 

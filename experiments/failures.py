@@ -311,6 +311,11 @@ def base_table(gaps: pd.DataFrame, others: list[str]) -> list[str]:
     ]
 
 
+def at_tau(r) -> str:
+    """ " at tau 2" for a student's gap, nothing for a teacher's (no temperature)."""
+    return "" if np.isnan(r.tau) else f" at tau {r.tau:g}"
+
+
 def verdicts(gaps: pd.DataFrame, families: dict, base: str) -> list[str]:
     """Each predicted direction against the measured gap, for the teachers past fig3's in a family
     (a student's accuracy at each temperature), judged by its 95% paired-t interval as fig3's claims
@@ -324,7 +329,6 @@ def verdicts(gaps: pd.DataFrame, families: dict, base: str) -> list[str]:
                 rows = gaps[(gaps.teacher == t) & (gaps.quantity == quantity)]
                 judged.append(rows)
                 for r in rows.itertuples():
-                    at = "" if np.isnan(r.tau) else f" at tau {r.tau:g}"
                     if family in HARMLESS_AT_TAU_1 and quantity in METHODS and r.tau == 1:
                         harmed = r.verdict == "reversed"
                         verdict = (
@@ -334,11 +338,10 @@ def verdicts(gaps: pd.DataFrame, families: dict, base: str) -> list[str]:
                         verdict = "unresolved (the interval contains 0)" if r.n > 1 else "one seed: not judged"
                     else:
                         verdict = "as predicted" if np.sign(r.gap) == sign else "against the prediction"
-                    lines.append(f"- {family}: {t} - {base}, {labels[quantity]}{at}: {gap_text(r)}, {verdict}.")
+                    lines.append(f"- {family}: {t} - {base}, {labels[quantity]}{at_tau(r)}: {gap_text(r)}, {verdict}.")
     if judged:
         family_of = pd.concat(judged, ignore_index=True)
-        at = lambda r: "" if np.isnan(r.tau) else f" at tau {r.tau:g}"  # noqa: E731
-        lines += ["", family_line(family_of, lambda r: f"{r.teacher} {labels[r.quantity]}{at(r)}")]
+        lines += ["", family_line(family_of, lambda r: f"{r.teacher} {labels[r.quantity]}{at_tau(r)}")]
     return lines
 
 

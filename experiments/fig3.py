@@ -34,6 +34,7 @@ from experiments.drivers import (
     collect,
     ending,
     parser,
+    position,
     require_data,
     rerun,
     run_overrides,
@@ -52,6 +53,9 @@ METHODS = ["ce", "ls", "kd_sim", "kd_pt", "kd_pt_sim", "kd", "kd_topk"]
 # tables: the default ones, then the others as declared (DKD, the peer, with its own defaults:
 # mdistiller's CIFAR-100 recipe; the controls; a new one: docs/extending.md).
 LABELS = {name: objectives.REGISTRY[name].label for name in [*METHODS, *objectives.REGISTRY]}
+# fig3's points of each data set's axis (sensitivity re-trains its variants at the same ones).
+DELTAS = [0.5, 1.0, 2.0, 4.0]
+PER_CLASS = [20, 60, 200]
 # The paper's reported order of benefit, each level against the one below it.
 ORDERING = [("kd_pt", "kd_sim"), ("kd_sim", "ls"), ("ls", "ce")]
 
@@ -60,11 +64,6 @@ def axis(df: pd.DataFrame) -> str:
     """What the runs are compared along: the data set's axis (a column of ``collect``: delta,
     per_class); on a data set without one, the data set: one position."""
     return next((a.column for a in AXES.values() if a.column in df), "data")
-
-
-def position(by: str, key) -> str:
-    found = next((a for a in AXES.values() if a.column == by), None)
-    return found.label.format(found.kind(key)) if found else str(key)
 
 
 def plot(df: pd.DataFrame, metric: str = "test_acc_last"):
@@ -251,7 +250,7 @@ def summarise(
 
 def main(argv=None) -> Path:
     cli = parser("fig3", __doc__, seeds={"synthetic": range(10), None: (0, 1, 2)})
-    axis_arguments(cli, delta=[0.5, 1.0, 2.0, 4.0], per_class=[20, 60, 200])
+    axis_arguments(cli, delta=DELTAS, per_class=PER_CLASS)
     cli.add_argument("--methods", nargs="+", default=METHODS, choices=list(LABELS))
     args = cli.parse_args(argv)
     check_data(args.data, "fig3", supported=tuple(DATA))

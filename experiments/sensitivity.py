@@ -32,12 +32,13 @@ from experiments.drivers import (
     collect,
     ending,
     parser,
+    position,
     require_data,
     rerun,
     run_overrides,
     sweep,
 )
-from experiments.fig3 import LABELS, METHODS, ORDERING, axis, claim_lines, position
+from experiments.fig3 import DELTAS, LABELS, METHODS, ORDERING, PER_CLASS, axis, claim_lines
 from kd.report import publish
 from kd.stats import paired_gaps
 
@@ -184,7 +185,7 @@ def summarise(df: pd.DataFrame, gaps: pd.DataFrame, shown: dict, seconds: float,
 
 def main(argv=None) -> Path:
     cli = parser("sensitivity", __doc__, seeds=range(10), runs_of="fig3")  # fig3's runs are not trained again
-    axis_arguments(cli, delta=[0.5, 1.0, 2.0, 4.0], per_class=[20, 60, 200], whose="fig3's")
+    axis_arguments(cli, delta=DELTAS, per_class=PER_CLASS, whose="fig3's")
     args = cli.parse_args(argv)
     check_data(args.data, "sensitivity", supported=tuple(TEMPERATURES))
     start = time.time()

@@ -25,7 +25,8 @@ def paired_gaps(df: pd.DataFrame, pairs, metric: str, by: str) -> pd.DataFrame:
     Runs are paired by seed (the same seed draws the same data and teacher), which removes the
     spread the two methods share. ``exceeds_spread`` is |gap| > std of the paired differences; the
     interval is gap ± t(0.975, n - 1) std / sqrt(n) (NaN for one seed), ``p`` the two-sided paired
-    t-test's p-value (0 for a nonzero difference the same in every seed, as scipy's), and ``verdict`` says whether the interval excludes zero.
+    t-test's p-value (0 for a nonzero difference the same in every seed, as scipy's), and ``verdict``
+    says whether the interval excludes zero.
     """
     wide = df.pivot_table(index=[by, "seed"], columns="method", values=metric)
     rows = []
